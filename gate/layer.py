@@ -1,0 +1,122 @@
+"""GateLinear: the MoE router layer, ``logits = x @ weight.T + bias``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gate import ops
+
+
+class GateLinear(nn.Module):
+    """A drop-in router gate backed by moegate's kernels.
+
+    Parameters are named as in ``nn.Linear`` (``weight [E, K]``, ``bias [E]``) so state dicts of
+    ``nn.Linear`` gates and of transformers' routers load unchanged.
+
+    Args:
+        in_features: K, the hidden size.
+        num_experts: E, the number of experts (logits per token).
+        bias: whether the gate has a bias.
+        out_dtype: dtype of the logits; None means the input's dtype. ``torch.float32`` gives fp32
+            logits straight from the fp32 accumulator (no bf16 rounding on the way).
+        pdl: launch the CUDA kernel with programmatic dependent launch, so its weight loads overlap
+            the previous kernel's tail. Only for weights that no kernel writes right before the router.
+
+    Forward takes x of shape [..., K] and returns [..., E]. The backend (``"moegate"``, ``"cublas"``
+    or ``"torch"``, see ``gate.ops``) is decided when the layer is built or moved, not per call;
+    ``backend_for(x)`` says which one an input gets.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        bias: bool = True,
+        out_dtype: torch.dtype | None = None,
+        pdl: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if in_features < 1:
+            raise ValueError(f"in_features must be >= 1, got {in_features}")
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.out_dtype = out_dtype
+        self.pdl = pdl
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_experts, **factory)) if bias else None
+        self.reset_parameters()
+        self._refresh_backend()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation, so a fresh GateLinear behaves like a fresh nn.Linear."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, out_dtype: torch.dtype | None = None,
+                    pdl: bool = False) -> GateLinear:
+        """A GateLinear sharing ``linear``'s parameters (no copy), on its device and dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls.from_parameters(linear.weight, linear.bias, out_dtype=out_dtype, pdl=pdl)
+
+    @classmethod
+    def from_parameters(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                        out_dtype: torch.dtype | None = None, pdl: bool = False) -> GateLinear:
+        """A GateLinear holding these parameters ([E, K] and [E] or None) without copying them."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [E, K], got shape {tuple(weight.shape)}")
+        if bias is not None and bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features = weight.shape[1]
+        layer.num_experts = weight.shape[0]
+        layer.out_dtype = out_dtype
+        layer.pdl = pdl
+        layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        if bias is None:
+            layer.bias = None
+        else:
+            layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        layer._refresh_backend()
+        return layer
+
+    def _refresh_backend(self) -> None:
+        self._backend = ops.backend_for(self.weight.device, self.weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() come through here: re-decide the backend once, not per forward.
+        result = super()._apply(fn, recurse)
+        self._refresh_backend()
+        return result
+
+    def backend_for(self, x: torch.Tensor | None = None) -> str:
+        """The backend a forward on ``x`` uses: ``"moegate"``, ``"cublas"`` or ``"torch"``."""
+        if x is not None and x.device != self.weight.device:
+            raise ValueError(f"x is on {x.device} but the gate's weight is on {self.weight.device}")
+        return self._backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        leading = x.shape[:-1]
+        logits = ops.router_gemm(x.reshape(-1, self.in_features), self.weight, self.bias,
+                                 out_dtype=self.out_dtype, pdl=self.pdl, backend=self._backend)
+        return logits.view(*leading, self.num_experts)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_experts={self.num_experts}, "
+                f"bias={self.bias is not None}, out_dtype={self.out_dtype}, "
+                f"backend={self._backend!r}")

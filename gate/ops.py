@@ -1,0 +1,155 @@
+"""The ops layer: the one place between moegate's modules and its kernels.
+
+Modules call the functions here and never touch ``torch.ops.moegate`` themselves. This file owns
+contiguity, allocation, the fake (meta) implementations that let ``torch.compile`` and CUDA-graph
+capture trace the custom ops, and the PyTorch paths used where the extension cannot run.
+
+Backends, in the order a router layer prefers them:
+  ``"moegate"``  our CUDA kernels (``torch.ops.moegate.router_gemm``), CUDA device of a built arch;
+  ``"cublas"``   ``torch.addmm`` / ``torch.mm`` on a CUDA device without a usable extension;
+  ``"torch"``    ``F.linear`` everywhere else (CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from gate import _C  # noqa: F401  (importing registers torch.ops.moegate.*)
+
+    _EXTENSION_ERROR: str | None = None
+except ImportError as error:  # the pure-Python install: every op still works through PyTorch
+    _C = None
+    _EXTENSION_ERROR = f"{type(error).__name__}: {error}"
+
+BACKENDS = ("moegate", "cublas", "torch")
+
+# dtypes the extension's kernels accept for x and weight (bf16 is the fast path).
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def extension_available() -> bool:
+    """True when the CUDA extension ``gate._C`` was built and imported."""
+    return _C is not None
+
+
+def extension_error() -> str | None:
+    """Why ``gate._C`` could not be imported (None when it was)."""
+    return _EXTENSION_ERROR
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_runs_on(device_index: int) -> bool:
+    """Whether the extension holds machine code for this GPU (sm_90a code runs on sm_90 only)."""
+    if _C is None:
+        return False
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"{major}{minor}" in _C.cuda_archs().split(";")
+
+
+def backend_for(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend a router with weights of this device and dtype uses (one of ``BACKENDS``)."""
+    if device.type != "cuda":
+        return "torch"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if dtype in _KERNEL_DTYPES and _kernel_runs_on(index):
+        return "moegate"
+    return "cublas"
+
+
+def _check_router_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [E, K], got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has E=0 experts; a router needs at least one")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has K={x.shape[1]} but weight has K={weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+
+
+def router_gemm_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The PyTorch path (CPU, or any device): the same semantics as ``router_gemm``.
+
+    When ``out_dtype`` is x's dtype this is exactly ``F.linear(x, weight, bias)``, so routers on the
+    CPU give bit-identical logits to an unpatched ``nn.Linear`` / transformers router. A wider
+    ``out_dtype`` upcasts the operands first, so the logits are not rounded to x's dtype on the way.
+    """
+    out_dtype = out_dtype or x.dtype
+    if out_dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    bias_wide = None if bias is None else bias.to(out_dtype)
+    return F.linear(x.to(out_dtype), weight.to(out_dtype), bias_wide)
+
+
+def router_gemm_cublas(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The cuBLAS path: ``addmm``/``mm``, with fp32 output straight from the fp32 accumulator."""
+    out_dtype = out_dtype or x.dtype
+    if out_dtype == x.dtype:
+        if bias is None:
+            return torch.mm(x, weight.t())
+        return torch.addmm(bias.to(x.dtype), x, weight.t())
+    if out_dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16):
+        if bias is None:
+            return torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return torch.addmm(bias.float(), x, weight.t(), out_dtype=torch.float32)
+    return router_gemm_torch(x, weight, bias, out_dtype)
+
+
+def router_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    pdl: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Router logits.
+
+    Semantics: out[m, e] = sum_k x[m, k] * weight[e, k] + bias[e]   (fp32 accumulate, one rounding)
+
+    x: [M, K], weight: [E, K], bias: [E] or None; returns [M, E] in ``out_dtype`` (default x.dtype).
+    ``pdl`` launches the CUDA kernel with programmatic dependent launch (ignored elsewhere).
+    ``backend`` forces one of ``BACKENDS``; None picks the best for the weight's device and dtype.
+    """
+    _check_router_inputs(x, weight, bias)
+    if backend is None:
+        backend = backend_for(weight.device, weight.dtype)
+    if backend == "moegate":
+        return torch.ops.moegate.router_gemm(
+            x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            out_dtype, pdl)
+    if backend == "cublas":
+        return router_gemm_cublas(x, weight, bias, out_dtype)
+    if backend == "torch":
+        return router_gemm_torch(x, weight, bias, out_dtype)
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+if _C is not None:
+
+    @torch.library.register_fake("moegate::router_gemm")
+    def _router_gemm_fake(x, weight, bias=None, out_dtype=None, pdl=False):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
