@@ -52,16 +52,12 @@ def _extension_kwargs():
 
     archs = [a.strip() for a in os.environ.get("MOEGATE_CUDA_ARCHS", "90a").split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    # The list the binary holds machine code for, e.g. "90;80"; Python matches it against the GPU.
-    built = ";".join(sorted({a.rstrip("a") for a in archs}))
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/kernels/*.cu"))
-    define = [("MOEGATE_CUDA_ARCHS", f'"{built}"')]
     _say(f"building gate._C for {archs}")
     extension = CUDAExtension(
         name="gate._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=define,
         extra_compile_args={
             "cxx": ["-O3", "-std=c++17"],
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *gencode],

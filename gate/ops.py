@@ -41,13 +41,10 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_runs_on(device_index: int) -> bool:
     """Whether the extension holds machine code for this GPU (sm_90a code runs on sm_90 only)."""
-    if _C is None:
-        return False
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return f"{major}{minor}" in _C.cuda_archs().split(";")
+    return _C is not None and _C.kernels_run_on(device_index)
 
 
 def backend_for(device: torch.device, dtype: torch.dtype) -> str:
@@ -74,6 +71,8 @@ def _check_router_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     if bias is not None:
+        if bias.dtype != weight.dtype:
+            raise ValueError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != weight.device:
@@ -148,8 +147,55 @@ def router_gemm(
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def router_gemm_simple(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The foundation CUDA kernel alone (any shape, bf16/fp16/fp32); ``router_gemm``'s semantics."""
+    _check_router_inputs(x, weight, bias)
+    return torch.ops.moegate.router_gemm_simple(x.contiguous(), weight.contiguous(),
+                                                None if bias is None else bias.contiguous(),
+                                                out_dtype)
+
+
+def router_gemm_sm90(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    pdl: bool = False,
+    expert_tiles: int = 0,
+    token_tiles: int = 0,
+    cluster: int = 0,
+) -> torch.Tensor:
+    """The Hopper kernel alone, with its tile configuration exposed for tuning and tests.
+
+    bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 256, E a multiple of 8 up to 512, K a multiple
+    of 8. ``expert_tiles`` (1, 2: 16 experts each), ``token_tiles`` (1, 2, 4: 8 tokens each) and
+    ``cluster`` (4, 8, 16 CTAs splitting K) are per warp / per cluster; 0 picks the heuristic.
+    """
+    _check_router_inputs(x, weight, bias)
+    return torch.ops.moegate.router_gemm_sm90(x.contiguous(), weight.contiguous(),
+                                              None if bias is None else bias.contiguous(),
+                                              out_dtype, pdl, expert_tiles, token_tiles, cluster)
+
+
 if _C is not None:
+
+    def _logits_like(x, weight, out_dtype):
+        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
 
     @torch.library.register_fake("moegate::router_gemm")
     def _router_gemm_fake(x, weight, bias=None, out_dtype=None, pdl=False):
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
+        return _logits_like(x, weight, out_dtype)
+
+    @torch.library.register_fake("moegate::router_gemm_simple")
+    def _router_gemm_simple_fake(x, weight, bias=None, out_dtype=None):
+        return _logits_like(x, weight, out_dtype)
+
+    @torch.library.register_fake("moegate::router_gemm_sm90")
+    def _router_gemm_sm90_fake(x, weight, bias=None, out_dtype=None, pdl=False, expert_tiles=0,
+                               token_tiles=0, cluster=0):
+        return _logits_like(x, weight, out_dtype)

@@ -1,0 +1,316 @@
+"""Router-GEMM benchmark (DESIGN.md protocol): CUDA-graph replay, hot and cold weights, PDL on/off.
+
+Each measurement captures `calls` back-to-back router calls in one CUDA graph and reports the median
+over `--replays` replays of (replay time / calls). "cold" rotates distinct weight copies, >= 96 MB
+in all per replay, so every call's weights come from HBM as in serving; "hot" reuses one copy.
+cuBLAS (F.linear with bias, or addmm with fp32 output) is measured in the same run.
+
+    python benchmarks/router_gemm.py                 # full sweep: table, JSON, PNG, markdown
+    python benchmarks/router_gemm.py --quick         # gpt-oss shapes at a few M
+    python benchmarks/router_gemm.py --tune          # also every tile configuration of the kernel
+
+Results go to benchmarks/results/router_gemm_<gpu>_<date>.{json,md,png} (or --out DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from gate import ops  # noqa: E402
+
+COLD_BYTES = 96 * 1024 * 1024
+MIN_CALLS = 200
+M_SWEEP = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+M_SHORT = (1, 8, 32, 128, 256)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    K: int
+    E: int
+    bias: bool
+    out_dtype: torch.dtype
+    m_values: tuple
+
+
+GPT_OSS = [
+    Shape("gpt-oss-20b", 2880, 32, True, torch.bfloat16, M_SWEEP),
+    Shape("gpt-oss-120b", 2880, 128, True, torch.bfloat16, M_SWEEP),
+    Shape("gpt-oss-20b fp32", 2880, 32, True, torch.float32, M_SWEEP),
+    Shape("gpt-oss-120b fp32", 2880, 128, True, torch.float32, M_SWEEP),
+]
+OTHERS = [
+    Shape("DeepSeek-V3 fp32", 7168, 256, False, torch.float32, M_SHORT),
+    Shape("Qwen3-MoE", 2048, 128, False, torch.bfloat16, M_SHORT),
+    Shape("Llama-4", 5120, 128, False, torch.bfloat16, M_SHORT),
+    Shape("Mixtral", 4096, 8, False, torch.bfloat16, M_SHORT),
+    Shape("MiniMax-M2", 3072, 256, False, torch.bfloat16, M_SHORT),
+]
+
+
+@dataclass
+class Row:
+    shape: str
+    K: int
+    E: int
+    M: int
+    out_dtype: str
+    cache: str
+    provider: str
+    us: float
+
+
+def per_call_us(step, calls: int, replays: int) -> float:
+    """Median µs per call of `calls` steps captured in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture: allocator pools, lazy inits
+        for i in range(min(calls, 3)):
+            step(i)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            step(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000.0 / calls)
+    del graph
+    return statistics.median(samples)
+
+
+class Weights:
+    """One hot copy or enough cold copies of a router's weight (and bias) to exceed the L2."""
+
+    def __init__(self, shape: Shape, cold: bool, generator: torch.Generator):
+        bytes_per_copy = shape.E * shape.K * 2
+        self.copies = max(1, -(-COLD_BYTES // bytes_per_copy)) if cold else 1
+        self.calls = max(MIN_CALLS, self.copies)
+        w = (torch.randn(shape.E, shape.K, generator=generator) / shape.K**0.5).to("cuda", torch.bfloat16)
+        b = torch.randn(shape.E, generator=generator).to("cuda", torch.bfloat16) if shape.bias else None
+        self.weight = [w.clone() for _ in range(self.copies)]
+        self.bias = [None if b is None else b.clone() for _ in range(self.copies)]
+
+    def __getitem__(self, i):
+        j = i % self.copies
+        return self.weight[j], self.bias[j]
+
+
+def providers(shape: Shape):
+    """name -> fn(x, weight, bias) for the rows of one shape."""
+    out_dtype = shape.out_dtype
+
+    def cublas(x, w, b):
+        if out_dtype == torch.bfloat16:
+            return F.linear(x, w, b)
+        return ops.router_gemm_cublas(x, w, b, out_dtype)
+
+    return {
+        "cublas": cublas,
+        "moegate": lambda x, w, b: ops.router_gemm(x, w, b, out_dtype, pdl=False),
+        "moegate+pdl": lambda x, w, b: ops.router_gemm(x, w, b, out_dtype, pdl=True),
+    }
+
+
+def tuning_providers(shape: Shape, M: int):
+    """Every tile configuration of the Hopper kernel that applies to this M, PDL on and off."""
+    if M > 256:
+        return {}
+    result = {}
+    for et in (1, 2):
+        for tt in (1, 2, 4):
+            if 8 * tt > 4 * max(M, 8):  # token tiles far wider than the batch: nothing to learn
+                continue
+            for cluster in (4, 8, 16):
+                for pdl in (False, True):
+                    name = f"sm90 e{et} t{tt} c{cluster}" + ("+pdl" if pdl else "")
+                    result[name] = (lambda et, tt, c, pdl: lambda x, w, b: ops.router_gemm_sm90(
+                        x, w, b, shape.out_dtype, pdl, et, tt, c))(et, tt, cluster, pdl)
+    return result
+
+
+def bench_router(shapes, caches, replays, tune, progress) -> list[Row]:
+    rows = []
+    jobs = [(s, M, cache) for s in shapes for M in s.m_values for cache in caches]
+    for shape, M, cache in progress(jobs, desc="router_gemm"):
+        generator = torch.Generator().manual_seed(M * 31 + shape.E)
+        weights = Weights(shape, cache == "cold", generator)
+        x = torch.randn(M, shape.K, generator=generator).to("cuda", torch.bfloat16)
+        fns = providers(shape)
+        if tune and cache == "cold":
+            fns.update(tuning_providers(shape, M))
+        for name, fn in fns.items():
+            us = per_call_us(lambda i, fn=fn: fn(x, *weights[i]), weights.calls, replays)
+            rows.append(Row(shape.name, shape.K, shape.E, M, str(shape.out_dtype).split(".")[-1],
+                            cache, name, us))
+        del weights
+    return rows
+
+
+def bench_floor(replays) -> list[Row]:
+    """An elementwise kernel on one element: the per-launch floor of a graph node."""
+    t = torch.zeros(1, device="cuda")
+    us = per_call_us(lambda i: t.add_(1.0), MIN_CALLS, replays)
+    return [Row("empty kernel", 0, 0, 1, "float32", "hot", "floor", us)]
+
+
+def bench_chain(replays, progress) -> list[Row]:
+    """Per layer: producer writes x -> router -> consumer top-4 reads the logits, weights rotating
+    cold. The router's share is the chain time minus the chain without the router."""
+    rows = []
+    jobs = [(E, M) for E in (32, 128) for M in (1, 8, 64)]
+    for E, M in progress(jobs, desc="chain"):
+        shape = Shape(f"chain E={E}", 2880, E, True, torch.bfloat16, (M,))
+        generator = torch.Generator().manual_seed(E + M)
+        weights = Weights(shape, True, generator)
+        source = torch.randn(M, 2880, generator=generator).to("cuda", torch.bfloat16)
+        x = torch.empty_like(source)
+        fixed_logits = torch.randn(M, E, device="cuda", dtype=torch.bfloat16)
+
+        def layer(router):
+            def step(i):
+                torch.mul(source, 1.0 + 1e-3 * (i % 7), out=x)
+                logits = fixed_logits if router is None else router(x, *weights[i])
+                torch.topk(logits, 4, dim=-1)
+            return step
+
+        chain = {"no router": None, **providers(shape)}
+        for name, router in chain.items():
+            us = per_call_us(layer(router), weights.calls, replays)
+            rows.append(Row(shape.name, 2880, E, M, "bfloat16", "cold", f"chain {name}", us))
+    return rows
+
+
+def write_results(rows: list[Row], out_dir: str, meta: dict) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"router_gemm_{meta['gpu_slug']}_{meta['date']}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# router_gemm on {meta['gpu']} ({meta['date']}, torch {meta['torch']})\n\n")
+        f.write("µs per call, CUDA-graph replay, median; ratio = cuBLAS / moegate.\n\n")
+        f.write(format_table(rows, markdown=True))
+    plot(rows, stem + ".png")
+    return stem
+
+
+def _lookup(rows):
+    return {(r.shape, r.M, r.cache, r.provider): r.us for r in rows}
+
+
+def format_table(rows: list[Row], markdown: bool = False) -> str:
+    table = _lookup(rows)
+    keys = sorted({(r.shape, r.M, r.cache) for r in rows if r.provider == "cublas"},
+                  key=lambda k: (k[0], k[2], k[1]))
+    head = ["shape", "M", "cache", "cuBLAS", "moegate", "moegate+pdl", "x cuBLAS", "x cuBLAS pdl"]
+    lines = []
+    for shape, M, cache in keys:
+        cublas = table[(shape, M, cache, "cublas")]
+        ours, pdl = table[(shape, M, cache, "moegate")], table[(shape, M, cache, "moegate+pdl")]
+        lines.append([shape, str(M), cache, f"{cublas:.2f}", f"{ours:.2f}", f"{pdl:.2f}",
+                      f"{cublas / ours:.2f}", f"{cublas / pdl:.2f}"])
+    extra = [r for r in rows if r.provider == "floor" or r.provider.startswith("chain")]
+    for r in extra:
+        lines.append([r.shape, str(r.M), r.cache, r.provider, f"{r.us:.2f}", "", "", ""])
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(line) + " |" for line in lines]
+        return "\n".join(out) + "\n"
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join(fmt.format(*line) for line in [head, *lines]) + "\n"
+
+
+def plot(rows: list[Row], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG plot", file=sys.stderr)
+        return
+    shapes = sorted({r.shape for r in rows if r.provider == "cublas"})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for provider in ("cublas", "moegate", "moegate+pdl"):
+            pts = sorted((r.M, r.us) for r in rows
+                         if r.shape == shape and r.cache == "cold" and r.provider == provider)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_title(shape, fontsize=9)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("µs per call (cold)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="gpt-oss shapes at M in {1, 32, 128}")
+    parser.add_argument("--tune", action="store_true", help="also time every kernel tile configuration")
+    parser.add_argument("--no-chain", action="store_true", help="skip the producer->router->consumer chain")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("router_gemm benchmark: needs a CUDA GPU (this machine has none)", file=sys.stderr)
+        return 2
+    if ops.backend_for(torch.device("cuda"), torch.bfloat16) != "moegate":
+        print(f"warning: moegate kernels unavailable here ({ops.extension_error() or 'no sm90 image'}); "
+              "'moegate' rows measure the fallback", file=sys.stderr)
+    try:
+        from tqdm import tqdm as progress
+    except ImportError:
+        def progress(items, desc=""):
+            return items
+    shapes = GPT_OSS[:2] if args.quick else GPT_OSS + OTHERS
+    if args.quick:
+        shapes = [Shape(s.name, s.K, s.E, s.bias, s.out_dtype, (1, 32, 128)) for s in shapes]
+    rows = bench_floor(args.replays)
+    rows += bench_router(shapes, ("hot", "cold"), args.replays, args.tune, progress)
+    if not args.no_chain:
+        rows += bench_chain(args.replays, progress)
+    gpu = torch.cuda.get_device_name()
+    meta = {"gpu": gpu, "gpu_slug": gpu.split()[-1].lower(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
+            "replays": args.replays, "cold_bytes": COLD_BYTES, "min_calls": MIN_CALLS}
+    stem = write_results(rows, args.out, meta)
+    print(format_table(rows))
+    if args.tune:
+        best = {}
+        for r in rows:
+            if r.provider.startswith("sm90"):
+                key = (r.shape, r.M, r.provider.endswith("+pdl"))
+                if key not in best or r.us < best[key][1]:
+                    best[key] = (r.provider, r.us)
+        for key in sorted(best):
+            print("best", key, best[key])
+    print(f"wrote {stem}.json / .md / .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

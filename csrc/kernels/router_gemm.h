@@ -1,0 +1,54 @@
+// Launchers of moegate's router-GEMM kernels. Torch-free: CUDA runtime types only, so these units
+// compile with plain nvcc (and report registers/spills) on a machine with no GPU and no CUDA torch.
+//
+// Semantics of every launcher: out[m, e] = sum_k x[m, k] * weight[e, k] + bias[e]
+//   x [M, K] row-major, weight [E, K] row-major, bias [E] or null, out [M, E] row-major;
+//   products and sums in fp32, one rounding to the output dtype at the end.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace moegate {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+struct RouterGemmArgs {
+  const void* x = nullptr;       // [M, K], dtype in_dtype
+  const void* weight = nullptr;  // [E, K], dtype in_dtype
+  const void* bias = nullptr;    // [E], dtype in_dtype, or null
+  void* out = nullptr;           // [M, E], dtype out_dtype
+  int M = 0, E = 0, K = 0;
+  DType in_dtype = DType::kBFloat16;
+  DType out_dtype = DType::kBFloat16;
+  bool pdl = false;  // launch with programmatic dependent launch (sm_90+)
+  cudaStream_t stream = nullptr;
+};
+
+// Whether this binary holds machine code the current CUDA device can run (sm_90a code runs on
+// sm_90 only); asks the runtime rather than trusting build flags.
+bool kernels_run_on_current_device();
+
+// The foundation kernel: any M >= 1, E >= 1, K >= 1, any of the three dtypes, no alignment needs.
+cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
+
+// Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.
+struct RouterGemmSm90Config {
+  int expert_tiles = 0;  // 16-expert MMA tiles per warp: 1 or 2
+  int token_tiles = 0;   // 8-token MMA tiles per warp: 1, 2 or 4
+  int cluster = 0;       // CTAs splitting K in one cluster: 4, 8 or 16
+};
+
+// Why the Hopper kernel cannot take these arguments, or null when it can: bf16 x/weight/bias,
+// bf16 or fp32 out, 1 <= M <= kSm90MaxM, E a multiple of 8 up to kSm90MaxE, K a multiple of 8,
+// 16-byte aligned x and weight.
+constexpr int kSm90MaxM = 256;
+constexpr int kSm90MaxE = 512;
+const char* router_gemm_sm90_unsupported(const RouterGemmArgs& args);
+
+// Fills the zero fields of `config` for this problem; returns the resolved configuration.
+RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& args, RouterGemmSm90Config config);
+
+// The Hopper kernel (sm_90a). Callers check router_gemm_sm90_unsupported() first.
+cudaError_t launch_router_gemm_sm90(const RouterGemmArgs& args, RouterGemmSm90Config config);
+
+}  // namespace moegate

@@ -1,0 +1,105 @@
+// Launcher of the Hopper router GEMM (router_gemm_sm90.cuh): eligibility, tile heuristic,
+// cluster + PDL launch attributes.
+#include <cuda_bf16.h>
+#include <cstdint>
+
+#include "kernels/router_gemm.h"
+#include "kernels/router_gemm_sm90.cuh"
+
+namespace moegate {
+namespace {
+
+template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
+cudaError_t launch_tiles(const RouterGemmArgs& a) {
+  auto kernel = sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out>;
+  if constexpr (kCluster > 8) {
+    // 16-CTA clusters are "non-portable": allowed on H100/H200, opted into once per kernel.
+    static const cudaError_t opt_in =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (opt_in != cudaSuccess) return opt_in;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(kCluster, (a.E + 16 * kExpertTiles - 1) / (16 * kExpertTiles),
+                        (a.M + 8 * kTokenTiles - 1) / (8 * kTokenTiles));
+  config.blockDim = dim3(sm90::kWarps * 32, 1, 1);
+  config.dynamicSmemBytes = 0;
+  config.stream = a.stream;
+  cudaLaunchAttribute attributes[2];
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = kCluster;
+  attributes[0].val.clusterDim.y = 1;
+  attributes[0].val.clusterDim.z = 1;
+  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attributes;
+  config.numAttrs = a.pdl ? 2 : 1;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(a.x),
+                            static_cast<const __nv_bfloat16*>(a.weight),
+                            static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
+                            a.M, a.E, a.K);
+}
+
+template <int kExpertTiles, int kTokenTiles, typename Out>
+cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster) {
+  switch (cluster) {
+    case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a);
+    case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a);
+    case 16: return launch_tiles<kExpertTiles, kTokenTiles, 16, Out>(a);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <int kExpertTiles, typename Out>
+cudaError_t launch_token_tiles(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
+  switch (c.token_tiles) {
+    case 1: return launch_cluster<kExpertTiles, 1, Out>(a, c.cluster);
+    case 2: return launch_cluster<kExpertTiles, 2, Out>(a, c.cluster);
+    case 4: return launch_cluster<kExpertTiles, 4, Out>(a, c.cluster);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename Out>
+cudaError_t launch_out(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
+  switch (c.expert_tiles) {
+    case 1: return launch_token_tiles<1, Out>(a, c);
+    case 2: return launch_token_tiles<2, Out>(a, c);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+const char* router_gemm_sm90_unsupported(const RouterGemmArgs& a) {
+  if (a.in_dtype != DType::kBFloat16) return "x and weight must be bfloat16";
+  if (a.out_dtype != DType::kBFloat16 && a.out_dtype != DType::kFloat32)
+    return "out dtype must be bfloat16 or float32";
+  if (a.M < 1 || a.M > kSm90MaxM) return "M must be in [1, 256]";
+  if (a.E < 8 || a.E > kSm90MaxE || a.E % 8 != 0) return "E must be a multiple of 8 in [8, 512]";
+  if (a.K < 8 || a.K % 8 != 0) return "K must be a positive multiple of 8";
+  if (!aligned_16B(a.x) || !aligned_16B(a.weight)) return "x and weight must be 16-byte aligned";
+  return nullptr;
+}
+
+RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGemmSm90Config c) {
+  if (c.token_tiles == 0) c.token_tiles = a.M <= 8 ? 1 : (a.M <= 16 ? 2 : 4);
+  // Two expert tiles halve the re-reads of x once there are many tokens; with few tokens one tile
+  // per warp spreads the weight over more CTAs (more loads in flight at once).
+  if (c.expert_tiles == 0) c.expert_tiles = (a.M > 32 && a.E > 16) ? 2 : 1;
+  if (c.cluster == 0) {
+    const int ctas_per_cluster_row = ((a.E + 16 * c.expert_tiles - 1) / (16 * c.expert_tiles)) *
+                                     ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles));
+    c.cluster = ctas_per_cluster_row * 8 < 64 ? 16 : 8;
+  }
+  return c;
+}
+
+cudaError_t launch_router_gemm_sm90(const RouterGemmArgs& a, RouterGemmSm90Config c) {
+  c = router_gemm_sm90_resolve(a, c);
+  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, c);
+  return launch_out<__nv_bfloat16>(a, c);
+}
+
+}  // namespace moegate

@@ -1,0 +1,242 @@
+// The Hopper router GEMM: split-K over a thread-block cluster, tensor-core MMAs straight from
+// registers, partial sums reduced through distributed shared memory in a fixed order.
+//
+// Why this shape. At decode sizes the router moves < 1 MB and does < 0.1 GFLOP: its cost is the
+// launch plus one trip to HBM, not bandwidth. So the kernel spreads the weight over many CTAs
+// (experts x K slices), every warp issues all of its 16-byte loads before its first MMA (one
+// memory round trip per warp), and the K slices of one expert tile meet in a cluster's shared
+// memory instead of a global workspace (no memset, no atomics, bitwise-deterministic order).
+//
+// The MMA is mma.sync m16n8k16 bf16 -> fp32 with the operands swapped (logits^T = W x^T): experts
+// fill the 16-row side, tokens the 8-column side, so M = 1 wastes 7/8 of a tile, not 15/16.
+// A dot product may visit k in any order as long as both operands use the same one, so each
+// thread loads 8 consecutive bf16 (16 bytes) of a weight row and of an x row and feeds them to two
+// consecutive k16 MMAs; the permutation is identical for both operands.
+//
+// Programmatic dependent launch (PDL), when the launch asks for it:
+//  * weight and bias are loaded BEFORE griddepcontrol.wait: they are parameters no kernel writes
+//    while routers run, so this overlaps their HBM latency with the previous kernel's tail;
+//  * x is loaded only AFTER the wait: the previous kernel produces it;
+//  * nothing is written to global memory before the wait: our output buffer may reuse memory the
+//    previous kernel is still reading;
+//  * launch_dependents fires only after this CTA's output stores. A dependent's own wait still
+//    waits for this whole grid to finish and flush, so the trigger only lets it start its prologue
+//    early; it never exposes half-written logits.
+// Without the PDL launch attribute both instructions are no-ops.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cstdint>
+
+namespace moegate {
+namespace sm90 {
+
+namespace cg = cooperative_groups;
+
+constexpr int kWarps = 4;           // warps per CTA, each on its own K slice
+constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
+constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
+
+__device__ __forceinline__ void grid_dependency_wait() {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+__device__ __forceinline__ void trigger_dependents() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+__device__ __forceinline__ uint4 load_16B(const __nv_bfloat16* ptr, bool valid) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (valid) v = __ldg(reinterpret_cast<const uint4*>(ptr));
+  return v;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
+                                               uint32_t a2, uint32_t a3, uint32_t b0,
+                                               uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <typename Out>
+__device__ __forceinline__ Out store_cast(float v);
+template <>
+__device__ __forceinline__ float store_cast<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Grid: (kCluster, ceil(E / (16 * kExpertTiles)), ceil(M / (8 * kTokenTiles))); cluster
+// (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of
+// kCluster * kWarps contiguous slices of whole k32 blocks.
+template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
+__global__ void __launch_bounds__(kWarps * 32)
+    router_gemm_sm90_kernel(const __nv_bfloat16* __restrict__ x,
+                            const __nv_bfloat16* __restrict__ weight,
+                            const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
+                            int E, int K) {
+  constexpr int kTileE = 16 * kExpertTiles;  // experts of one CTA
+  constexpr int kTileM = 8 * kTokenTiles;    // tokens of one CTA
+  constexpr int kTileOut = kTileE * kTileM;
+
+  // partial[w][m][e]: each warp's sums; cta_sum[m][e]: the CTA's, read by the whole cluster.
+  __shared__ float partial[kWarps][kTileM][kTileE];
+  __shared__ float cta_sum[kTileM][kTileE];
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int group = lane / 4;  // MMA row (expert) / column (token) index
+  const int quad = lane % 4;   // which 8-element piece of a k32 block
+  const int e0 = blockIdx.y * kTileE;
+  const int m0 = blockIdx.z * kTileM;
+
+  const int num_blocks = (K + kBlockK - 1) / kBlockK;
+  constexpr int kSlices = kCluster * kWarps;
+  const int slice = rank * kWarps + warp;
+  const int block_begin = static_cast<int>(static_cast<long long>(num_blocks) * slice / kSlices);
+  const int block_end = static_cast<int>(static_cast<long long>(num_blocks) * (slice + 1) / kSlices);
+
+  // Row pointers and validity of this thread's weight rows (expert e0 + 16t + group [+ 8]) and
+  // x rows (token m0 + 8t + group); invalid rows read as zeros and are never stored.
+  const __nv_bfloat16* w_rows[kExpertTiles][2];
+  bool w_valid[kExpertTiles][2];
+#pragma unroll
+  for (int t = 0; t < kExpertTiles; ++t) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int e = e0 + 16 * t + 8 * h + group;
+      w_valid[t][h] = e < E;
+      w_rows[t][h] = weight + static_cast<long long>(w_valid[t][h] ? e : 0) * K + 8 * quad;
+    }
+  }
+  const __nv_bfloat16* x_rows[kTokenTiles];
+  bool x_valid[kTokenTiles];
+#pragma unroll
+  for (int t = 0; t < kTokenTiles; ++t) {
+    const int m = m0 + 8 * t + group;
+    x_valid[t] = m < M;
+    x_rows[t] = x + static_cast<long long>(x_valid[t] ? m : 0) * K + 8 * quad;
+  }
+
+  float acc[kExpertTiles][kTokenTiles][4];
+#pragma unroll
+  for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+
+  uint4 w_frag[kBlocksPerChunk][kExpertTiles][2];
+  uint4 x_frag[kBlocksPerChunk][kTokenTiles];
+
+  auto load_weights = [&](int chunk_begin) {
+#pragma unroll
+    for (int b = 0; b < kBlocksPerChunk; ++b) {
+      const int block = chunk_begin + b;
+      const int k = block * kBlockK + 8 * quad;
+      const bool in_k = block < block_end && k < K;
+#pragma unroll
+      for (int t = 0; t < kExpertTiles; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          w_frag[b][t][h] = load_16B(w_rows[t][h] + block * kBlockK, in_k && w_valid[t][h]);
+    }
+  };
+  auto load_activations = [&](int chunk_begin) {
+#pragma unroll
+    for (int b = 0; b < kBlocksPerChunk; ++b) {
+      const int block = chunk_begin + b;
+      const int k = block * kBlockK + 8 * quad;
+      const bool in_k = block < block_end && k < K;
+#pragma unroll
+      for (int t = 0; t < kTokenTiles; ++t)
+        x_frag[b][t] = load_16B(x_rows[t] + block * kBlockK, in_k && x_valid[t]);
+    }
+  };
+  auto multiply = [&]() {
+#pragma unroll
+    for (int b = 0; b < kBlocksPerChunk; ++b)
+#pragma unroll
+      for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < kTokenTiles; ++j) {
+          const uint4& lo = w_frag[b][i][0];  // expert row group
+          const uint4& hi = w_frag[b][i][1];  // expert row group + 8
+          const uint4& xv = x_frag[b][j];
+          mma_bf16_16816(acc[i][j], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+          mma_bf16_16816(acc[i][j], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+        }
+  };
+
+  // This thread's outputs in the final reduction (see below) and their bias, fetched with the
+  // weights before the dependency wait so that no HBM trip is left after the MMAs.
+  constexpr int kPerRank = (kTileOut + kCluster - 1) / kCluster;
+  constexpr int kOutPerThread = (kPerRank + kWarps * 32 - 1) / (kWarps * 32);
+  const int out_begin = rank * kPerRank;
+  const int out_end = min(out_begin + kPerRank, kTileOut);
+  float bias_val[kOutPerThread];
+#pragma unroll
+  for (int o = 0; o < kOutPerThread; ++o) {
+    const int idx = out_begin + o * kWarps * 32 + static_cast<int>(threadIdx.x);
+    const int e = e0 + idx % kTileE;
+    bias_val[o] = (bias != nullptr && idx < out_end && e < E) ? __bfloat162float(bias[e]) : 0.f;
+  }
+
+  // First chunk: weights before the dependency wait, activations after it.
+  load_weights(block_begin);
+  grid_dependency_wait();
+  load_activations(block_begin);
+  multiply();
+  for (int chunk = block_begin + kBlocksPerChunk; chunk < block_end; chunk += kBlocksPerChunk) {
+    load_weights(chunk);
+    load_activations(chunk);
+    multiply();
+  }
+
+  // Accumulator element c of tile (i, j): expert 16i + group (+8 for c >= 2), token 8j + 2quad + c%2.
+#pragma unroll
+  for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        partial[warp][8 * j + 2 * quad + (c & 1)][16 * i + group + 8 * (c >> 1)] = acc[i][j][c];
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < kTileOut; idx += kWarps * 32) {
+    const int m = idx / kTileE, e = idx % kTileE;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][e];
+    cta_sum[m][e] = sum;
+  }
+  cluster.sync();  // every CTA's cta_sum is complete and visible cluster-wide
+
+  // Rank r finishes outputs [out_begin, out_end), summing the K slices in rank order: the same
+  // order on every run. Bias is added last, in fp32, then the one rounding.
+#pragma unroll
+  for (int o = 0; o < kOutPerThread; ++o) {
+    const int idx = out_begin + o * kWarps * 32 + static_cast<int>(threadIdx.x);
+    if (idx < out_end) {
+      const int m = idx / kTileE, e = idx % kTileE;
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < kCluster; ++r) sum += cluster.map_shared_rank(&cta_sum[0][0], r)[idx];
+      const int out_m = m0 + m, out_e = e0 + e;
+      if (out_m < M && out_e < E)
+        out[static_cast<long long>(out_m) * E + out_e] = store_cast<Out>(sum + bias_val[o]);
+    }
+  }
+  cluster.sync();        // peers may still be reading our cta_sum; also orders all stores first
+  trigger_dependents();  // after every output store of the cluster (see the PDL notes at the top)
+}
+
+}  // namespace sm90
+}  // namespace moegate

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device-machine session: build gate._C, run the GPU tests, the sanitizers and the benchmark.
+# Usage (on the GPU machine, repository root): scripts/gpu_check.sh [quick|full|tune|tests]
+#   quick: build + GPU tests (no slow) + quick benchmark      full: + slow stress tests, sanitizers,
+#   tune: build + benchmark --tune only                       full benchmark; tests: build + all tests
+# Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
+set -uo pipefail
+mode=${1:-quick}
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+summary=()
+start=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
+status=$?
+build_s=$(( $(date +%s) - start ))
+summary+=("build: exit $status in ${build_s}s")
+if [ $status -ne 0 ]; then tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; fi
+python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
+
+run_tests() {  # $1: pytest marker expression, $2: label
+  python3 -m pytest -q -p no:cacheprovider -m "$1" tests -x -q >"$out/pytest_$2.log" 2>&1
+  local rc=$?
+  summary+=("pytest [$1]: exit $rc: $(tail -1 "$out/pytest_$2.log")")
+  [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$out/pytest_$2.log" | head -20
+}
+
+case "$mode" in
+  quick)
+    run_tests "(gpu or kernel) and not slow" gpu
+    python3 benchmarks/router_gemm.py --quick --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+  tests)
+    run_tests "gpu or kernel" gpu_all
+    ;;
+  tune)
+    python3 benchmarks/router_gemm.py --tune --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+  full)
+    run_tests "gpu or kernel" gpu_all
+    for tool in memcheck racecheck synccheck; do
+      compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
+      summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+    done
+    python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+esac
+echo "== summary ($(( $(date +%s) - start ))s)"
+printf '%s\n' "${summary[@]}"

@@ -1,0 +1,201 @@
+"""GateLinear and the ops layer on the CPU: float64 reference, odd shapes, bad inputs, compile."""
+
+import pytest
+import torch
+from torch import nn
+
+import gate
+from gate import GateLinear, ops
+
+
+def reference_logits(x, weight, bias):
+    """float64 on the same (already rounded) inputs: the answer every path approximates."""
+    out = x.double() @ weight.double().t()
+    return out if bias is None else out + bias.double()
+
+
+def rel_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def random_gate(K, E, bias, dtype, generator):
+    layer = GateLinear(K, E, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(E, K, generator=generator) / K**0.5)
+        if bias:
+            layer.bias.copy_(torch.randn(E, generator=generator))
+    return layer
+
+
+@pytest.mark.parametrize("K", [8, 360, 2880, 7168])
+@pytest.mark.parametrize("E", [8, 32, 128, 256])
+@pytest.mark.parametrize("M", [0, 1, 7, 128, 1000])
+def test_matches_float64_reference(K, E, M):
+    generator = torch.Generator().manual_seed(K * 1_000_003 + E * 1009 + M)
+    for bias in (True, False):
+        layer = random_gate(K, E, bias, torch.bfloat16, generator)
+        x = torch.randn(M, K, generator=generator).to(torch.bfloat16)
+        out = layer(x)
+        assert out.shape == (M, E) and out.dtype == torch.bfloat16
+        if M == 0:
+            continue
+        ref = reference_logits(x, layer.weight, layer.bias)
+        assert torch.isfinite(out).all()
+        # bf16 output: the one rounding to bf16 bounds the error (2^-8 relative, with slack for
+        # the bias add rounding of F.linear).
+        assert rel_error(out, ref) < 8e-3
+
+
+@pytest.mark.parametrize("M,K,E", [(1, 360, 32), (17, 2880, 128), (100, 7168, 256)])
+def test_fp32_logits_skip_bf16_rounding(M, K, E):
+    generator = torch.Generator().manual_seed(M + K + E)
+    layer = random_gate(K, E, True, torch.bfloat16, generator)
+    layer.out_dtype = torch.float32
+    x = torch.randn(M, K, generator=generator).to(torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    ref = reference_logits(x, layer.weight, layer.bias)
+    assert rel_error(out, ref) < 1e-5  # fp32 accumulation, no bf16 rounding of the result
+
+
+def test_constructor_out_dtype_and_3d_input():
+    generator = torch.Generator().manual_seed(3)
+    layer = GateLinear(64, 16, out_dtype=torch.float32, dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 64, generator=generator).to(torch.bfloat16)
+    out = layer(x)
+    assert out.shape == (2, 5, 16) and out.dtype == torch.float32
+    flat = layer(x.reshape(10, 64))
+    assert torch.equal(out.reshape(10, 16), flat)
+
+
+def test_bitwise_equal_to_nn_linear_on_cpu():
+    linear = nn.Linear(360, 32, dtype=torch.bfloat16)
+    layer = GateLinear.from_linear(linear)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    x = torch.randn(33, 360).to(torch.bfloat16)
+    assert torch.equal(layer(x), linear(x))
+
+
+def test_state_dict_round_trip_with_nn_linear():
+    linear = nn.Linear(48, 8)
+    layer = GateLinear(48, 8)
+    layer.load_state_dict(linear.state_dict())
+    assert torch.equal(layer.weight, linear.weight) and torch.equal(layer.bias, linear.bias)
+    back = nn.Linear(48, 8)
+    back.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 48)
+    assert torch.equal(back(x), linear(x))
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    no_bias = GateLinear(48, 8, bias=False)
+    assert set(no_bias.state_dict()) == {"weight"}
+
+
+def test_backend_is_torch_on_cpu_and_decided_once():
+    layer = GateLinear(16, 8)
+    x = torch.randn(2, 16)
+    assert layer.backend_for(x) == "torch"
+    assert ops.backend_for(torch.device("cpu"), torch.bfloat16) == "torch"
+    assert "backend='torch'" in repr(layer)
+
+
+def test_backend_for_rejects_other_device():
+    layer = GateLinear(16, 8)
+    with pytest.raises(ValueError, match="device|on "):
+        layer.backend_for(torch.randn(2, 16, device="meta"))
+
+
+def test_non_contiguous_input_is_correct():
+    generator = torch.Generator().manual_seed(5)
+    layer = random_gate(64, 8, True, torch.float32, generator)
+    wide = torch.randn(64, 10, generator=generator)
+    x = wide.t()  # [10, 64], not contiguous
+    assert not x.is_contiguous()
+    assert torch.allclose(layer(x), layer(x.contiguous()))
+
+
+def test_nan_and_inf_propagate():
+    layer = GateLinear(16, 4, dtype=torch.bfloat16)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    out = layer(x)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isfinite(out[2]).all()
+
+
+@pytest.mark.parametrize(
+    "make_input, match",
+    [
+        (lambda: torch.randn(4, 15), "K=15|shape"),
+        (lambda: torch.randn(4, 16, dtype=torch.float64), "dtype|float64"),
+        (lambda: torch.randn(16), None),  # 1-D: a single token [K] is valid
+    ],
+)
+def test_bad_or_edge_inputs(make_input, match):
+    layer = GateLinear(16, 4)
+    x = make_input()
+    if match is None:
+        assert layer(x).shape == (4,)
+        return
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        layer(x)
+
+
+def test_ops_layer_rejects_bad_inputs():
+    w = torch.randn(8, 16)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.router_gemm(torch.randn(2, 3, 16), w)
+    with pytest.raises(ValueError, match="K=12"):
+        ops.router_gemm(torch.randn(2, 12), w)
+    with pytest.raises(ValueError, match="dtype|bfloat16"):
+        ops.router_gemm(torch.randn(2, 16).to(torch.bfloat16), w)
+    with pytest.raises(ValueError, match="bias"):
+        ops.router_gemm(torch.randn(2, 16), w, torch.randn(7))
+    with pytest.raises(ValueError, match="bias is torch.bfloat16"):
+        ops.router_gemm(torch.randn(2, 16), w, torch.randn(8).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="E=0"):
+        ops.router_gemm(torch.randn(2, 16), torch.randn(0, 16))
+    with pytest.raises(ValueError, match="backend"):
+        ops.router_gemm(torch.randn(2, 16), w, backend="nope")
+
+
+def test_zero_experts_or_features_refused_at_construction():
+    with pytest.raises(ValueError, match="num_experts"):
+        GateLinear(16, 0)
+    with pytest.raises(ValueError, match="in_features"):
+        GateLinear(0, 8)
+
+
+def test_empty_batch():
+    layer = GateLinear(16, 4)
+    out = layer(torch.randn(0, 16))
+    assert out.shape == (0, 4)
+    out3 = layer(torch.randn(2, 0, 16))
+    assert out3.shape == (2, 0, 4)
+
+
+def test_compile_fullgraph_matches_eager():
+    generator = torch.Generator().manual_seed(11)
+    layer = random_gate(96, 16, True, torch.bfloat16, generator)
+    layer.out_dtype = torch.float32
+    compiled = torch.compile(layer, fullgraph=True)
+    for M in (3, 3, 5):
+        x = torch.randn(M, 96, generator=generator).to(torch.bfloat16)
+        assert torch.equal(compiled(x), layer(x))
+
+
+def test_from_parameters_validates_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        GateLinear.from_parameters(torch.randn(8), None)
+    with pytest.raises(ValueError, match="bias"):
+        GateLinear.from_parameters(torch.randn(8, 4), torch.randn(3))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        GateLinear.from_linear(GateLinear(4, 2))
+
+
+def test_extension_status_is_reported():
+    assert isinstance(ops.extension_available(), bool)
+    if not ops.extension_available():
+        assert ops.extension_error()
+    assert gate.__version__

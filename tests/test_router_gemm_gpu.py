@@ -1,0 +1,187 @@
+"""The CUDA kernels on a GPU: accuracy against float64 and cuBLAS, every element written, odd sizes,
+every tile configuration, determinism, CUDA graphs and torch.compile through the op."""
+
+import itertools
+
+import pytest
+import torch
+from gpu_helpers import (
+    call_poisoned,
+    realistic_activations,
+    reference_logits,
+    rel_error,
+    router_weights,
+    topk_agreement,
+)
+
+from gate import GateLinear, ops
+
+pytestmark = pytest.mark.kernel
+
+SM90_MAX_M = 256
+
+
+def check_against_cublas(fn, M, K, E, bias, out_dtype, seed, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    x = realistic_activations(M, K, generator)
+    weight, b = router_weights(E, K, generator, bias=bias)
+    out = call_poisoned(fn, (M, E), out_dtype or torch.bfloat16, x, weight, b, out_dtype, **kwargs)
+    assert out.shape == (M, E) and out.dtype == (out_dtype or torch.bfloat16)
+    assert torch.isfinite(out).all(), "an output element was not written (NaN poison survived)"
+    ref = reference_logits(x, weight, b)
+    ours = rel_error(out, ref)
+    cublas = rel_error(ops.router_gemm_cublas(x, weight, b, out_dtype), ref)
+    assert ours <= 2 * cublas + 1e-7, f"error {ours:.3e} vs cuBLAS {cublas:.3e}"
+    return out
+
+
+@pytest.mark.parametrize("M", [1, 3, 7, 17, 100, 127, 128, 129, 256, 300])
+@pytest.mark.parametrize("K,E", [(360, 32), (2880, 32), (2880, 128), (7168, 256), (2048, 128)])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_router_gemm_dispatch(M, K, E, out_dtype):
+    for bias in (True, False):
+        check_against_cublas(ops.router_gemm, M, K, E, bias, out_dtype, seed=M * 7 + K + E)
+
+
+@pytest.mark.parametrize("M", [1, 5, 64, 129])
+@pytest.mark.parametrize("K,E", [(1, 1), (13, 3), (360, 32), (2880, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_simple_kernel_any_shape_and_dtype(M, K, E, dtype):
+    generator = torch.Generator().manual_seed(M + 31 * K + E)
+    x = torch.randn(M, K, generator=generator).to("cuda", dtype)
+    weight = torch.randn(E, K, generator=generator).to("cuda", dtype)
+    bias = torch.randn(E, generator=generator).to("cuda", dtype)
+    for out_dtype in (None, torch.float32):
+        out = call_poisoned(ops.router_gemm_simple, (M, E), out_dtype or dtype, x, weight, bias,
+                            out_dtype)
+        ref = reference_logits(x, weight, bias)
+        expected = ref.to(out_dtype or dtype)  # one rounding of the exact result
+        tolerance = 1e-5 if (out_dtype or dtype) == torch.float32 else 1e-2
+        assert rel_error(out, ref) <= rel_error(expected, ref) + tolerance
+
+
+CONFIGS = list(itertools.product([1, 2], [1, 2, 4], [4, 8, 16]))
+
+
+@pytest.mark.parametrize("expert_tiles,token_tiles,cluster", CONFIGS)
+@pytest.mark.parametrize("M,K,E", [(1, 8, 8), (9, 40, 24), (33, 360, 40), (64, 2880, 128),
+                                   (129, 7168, 256), (256, 1000, 512)])
+def test_sm90_every_tile_config(expert_tiles, token_tiles, cluster, M, K, E):
+    for out_dtype in (None, torch.float32):
+        check_against_cublas(ops.router_gemm_sm90, M, K, E, True, out_dtype, seed=M + K + E,
+                             expert_tiles=expert_tiles, token_tiles=token_tiles, cluster=cluster)
+
+
+def test_sm90_refuses_unsupported_shapes():
+    x = torch.randn(4, 12, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8, 12, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        ops.router_gemm_sm90(x, w)
+    with pytest.raises(RuntimeError, match="M must be"):
+        ops.router_gemm_sm90(torch.randn(257, 16, device="cuda", dtype=torch.bfloat16),
+                             torch.randn(8, 16, device="cuda", dtype=torch.bfloat16))
+
+
+def test_misaligned_input_falls_back_correctly():
+    generator = torch.Generator().manual_seed(2)
+    flat = realistic_activations(1, 5 * 2880 + 1, generator).view(-1)
+    x = flat[1:].view(5, 2880)  # data pointer 2 bytes off a 16-byte boundary
+    weight, bias = router_weights(128, 2880, generator)
+    out = ops.router_gemm(x, weight, bias)
+    ref = reference_logits(x, weight, bias)
+    assert rel_error(out, ref) <= 2 * rel_error(ops.router_gemm_cublas(x, weight, bias), ref) + 1e-7
+
+
+def test_empty_batch_and_errors_on_gpu():
+    w = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16)
+    assert ops.router_gemm(torch.empty(0, 64, device="cuda", dtype=torch.bfloat16), w).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="K=32"):
+        torch.ops.moegate.router_gemm(torch.randn(2, 32, device="cuda", dtype=torch.bfloat16), w,
+                                      None, None, False)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        torch.ops.moegate.router_gemm(torch.randn(2, 64, dtype=torch.bfloat16), w, None, None, False)
+
+
+def test_nan_and_inf_propagate_like_cublas():
+    generator = torch.Generator().manual_seed(4)
+    x = realistic_activations(8, 2880, generator)
+    x[1, 7] = float("nan")
+    x[2, 9] = float("inf")
+    weight, bias = router_weights(128, 2880, generator)
+    ours, cublas = ops.router_gemm(x, weight, bias), ops.router_gemm_cublas(x, weight, bias)
+    assert torch.equal(torch.isnan(ours), torch.isnan(cublas))
+    assert torch.equal(torch.isinf(ours), torch.isinf(cublas))
+
+
+@pytest.mark.parametrize("E", [32, 128])
+@pytest.mark.parametrize("M", [1, 16, 128])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_top4_agreement_at_least_cublas(E, M, out_dtype):
+    ours, cublas = 0.0, 0.0
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(1000 + seed)
+        x = realistic_activations(M, 2880, generator)
+        weight, bias = router_weights(E, 2880, generator)
+        ref = reference_logits(x, weight, bias)
+        ours += topk_agreement(ops.router_gemm(x, weight, bias, out_dtype), ref)
+        cublas += topk_agreement(ops.router_gemm_cublas(x, weight, bias, out_dtype), ref)
+    assert ours >= cublas - 1e-9, f"top-4 agreement {ours / 20:.4f} < cuBLAS {cublas / 20:.4f}"
+
+
+def test_bitwise_deterministic_with_and_without_load():
+    generator = torch.Generator().manual_seed(9)
+    x = realistic_activations(16, 2880, generator)
+    weight, bias = router_weights(128, 2880, generator)
+    first = ops.router_gemm(x, weight, bias)
+    for _ in range(500):
+        assert torch.equal(ops.router_gemm(x, weight, bias), first)
+    noise = torch.randn(8192, 8192, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        for _ in range(4):
+            noise = noise @ noise.t() / 8192
+    for _ in range(500):
+        assert torch.equal(ops.router_gemm(x, weight, bias), first)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_cuda_graph_capture_and_replay(pdl):
+    generator = torch.Generator().manual_seed(12)
+    layer = GateLinear(2880, 128, dtype=torch.bfloat16, device="cuda", pdl=pdl)
+    assert layer.backend_for() == "moegate"
+    static_x = realistic_activations(8, 2880, generator)
+    layer(static_x)  # warm-up outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+    for _ in range(5):
+        fresh = realistic_activations(8, 2880, generator)
+        static_x.copy_(fresh)
+        static_out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, layer(fresh))
+
+
+def test_compile_fullgraph_through_the_op():
+    generator = torch.Generator().manual_seed(13)
+    layer = GateLinear(2880, 32, dtype=torch.bfloat16, device="cuda", out_dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True)
+    for M in (1, 4, 4, 64):
+        x = realistic_activations(M, 2880, generator)
+        assert torch.equal(compiled(x), layer(x))
+
+
+def test_gate_linear_uses_the_kernel_and_matches_reference():
+    generator = torch.Generator().manual_seed(14)
+    layer = GateLinear(2880, 32, dtype=torch.bfloat16).cuda()
+    assert layer.backend_for() == "moegate"
+    x = realistic_activations(3 * 5, 2880, generator).view(3, 5, 2880)
+    out = layer(x)
+    assert out.shape == (3, 5, 32)
+    ref = reference_logits(x.view(15, 2880), layer.weight, layer.bias)
+    cublas = ops.router_gemm_cublas(x.view(15, 2880), layer.weight, layer.bias)
+    assert rel_error(out.view(15, 32), ref) <= 2 * rel_error(cublas, ref) + 1e-7
+    assert GateLinear(16, 8).cuda().backend_for() == "moegate"
+    assert GateLinear(16, 8).backend_for() == "torch"

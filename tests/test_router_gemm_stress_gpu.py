@@ -1,0 +1,86 @@
+"""Race hunting on the GPU: >= 100,000 router calls under a lagging memory system, and PDL chains
+(producer -> router -> router -> consumer) checked bit for bit against the same chain without PDL."""
+
+import pytest
+import torch
+from gpu_helpers import realistic_activations, router_weights
+
+from gate import ops
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+CALLS_PER_BATCH = 1000
+BATCHES = 100  # 100,000 checked calls
+
+
+def _memory_hog(stream, big_a, big_b, rounds):
+    """Copies that saturate HBM on another stream, so the router's loads arrive late and unevenly."""
+    with torch.cuda.stream(stream):
+        for _ in range(rounds):
+            big_a.copy_(big_b)
+            big_b.add_(1.0)
+
+
+@pytest.mark.parametrize("M,E,K", [(4, 128, 2880)])
+def test_100k_calls_under_memory_pressure_are_exact(M, E, K):
+    generator = torch.Generator().manual_seed(77)
+    weight, bias = router_weights(E, K, generator)
+    side = torch.cuda.Stream()
+    big_a = torch.empty(512 * 1024 * 1024 // 4, device="cuda")
+    big_b = torch.zeros_like(big_a)
+    mismatches = 0
+    for batch in range(BATCHES):
+        xs = realistic_activations(CALLS_PER_BATCH * M, K, generator).view(CALLS_PER_BATCH, M, K)
+        pdl = batch % 2 == 1
+        torch.cuda.synchronize()
+        _memory_hog(side, big_a, big_b, rounds=6)
+        loaded = torch.stack([ops.router_gemm(xs[i], weight, bias, pdl=pdl)
+                              for i in range(CALLS_PER_BATCH)])
+        torch.cuda.synchronize()
+        quiet = torch.stack([ops.router_gemm(xs[i], weight, bias) for i in range(CALLS_PER_BATCH)])
+        mismatches += (loaded != quiet).any(dim=(1, 2)).sum().item()
+        # And the quiet answers are right: within twice cuBLAS's error of float64, call by call.
+        ref = torch.einsum("cmk,ek->cme", xs.double(), weight.double()) + bias.double()
+        cublas = torch.stack([ops.router_gemm_cublas(xs[i], weight, bias)
+                              for i in range(0, CALLS_PER_BATCH, 50)])
+        err_ours = (quiet.double() - ref).abs().amax(dim=(1, 2))
+        err_cublas = (cublas.double() - ref[::50]).abs().amax().item()
+        assert err_ours.max().item() <= 2 * err_cublas + 1e-6
+    assert mismatches == 0, f"{mismatches} of {BATCHES * CALLS_PER_BATCH} calls differed under load"
+
+
+@pytest.mark.parametrize("M", [1, 8, 64])
+def test_pdl_chain_in_a_cuda_graph_matches_serial(M):
+    generator = torch.Generator().manual_seed(5 + M)
+    iterations = 200
+    K, E1, E2 = 2880, 128, 32
+    w1, b1 = router_weights(E1, K, generator)
+    w2, b2 = router_weights(E2, E1, generator)
+    sources = realistic_activations(iterations * M, K, generator).view(iterations, M, K)
+    x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+    results = torch.full((iterations, M, E2), float("nan"), device="cuda", dtype=torch.bfloat16)
+
+    def chain(i, pdl):
+        torch.mul(sources[i], 2.0, out=x)                    # producer writes x
+        logits = ops.router_gemm(x, w1, b1, pdl=pdl)         # router reads x
+        second = ops.router_gemm(logits, w2, b2, pdl=pdl)    # dependent router reads logits
+        results[i].copy_(second)                             # consumer reads logits
+
+    chain(0, True)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(iterations):
+            chain(i, True)
+    expected = torch.stack([ops.router_gemm(ops.router_gemm(sources[i] * 2.0, w1, b1), w2, b2)
+                            for i in range(iterations)])
+    for _ in range(5):
+        results.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(results, expected)
+    results.fill_(float("nan"))
+    for i in range(iterations):  # the same chain eagerly, PDL on
+        chain(i, True)
+    torch.cuda.synchronize()
+    assert torch.equal(results, expected)
