@@ -142,27 +142,34 @@ def tuning_providers(shape: Shape, M: int):
             for cluster in (4, 8, 16):
                 for pdl in (False, True):
                     name = f"sm90 e{et} t{tt} c{cluster}" + ("+pdl" if pdl else "")
-                    result[name] = (lambda et, tt, c, pdl: lambda x, w, b: ops.router_gemm_sm90(
-                        x, w, b, shape.out_dtype, pdl, et, tt, c))(et, tt, cluster, pdl)
+                    result[name] = _sm90_config(shape.out_dtype, pdl, et, tt, cluster)
     return result
+
+
+def _sm90_config(out_dtype, pdl, expert_tiles, token_tiles, cluster):
+    return lambda x, w, b: ops.router_gemm_sm90(x, w, b, out_dtype, pdl, expert_tiles, token_tiles,
+                                                cluster)
 
 
 def bench_router(shapes, caches, replays, tune, progress) -> list[Row]:
     rows = []
     jobs = [(s, M, cache) for s in shapes for M in s.m_values for cache in caches]
     for shape, M, cache in progress(jobs, desc="router_gemm"):
-        generator = torch.Generator().manual_seed(M * 31 + shape.E)
-        weights = Weights(shape, cache == "cold", generator)
-        x = torch.randn(M, shape.K, generator=generator).to("cuda", torch.bfloat16)
         fns = providers(shape)
         if tune and cache == "cold":
             fns.update(tuning_providers(shape, M))
-        for name, fn in fns.items():
-            us = per_call_us(lambda i, fn=fn: fn(x, *weights[i]), weights.calls, replays)
-            rows.append(Row(shape.name, shape.K, shape.E, M, str(shape.out_dtype).split(".")[-1],
-                            cache, name, us))
-        del weights
+        rows += _bench_job(shape, M, cache, fns, replays)
     return rows
+
+
+def _bench_job(shape: Shape, M: int, cache: str, fns: dict, replays: int) -> list[Row]:
+    generator = torch.Generator().manual_seed(M * 31 + shape.E)
+    weights = Weights(shape, cache == "cold", generator)
+    x = torch.randn(M, shape.K, generator=generator).to("cuda", torch.bfloat16)
+    dtype = str(shape.out_dtype).split(".")[-1]
+    return [Row(shape.name, shape.K, shape.E, M, dtype, cache, name,
+                per_call_us(lambda i, fn=fn: fn(x, *weights[i]), weights.calls, replays))
+            for name, fn in fns.items()]
 
 
 def bench_floor(replays) -> list[Row]:
@@ -178,25 +185,29 @@ def bench_chain(replays, progress) -> list[Row]:
     rows = []
     jobs = [(E, M) for E in (32, 128) for M in (1, 8, 64)]
     for E, M in progress(jobs, desc="chain"):
-        shape = Shape(f"chain E={E}", 2880, E, True, torch.bfloat16, (M,))
-        generator = torch.Generator().manual_seed(E + M)
-        weights = Weights(shape, True, generator)
-        source = torch.randn(M, 2880, generator=generator).to("cuda", torch.bfloat16)
-        x = torch.empty_like(source)
-        fixed_logits = torch.randn(M, E, device="cuda", dtype=torch.bfloat16)
-
-        def layer(router):
-            def step(i):
-                torch.mul(source, 1.0 + 1e-3 * (i % 7), out=x)
-                logits = fixed_logits if router is None else router(x, *weights[i])
-                torch.topk(logits, 4, dim=-1)
-            return step
-
-        chain = {"no router": None, **providers(shape)}
-        for name, router in chain.items():
-            us = per_call_us(layer(router), weights.calls, replays)
-            rows.append(Row(shape.name, 2880, E, M, "bfloat16", "cold", f"chain {name}", us))
+        rows += _chain_job(E, M, replays)
     return rows
+
+
+def _chain_job(E: int, M: int, replays: int) -> list[Row]:
+    shape = Shape(f"chain E={E}", 2880, E, True, torch.bfloat16, (M,))
+    generator = torch.Generator().manual_seed(E + M)
+    weights = Weights(shape, True, generator)
+    source = torch.randn(M, 2880, generator=generator).to("cuda", torch.bfloat16)
+    x = torch.empty_like(source)
+    fixed_logits = torch.randn(M, E, device="cuda", dtype=torch.bfloat16)
+
+    def layer(router):
+        def step(i):
+            torch.mul(source, 1.0 + 1e-3 * (i % 7), out=x)
+            logits = fixed_logits if router is None else router(x, *weights[i])
+            torch.topk(logits, 4, dim=-1)
+        return step
+
+    chain = {"no router": None, **providers(shape)}
+    return [Row(shape.name, 2880, E, M, "bfloat16", "cold", f"chain {name}",
+                per_call_us(layer(router), weights.calls, replays))
+            for name, router in chain.items()]
 
 
 def write_results(rows: list[Row], out_dir: str, meta: dict) -> str:
@@ -268,7 +279,8 @@ def plot(rows: list[Row], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="gpt-oss shapes at M in {1, 32, 128}")
     parser.add_argument("--tune", action="store_true", help="also time every kernel tile configuration")
     parser.add_argument("--no-chain", action="store_true", help="skip the producer->router->consumer chain")
