@@ -54,11 +54,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight,
   }
 }
 
-// Checks the inputs and fills the kernel arguments; the output is allocated by the caller that
+// Fills the kernel arguments; the output is allocated by the caller that
 // launches a kernel (the cuBLAS path allocates its own).
+// Callers run check_inputs first (before their device guard).
 RouterGemmArgs make_args(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, at::ScalarType out_type, bool pdl) {
-  check_inputs(x, weight, bias);
   RouterGemmArgs a;
   a.x = x.data_ptr();
   a.weight = weight.data_ptr();
@@ -92,6 +92,7 @@ bool is_hopper(const at::Tensor& x) {
 at::Tensor router_gemm_simple(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias,
                               std::optional<at::ScalarType> out_dtype) {
+  check_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, /*pdl=*/false);
@@ -104,6 +105,7 @@ at::Tensor router_gemm_sm90(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             std::optional<at::ScalarType> out_dtype, bool pdl,
                             int64_t expert_tiles, int64_t token_tiles, int64_t cluster) {
+  check_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(is_hopper(x), "moegate: router_gemm_sm90 needs a Hopper (sm_90) GPU");
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
@@ -135,6 +137,7 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype, bool pdl) {
+  check_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);

@@ -1,11 +1,12 @@
 // The Hopper router GEMM: split-K over a thread-block cluster, tensor-core MMAs straight from
-// registers, partial sums reduced through distributed shared memory in a fixed order.
+// registers, partial sums pushed through distributed shared memory and added in a fixed order.
 //
 // Why this shape. At decode sizes the router moves < 1 MB and does < 0.1 GFLOP: its cost is the
 // launch plus one trip to HBM, not bandwidth. So the kernel spreads the weight over many CTAs
 // (experts x K slices), every warp issues all of its 16-byte loads before its first MMA (one
 // memory round trip per warp), and the K slices of one expert tile meet in a cluster's shared
 // memory instead of a global workspace (no memset, no atomics, bitwise-deterministic order).
+// Per CTA: loads, MMAs, pushes of partials to their owners, ONE cluster barrier, sums, stores.
 //
 // The MMA is mma.sync m16n8k16 bf16 -> fp32 with the operands swapped (logits^T = W x^T): experts
 // fill the 16-row side, tokens the 8-column side, so M = 1 wastes 7/8 of a tile, not 15/16.
@@ -84,9 +85,14 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kTileM = 8 * kTokenTiles;    // tokens of one CTA
   constexpr int kTileOut = kTileE * kTileM;
 
-  // partial[w][m][e]: each warp's sums; cta_sum[m][e]: the CTA's, read by the whole cluster.
-  __shared__ float partial[kWarps][kTileM][kTileE];
-  __shared__ float cta_sum[kTileM][kTileE];
+  // The cluster's outputs [kTileM x kTileE] are split evenly between its CTAs: rank r owns
+  // [r * kPerRank, (r + 1) * kPerRank) in m-major order. Every warp of every CTA pushes its partial
+  // sums straight into the owner's inbox (inbox[K slice][offset]); after one
+  // cluster barrier each owner adds its inbox up in slot order: one barrier, no remote reads, and
+  // the same summation order on every run.
+  constexpr int kPerRank = (kTileOut + kCluster - 1) / kCluster;
+  constexpr int kSlices = kCluster * kWarps;  // K slices, one per warp of the cluster
+  __shared__ float inbox[kSlices][kPerRank];
 
   cg::cluster_group cluster = cg::this_cluster();
   const int rank = static_cast<int>(cluster.block_rank());
@@ -98,7 +104,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int m0 = blockIdx.z * kTileM;
 
   const int num_blocks = (K + kBlockK - 1) / kBlockK;
-  constexpr int kSlices = kCluster * kWarps;
   const int slice = rank * kWarps + warp;
   const int block_begin = static_cast<int>(static_cast<long long>(num_blocks) * slice / kSlices);
   const int block_end = static_cast<int>(static_cast<long long>(num_blocks) * (slice + 1) / kSlices);
@@ -177,7 +182,6 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   // This thread's outputs in the final reduction (see below) and their bias, fetched with the
   // weights before the dependency wait so that no HBM trip is left after the MMAs.
-  constexpr int kPerRank = (kTileOut + kCluster - 1) / kCluster;
   constexpr int kOutPerThread = (kPerRank + kWarps * 32 - 1) / (kWarps * 32);
   const int out_begin = rank * kPerRank;
   const int out_end = min(out_begin + kPerRank, kTileOut);
@@ -200,42 +204,36 @@ __global__ void __launch_bounds__(kWarps * 32)
     multiply();
   }
 
-  // Accumulator element c of tile (i, j): expert 16i + group (+8 for c >= 2), token 8j + 2quad + c%2.
+  // Accumulator element c of tile (i, j): expert 16i + group (+8 for c >= 2), token
+  // 8j + 2quad + c%2. Push it to the inbox of the CTA that owns that output.
 #pragma unroll
   for (int i = 0; i < kExpertTiles; ++i)
 #pragma unroll
     for (int j = 0; j < kTokenTiles; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        partial[warp][8 * j + 2 * quad + (c & 1)][16 * i + group + 8 * (c >> 1)] = acc[i][j][c];
-  __syncthreads();
+      for (int c = 0; c < 4; ++c) {
+        const int idx = (8 * j + 2 * quad + (c & 1)) * kTileE + 16 * i + group + 8 * (c >> 1);
+        float* owner_inbox = cluster.map_shared_rank(&inbox[slice][0], idx / kPerRank);
+        owner_inbox[idx % kPerRank] = acc[i][j][c];
+      }
+  cluster.sync();  // release/acquire: every push of the cluster is visible to its owner
 
-  for (int idx = threadIdx.x; idx < kTileOut; idx += kWarps * 32) {
-    const int m = idx / kTileE, e = idx % kTileE;
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += partial[w][m][e];
-    cta_sum[m][e] = sum;
-  }
-  cluster.sync();  // every CTA's cta_sum is complete and visible cluster-wide
-
-  // Rank r finishes outputs [out_begin, out_end), summing the K slices in rank order: the same
-  // order on every run. Bias is added last, in fp32, then the one rounding.
 #pragma unroll
   for (int o = 0; o < kOutPerThread; ++o) {
-    const int idx = out_begin + o * kWarps * 32 + static_cast<int>(threadIdx.x);
+    const int local = o * kWarps * 32 + static_cast<int>(threadIdx.x);
+    const int idx = out_begin + local;
     if (idx < out_end) {
-      const int m = idx / kTileE, e = idx % kTileE;
       float sum = 0.f;
 #pragma unroll
-      for (int r = 0; r < kCluster; ++r) sum += cluster.map_shared_rank(&cta_sum[0][0], r)[idx];
-      const int out_m = m0 + m, out_e = e0 + e;
+      for (int s = 0; s < kSlices; ++s) sum += inbox[s][local];
+      const int out_m = m0 + idx / kTileE, out_e = e0 + idx % kTileE;
       if (out_m < M && out_e < E)
         out[static_cast<long long>(out_m) * E + out_e] = store_cast<Out>(sum + bias_val[o]);
     }
   }
-  cluster.sync();        // peers may still be reading our cta_sum; also orders all stores first
-  trigger_dependents();  // after every output store of the cluster (see the PDL notes at the top)
+  // After this CTA's output stores (see the PDL notes at the top). No CTA touches another's shared
+  // memory after the barrier above, so CTAs may exit independently.
+  trigger_dependents();
 }
 
 }  // namespace sm90
