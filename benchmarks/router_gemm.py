@@ -135,6 +135,11 @@ def tuning_providers(shape: Shape, M: int):
     if M > 256:
         return {}
     result = {}
+    if M <= 8:
+        for experts in (1, 2, 4):
+            for pdl in (False, True):
+                name = f"small_m x{experts}" + ("+pdl" if pdl else "")
+                result[name] = _small_m_config(shape.out_dtype, pdl, experts)
     for et in (1, 2):
         for tt in (1, 2, 4):
             if 8 * tt > 4 * max(M, 8):  # token tiles far wider than the batch: nothing to learn
@@ -144,6 +149,10 @@ def tuning_providers(shape: Shape, M: int):
                     name = f"sm90 e{et} t{tt} c{cluster}" + ("+pdl" if pdl else "")
                     result[name] = _sm90_config(shape.out_dtype, pdl, et, tt, cluster)
     return result
+
+
+def _small_m_config(out_dtype, pdl, experts_per_cta):
+    return lambda x, w, b: ops.router_gemm_small_m(x, w, b, out_dtype, pdl, experts_per_cta)
 
 
 def _sm90_config(out_dtype, pdl, expert_tiles, token_tiles, cluster):
@@ -314,7 +323,7 @@ def main(argv=None) -> int:
     if args.tune:
         best = {}
         for r in rows:
-            if r.provider.startswith("sm90"):
+            if r.provider.startswith(("sm90", "small_m")):
                 key = (r.shape, r.M, r.provider.endswith("+pdl"))
                 if key not in best or r.us < best[key][1]:
                     best[key] = (r.provider, r.us)

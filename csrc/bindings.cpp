@@ -122,6 +122,27 @@ at::Tensor router_gemm_sm90(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+at::Tensor router_gemm_small_m(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias,
+                               std::optional<at::ScalarType> out_dtype, bool pdl,
+                               int64_t experts_per_cta) {
+  check_inputs(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(is_hopper(x), "moegate: router_gemm_small_m needs a Hopper (sm_90) GPU");
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
+  at::Tensor out = allocate_out(x, weight, out_type, args);
+  if (args.M == 0) return out;
+  const char* why_not = router_gemm_small_m_unsupported(args);
+  TORCH_CHECK(why_not == nullptr, "moegate: router_gemm_small_m cannot take these inputs: ", why_not);
+  TORCH_CHECK(experts_per_cta == 0 || experts_per_cta == 1 || experts_per_cta == 2 ||
+                  experts_per_cta == 4,
+              "moegate: experts_per_cta must be 0 (auto), 1, 2 or 4, got ", experts_per_cta);
+  check_launch(launch_router_gemm_small_m(args, static_cast<int>(experts_per_cta)),
+               "router_gemm_small_m");
+  return out;
+}
+
 at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, at::ScalarType out_type) {
   if (out_type == x.scalar_type()) {
@@ -132,8 +153,8 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
                           : at::mm(x, weight.t(), out_type);
 }
 
-// The dispatching op: the Hopper kernel where it applies and wins, cuBLAS for large bf16/fp16
-// batches, the foundation kernel for everything else.
+// The dispatching op: on Hopper, the decode kernel for M <= 8 and the tensor-core kernel up to
+// the cuBLAS crossover; cuBLAS for large bf16/fp16 batches; the foundation kernel for the rest.
 at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype, bool pdl) {
@@ -148,7 +169,11 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   }
   at::Tensor out = allocate_out(x, weight, out_type, args);
   if (args.M == 0) return out;
-  // The Hopper kernel's checks include shape, dtype and 16-byte alignment of x and weight.
+  // The Hopper kernels' checks include shape, dtype and 16-byte alignment of x and weight.
+  if (is_hopper(x) && router_gemm_small_m_unsupported(args) == nullptr) {
+    check_launch(launch_router_gemm_small_m(args, 0), "router_gemm_small_m");
+    return out;
+  }
   if (is_hopper(x) && router_gemm_sm90_unsupported(args) == nullptr) {
     check_launch(launch_router_gemm_sm90(args, RouterGemmSm90Config{}), "router_gemm_sm90");
     return out;
@@ -167,12 +192,15 @@ TORCH_LIBRARY(moegate, m) {
         "-> Tensor");
   m.def("router_gemm_sm90(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int expert_tiles=0, int token_tiles=0, int cluster=0) -> Tensor");
+  m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
+        "bool pdl=False, int experts_per_cta=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("router_gemm", &moegate::router_gemm);
   m.impl("router_gemm_simple", &moegate::router_gemm_simple);
   m.impl("router_gemm_sm90", &moegate::router_gemm_sm90);
+  m.impl("router_gemm_small_m", &moegate::router_gemm_small_m);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

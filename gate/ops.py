@@ -182,6 +182,25 @@ def router_gemm_sm90(
                                               out_dtype, pdl, expert_tiles, token_tiles, cluster)
 
 
+def router_gemm_small_m(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    pdl: bool = False,
+    experts_per_cta: int = 0,
+) -> torch.Tensor:
+    """The decode-size Hopper kernel alone (one CTA per expert group, CUDA-core FMA).
+
+    bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 8, any E, K a multiple of 8.
+    ``experts_per_cta`` is 1, 2 or 4; 0 picks by E.
+    """
+    _check_router_inputs(x, weight, bias)
+    return torch.ops.moegate.router_gemm_small_m(x.contiguous(), weight.contiguous(),
+                                                 None if bias is None else bias.contiguous(),
+                                                 out_dtype, pdl, experts_per_cta)
+
+
 if _C is not None:
 
     def _logits_like(x, weight, out_dtype):
@@ -198,4 +217,9 @@ if _C is not None:
     @torch.library.register_fake("moegate::router_gemm_sm90")
     def _router_gemm_sm90_fake(x, weight, bias=None, out_dtype=None, pdl=False, expert_tiles=0,
                                token_tiles=0, cluster=0):
+        return _logits_like(x, weight, out_dtype)
+
+    @torch.library.register_fake("moegate::router_gemm_small_m")
+    def _router_gemm_small_m_fake(x, weight, bias=None, out_dtype=None, pdl=False,
+                                  experts_per_cta=0):
         return _logits_like(x, weight, out_dtype)

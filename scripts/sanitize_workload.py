@@ -22,7 +22,7 @@ def check(out, x, w, b):
 
 def main():
     generator = torch.Generator().manual_seed(0)
-    shapes = [(1, 2880, 32), (9, 360, 24), (129, 2880, 128), (256, 7168, 256)]
+    shapes = [(1, 2880, 32), (5, 7168, 256), (9, 360, 24), (129, 2880, 128), (256, 7168, 256)]
     for M, K, E in shapes:
         x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16)
         w = (torch.randn(E, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
@@ -30,6 +30,9 @@ def main():
         for et, tt, cluster in itertools.product((1, 2), (1, 2, 4), (4, 8, 16)):
             for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
                 check(ops.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
+        if M <= 8:
+            for experts_per_cta, pdl in ((1, False), (2, True), (4, False)):
+                check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta), x, w, b)
         check(ops.router_gemm(x, w, b), x, w, b)
     for M, K, E in [(3, 13, 5), (17, 100, 1)]:
         x = torch.randn(M, K, generator=generator, device="cuda")

@@ -72,6 +72,25 @@ def test_sm90_every_tile_config(expert_tiles, token_tiles, cluster, M, K, E):
                              expert_tiles=expert_tiles, token_tiles=token_tiles, cluster=cluster)
 
 
+@pytest.mark.parametrize("experts_per_cta", [0, 1, 2, 4])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("K,E", [(8, 1), (40, 3), (2880, 32), (2880, 128), (7168, 256), (4104, 513)])
+def test_small_m_kernel(experts_per_cta, M, K, E):
+    for out_dtype in (None, torch.float32):
+        for bias in (True, False):
+            check_against_cublas(ops.router_gemm_small_m, M, K, E, bias, out_dtype, seed=M + K + E,
+                                 experts_per_cta=experts_per_cta)
+
+
+def test_small_m_refuses_unsupported_shapes():
+    w = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="M must be"):
+        ops.router_gemm_small_m(torch.randn(9, 16, device="cuda", dtype=torch.bfloat16), w)
+    with pytest.raises(RuntimeError, match="experts_per_cta"):
+        ops.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
+                                experts_per_cta=3)
+
+
 def test_sm90_refuses_unsupported_shapes():
     x = torch.randn(4, 12, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8, 12, device="cuda", dtype=torch.bfloat16)

@@ -31,6 +31,14 @@ bool kernels_run_on_current_device();
 // The foundation kernel: any M >= 1, E >= 1, K >= 1, any of the three dtypes, no alignment needs.
 cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 
+// The decode-size kernel (router_gemm_small_m.cu): bf16 x/weight/bias, bf16 or fp32 out,
+// 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
+constexpr int kSmallMaxM = 8;
+const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
+
+// experts_per_cta: 1, 2 or 4; 0 picks by E.
+cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta);
+
 // Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.
 struct RouterGemmSm90Config {
   int expert_tiles = 0;  // 16-expert MMA tiles per warp: 1 or 2

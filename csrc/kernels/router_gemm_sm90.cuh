@@ -20,9 +20,11 @@
 //  * x is loaded only AFTER the wait: the previous kernel produces it;
 //  * nothing is written to global memory before the wait: our output buffer may reuse memory the
 //    previous kernel is still reading;
-//  * launch_dependents fires only after this CTA's output stores. A dependent's own wait still
-//    waits for this whole grid to finish and flush, so the trigger only lets it start its prologue
-//    early; it never exposes half-written logits.
+//  * launch_dependents fires only after all of this CTA's output stores (a __syncthreads first).
+//    In practice a dependent's griddepcontrol.wait can return once every CTA of this grid has
+//    triggered, with only the memory operations before the trigger guaranteed visible, so an
+//    earlier trigger would let a PDL consumer read stale logits (the bug that got a public
+//    tinygemm-style kernel reverted).
 // Without the PDL launch attribute both instructions are no-ops.
 #pragma once
 
@@ -45,6 +47,17 @@ __device__ __forceinline__ void grid_dependency_wait() {
 
 __device__ __forceinline__ void trigger_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// The cluster barrier split in halves. Distributed shared memory may only be written once the target
+// CTA is running: every CTA arrives (relaxed: it publishes nothing) on entry and waits just before
+// its first remote store, by which time the wait is long satisfied.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 }
 
 __device__ __forceinline__ uint4 load_16B(const __nv_bfloat16* ptr, bool valid) {
@@ -95,6 +108,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   __shared__ float inbox[kSlices][kPerRank];
 
   cg::cluster_group cluster = cg::this_cluster();
+  cluster_arrive_relaxed();
   const int rank = static_cast<int>(cluster.block_rank());
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -206,6 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   // Accumulator element c of tile (i, j): expert 16i + group (+8 for c >= 2), token
   // 8j + 2quad + c%2. Push it to the inbox of the CTA that owns that output.
+  cluster_wait();  // every CTA of the cluster has started (see cluster_arrive_relaxed)
 #pragma unroll
   for (int i = 0; i < kExpertTiles; ++i)
 #pragma unroll
@@ -231,8 +246,9 @@ __global__ void __launch_bounds__(kWarps * 32)
         out[static_cast<long long>(out_m) * E + out_e] = store_cast<Out>(sum + bias_val[o]);
     }
   }
-  // After this CTA's output stores (see the PDL notes at the top). No CTA touches another's shared
-  // memory after the barrier above, so CTAs may exit independently.
+  // After all of this CTA's output stores (see the PDL notes at the top). No CTA touches another's
+  // shared memory after the cluster barrier above, so CTAs may exit independently.
+  __syncthreads();
   trigger_dependents();
 }
 

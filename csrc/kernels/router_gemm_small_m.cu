@@ -1,0 +1,190 @@
+// The decode-size router GEMM (M <= 8): one CTA per group of experts, whole K per CTA, CUDA-core
+// FMAs, and no communication between CTAs at all.
+//
+// Why a second kernel. At M <= 8 the tensor-core kernel (router_gemm_sm90.cuh) pays for a cluster
+// barrier (~0.4 µs measured on an H200, benchmarks/probes/launch_probe.cu) that exists only to add
+// up its K slices. Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with
+// two 16-byte loads each (all issued before the first FMA: one trip to memory), reduce through warp
+// shuffles and one __syncthreads, and store. E CTAs spread the weight over E SMs, which keeps each
+// SM's share small (2 x 2880 bytes per expert). Summation order is fixed: bitwise deterministic.
+//
+// PDL: weights and bias are read before griddepcontrol.wait, x after it, nothing is written before
+// it, and launch_dependents fires after all of the CTA's output stores (router_gemm_sm90.cuh
+// explains why each of these matters).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "kernels/router_gemm.h"
+
+namespace moegate {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass: 4096 k per pass
+
+__device__ __forceinline__ uint4 load_16B(const __nv_bfloat16* ptr, bool valid) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  if (valid) v = __ldg(reinterpret_cast<const uint4*>(ptr));
+  return v;
+}
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
+  const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
+  const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 af = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&aw[i]));
+    const float2 bf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bw[i]));
+    acc = fmaf(af.x, bf.x, acc);
+    acc = fmaf(af.y, bf.y, acc);
+  }
+  return acc;
+}
+
+template <typename Out>
+__device__ __forceinline__ Out store_cast(float v);
+template <>
+__device__ __forceinline__ float store_cast<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Grid: ceil(E / kExperts) CTAs of kThreads. Thread t reads 16-byte chunk c = pass + j * kThreads + t
+// of each row (consecutive threads, consecutive chunks: coalesced).
+template <int kExperts, int kTokens, typename Out>
+__global__ void __launch_bounds__(kThreads)
+    router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
+                               const __nv_bfloat16* __restrict__ weight,
+                               const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
+                               int E, int K) {
+  constexpr int kOutputs = kExperts * kTokens;
+  static_assert(kOutputs <= kThreads, "one thread per output in the epilogue");
+  __shared__ float warp_sums[kWarps][kOutputs];
+
+  const int e0 = blockIdx.x * kExperts;
+  const int num_chunks = K / 8;
+  const int t = threadIdx.x;
+
+  // Epilogue mapping, known up front so the bias load joins the weight loads.
+  const int my_e = e0 + t / kTokens, my_m = t % kTokens;
+  const bool stores = t < kOutputs && my_e < E && my_m < M;
+  const float my_bias = (stores && bias != nullptr) ? __bfloat162float(bias[my_e]) : 0.f;
+
+  float acc[kExperts][kTokens];
+#pragma unroll
+  for (int e = 0; e < kExperts; ++e)
+#pragma unroll
+    for (int m = 0; m < kTokens; ++m) acc[e][m] = 0.f;
+
+  for (int pass = 0; pass < num_chunks; pass += kThreads * kChunksPerThread) {
+    uint4 w[kChunksPerThread][kExperts];
+    uint4 xv[kChunksPerThread][kTokens];
+#pragma unroll
+    for (int j = 0; j < kChunksPerThread; ++j) {
+      const int chunk = pass + j * kThreads + t;
+#pragma unroll
+      for (int e = 0; e < kExperts; ++e)
+        w[j][e] = load_16B(weight + static_cast<long long>(e0 + e) * K + 8 * chunk,
+                           chunk < num_chunks && e0 + e < E);
+    }
+    if (pass == 0) asm volatile("griddepcontrol.wait;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < kChunksPerThread; ++j) {
+      const int chunk = pass + j * kThreads + t;
+#pragma unroll
+      for (int m = 0; m < kTokens; ++m)
+        xv[j][m] = load_16B(x + static_cast<long long>(m) * K + 8 * chunk,
+                            chunk < num_chunks && m < M);
+    }
+#pragma unroll
+    for (int j = 0; j < kChunksPerThread; ++j)
+#pragma unroll
+      for (int e = 0; e < kExperts; ++e)
+#pragma unroll
+        for (int m = 0; m < kTokens; ++m) acc[e][m] = dot8(w[j][e], xv[j][m], acc[e][m]);
+  }
+
+#pragma unroll
+  for (int e = 0; e < kExperts; ++e)
+#pragma unroll
+    for (int m = 0; m < kTokens; ++m) {
+      float v = acc[e][m];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      if (t % 32 == 0) warp_sums[t / 32][e * kTokens + m] = v;
+    }
+  __syncthreads();
+  if (stores) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
+    out[static_cast<long long>(my_m) * E + my_e] = store_cast<Out>(sum + my_bias);
+  }
+  __syncthreads();  // every output store of the CTA precedes the trigger
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+template <int kExperts, int kTokens, typename Out>
+cudaError_t launch_typed(const RouterGemmArgs& a) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((a.E + kExperts - 1) / kExperts, 1, 1);
+  config.blockDim = dim3(kThreads, 1, 1);
+  config.stream = a.stream;
+  cudaLaunchAttribute pdl;
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &pdl;
+  config.numAttrs = a.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, router_gemm_small_m_kernel<kExperts, kTokens, Out>,
+                            static_cast<const __nv_bfloat16*>(a.x),
+                            static_cast<const __nv_bfloat16*>(a.weight),
+                            static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
+                            a.M, a.E, a.K);
+}
+
+template <int kExperts, typename Out>
+cudaError_t launch_tokens(const RouterGemmArgs& a) {
+  if (a.M <= 1) return launch_typed<kExperts, 1, Out>(a);
+  if (a.M <= 2) return launch_typed<kExperts, 2, Out>(a);
+  if (a.M <= 4) return launch_typed<kExperts, 4, Out>(a);
+  return launch_typed<kExperts, 8, Out>(a);
+}
+
+template <typename Out>
+cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta) {
+  switch (experts_per_cta) {
+    case 1: return launch_tokens<1, Out>(a);
+    case 2: return launch_tokens<2, Out>(a);
+    case 4: return launch_tokens<4, Out>(a);
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
+  if (a.in_dtype != DType::kBFloat16) return "x and weight must be bfloat16";
+  if (a.out_dtype != DType::kBFloat16 && a.out_dtype != DType::kFloat32)
+    return "out dtype must be bfloat16 or float32";
+  if (a.M < 1 || a.M > kSmallMaxM) return "M must be in [1, 8]";
+  if (a.E < 1) return "E must be positive";
+  if (a.K < 8 || a.K % 8 != 0) return "K must be a positive multiple of 8";
+  if (!aligned_16B(a.x) || !aligned_16B(a.weight)) return "x and weight must be 16-byte aligned";
+  return nullptr;
+}
+
+cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta) {
+  if (experts_per_cta == 0) {
+    // One expert per SM while that covers the weight; wider CTAs beyond the 132 SMs of an H200.
+    experts_per_cta = a.E <= 132 ? 1 : (a.E <= 264 ? 2 : 4);
+  }
+  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta);
+  return launch_out<__nv_bfloat16>(a, experts_per_cta);
+}
+
+}  // namespace moegate
