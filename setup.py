@@ -59,8 +59,10 @@ def _extension_kwargs():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *gencode],
+            # No -std here: torch picks the standard its own headers and library were built with
+            # (C++20 for torch 2.10+); a different one breaks exceptions thrown across the ABI.
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", *gencode],
         },
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 from dataclasses import asdict, dataclass
@@ -293,6 +294,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="gpt-oss shapes at M in {1, 32, 128}")
     parser.add_argument("--tune", action="store_true", help="also time every kernel tile configuration")
     parser.add_argument("--no-chain", action="store_true", help="skip the producer->router->consumer chain")
+    parser.add_argument("--only", default=None, metavar="REGEX", help="shapes whose name matches")
+    parser.add_argument("--m", default=None, help="comma-separated M values (default: the sweep)")
+    parser.add_argument("--caches", default="hot,cold", help="hot, cold or both (default)")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
@@ -308,10 +312,15 @@ def main(argv=None) -> int:
         def progress(items, desc=""):
             return items
     shapes = GPT_OSS[:2] if args.quick else GPT_OSS + OTHERS
-    if args.quick:
-        shapes = [Shape(s.name, s.K, s.E, s.bias, s.out_dtype, (1, 32, 128)) for s in shapes]
+    if args.only:
+        shapes = [s for s in shapes if re.search(args.only, s.name)]
+    m_values = (1, 32, 128) if args.quick else None
+    if args.m:
+        m_values = tuple(int(m) for m in args.m.split(","))
+    if m_values:
+        shapes = [Shape(s.name, s.K, s.E, s.bias, s.out_dtype, m_values) for s in shapes]
     rows = bench_floor(args.replays)
-    rows += bench_router(shapes, ("hot", "cold"), args.replays, args.tune, progress)
+    rows += bench_router(shapes, tuple(args.caches.split(",")), args.replays, args.tune, progress)
     if not args.no_chain:
         rows += bench_chain(args.replays, progress)
     gpu = torch.cuda.get_device_name()

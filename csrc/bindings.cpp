@@ -153,7 +153,7 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
                           : at::mm(x, weight.t(), out_type);
 }
 
-// The dispatching op: on Hopper, the decode kernel for M <= 8 and the tensor-core kernel up to
+// The dispatching op: on Hopper, the decode kernel for M <= 4 and the tensor-core kernel up to
 // the cuBLAS crossover; cuBLAS for large bf16/fp16 batches; the foundation kernel for the rest.
 at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
@@ -170,7 +170,8 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor out = allocate_out(x, weight, out_type, args);
   if (args.M == 0) return out;
   // The Hopper kernels' checks include shape, dtype and 16-byte alignment of x and weight.
-  if (is_hopper(x) && router_gemm_small_m_unsupported(args) == nullptr) {
+  if (is_hopper(x) && args.M <= kSmallDispatchMaxM &&
+      router_gemm_small_m_unsupported(args) == nullptr) {
     check_launch(launch_router_gemm_small_m(args, 0), "router_gemm_small_m");
     return out;
   }

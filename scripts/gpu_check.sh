@@ -2,7 +2,7 @@
 # One device-machine session: build gate._C, run the GPU tests, the sanitizers and the benchmark.
 # Usage (on the GPU machine, repository root): scripts/gpu_check.sh [quick|full|tune|tests]
 #   quick: build + GPU tests (no slow) + quick benchmark      full: + slow stress tests, sanitizers,
-#   tune: build + benchmark --tune only                       full benchmark; tests: build + all tests
+#   tune: build + GPU tests + tile sweep                      full benchmark; tests: build + all tests
 # Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
@@ -34,7 +34,9 @@ case "$mode" in
     run_tests "gpu or kernel" gpu_all
     ;;
   tune)
-    python3 benchmarks/router_gemm.py --tune --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    run_tests "(gpu or kernel) and not slow" gpu
+    python3 benchmarks/router_gemm.py --tune --no-chain --only '^gpt-oss-1?[02]+b$' --caches cold \
+      --m 1,2,4,8,16,32,64,128,256 --out "$out/tune" 2>"$out/bench.err" | grep -E "^best|gpt-oss" | tee "$out/tune.txt"
     ;;
   full)
     run_tests "gpu or kernel" gpu_all

@@ -36,7 +36,7 @@ cudaError_t launch_tiles(const RouterGemmArgs& a) {
   return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(a.x),
                             static_cast<const __nv_bfloat16*>(a.weight),
                             static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
-                            a.M, a.E, a.K);
+                            a.M, a.E, a.K, a.pdl);
 }
 
 template <int kExpertTiles, int kTokenTiles, typename Out>
@@ -84,15 +84,13 @@ const char* router_gemm_sm90_unsupported(const RouterGemmArgs& a) {
 }
 
 RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  if (c.token_tiles == 0) c.token_tiles = a.M <= 8 ? 1 : (a.M <= 16 ? 2 : 4);
-  // Two expert tiles halve the re-reads of x once there are many tokens; with few tokens one tile
-  // per warp spreads the weight over more CTAs (more loads in flight at once).
-  if (c.expert_tiles == 0) c.expert_tiles = (a.M > 32 && a.E > 16) ? 2 : 1;
-  if (c.cluster == 0) {
-    const int ctas_per_cluster_row = ((a.E + 16 * c.expert_tiles - 1) / (16 * c.expert_tiles)) *
-                                     ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles));
-    c.cluster = ctas_per_cluster_row * 8 < 64 ? 16 : 8;
-  }
+  // From the tile sweep on an H200 (benchmarks/results/router_gemm_tune_*, cold weights): one
+  // 8-token tile per warp wins at every M (more CTAs, each with less to load); one 16-expert tile,
+  // except at M = 256 with E >= 128, where halving the re-reads of x pays; clusters of 8, or of 4
+  // once E >= 128 and M >= 128 put thousands of CTAs in flight.
+  if (c.token_tiles == 0) c.token_tiles = 1;
+  if (c.expert_tiles == 0) c.expert_tiles = (a.M >= 256 && a.E >= 128) ? 2 : 1;
+  if (c.cluster == 0) c.cluster = (a.M >= 128 && a.E >= 128) ? 4 : 8;
   return c;
 }
 

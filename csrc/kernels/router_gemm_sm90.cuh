@@ -41,8 +41,16 @@ constexpr int kWarps = 4;           // warps per CTA, each on its own K slice
 constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
-__device__ __forceinline__ void grid_dependency_wait() {
-  asm volatile("griddepcontrol.wait;" ::: "memory");
+// griddepcontrol.wait, pinned below the weight loads. The wait has no operands, so ptxas hoisted
+// it above them (seen in the SASS), serialising the weight fetch behind the previous kernel.
+// Branching on `token`, a value folded from the loaded weights, pins it: both branches wait, so the
+// token's value never matters. Kernels call this only when launched with PDL; without PDL the wait
+// is a no-op and the dependency would only delay the activation loads.
+__device__ __forceinline__ void grid_dependency_wait_after(uint32_t token) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n"
+      " @p griddepcontrol.wait;\n @!p griddepcontrol.wait;\n}\n" ::"r"(token)
+      : "memory");
 }
 
 __device__ __forceinline__ void trigger_dependents() {
@@ -60,9 +68,34 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 }
 
-__device__ __forceinline__ uint4 load_16B(const __nv_bfloat16* ptr, bool valid) {
-  uint4 v = make_uint4(0u, 0u, 0u, 0u);
-  if (valid) v = __ldg(reinterpret_cast<const uint4*>(ptr));
+// 16-byte loads, predicated inside the asm (zero when !valid) so that the load sequence stays one
+// straight-line block: with `if (valid) load` every load sat in its own branch and ptxas interleaved
+// them with the MMAs, paying one memory round trip per k block instead of one in all (seen in SASS).
+//
+// Weights use the non-coherent path (ld.global.nc): they are read-only while routers run.
+__device__ __forceinline__ uint4 load_weight_16B(const __nv_bfloat16* ptr, bool valid) {
+  uint4 v;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(valid)));
+  return v;
+}
+
+// Activations are written by the previous kernel: a coherent load, with a "memory" clobber so that
+// the compiler keeps it after griddepcontrol.wait (an __ldg here was hoisted above the wait, which
+// under PDL reads x before its producer has finished).
+__device__ __forceinline__ uint4 load_activation_16B(const __nv_bfloat16* ptr, bool valid) {
+  uint4 v;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "r"(static_cast<int>(valid))
+      : "memory");
   return v;
 }
 
@@ -89,11 +122,11 @@ __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
 // (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of
 // kCluster * kWarps contiguous slices of whole k32 blocks.
 template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 1)
     router_gemm_sm90_kernel(const __nv_bfloat16* __restrict__ x,
                             const __nv_bfloat16* __restrict__ weight,
                             const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                            int E, int K) {
+                            int E, int K, bool pdl) {
   constexpr int kTileE = 16 * kExpertTiles;  // experts of one CTA
   constexpr int kTileM = 8 * kTokenTiles;    // tokens of one CTA
   constexpr int kTileOut = kTileE * kTileM;
@@ -165,7 +198,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int t = 0; t < kExpertTiles; ++t)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          w_frag[b][t][h] = load_16B(w_rows[t][h] + block * kBlockK, in_k && w_valid[t][h]);
+          w_frag[b][t][h] = load_weight_16B(w_rows[t][h] + block * kBlockK, in_k && w_valid[t][h]);
     }
   };
   auto load_activations = [&](int chunk_begin) {
@@ -176,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const bool in_k = block < block_end && k < K;
 #pragma unroll
       for (int t = 0; t < kTokenTiles; ++t)
-        x_frag[b][t] = load_16B(x_rows[t] + block * kBlockK, in_k && x_valid[t]);
+        x_frag[b][t] = load_activation_16B(x_rows[t] + block * kBlockK, in_k && x_valid[t]);
     }
   };
   auto multiply = [&]() {
@@ -209,7 +242,14 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   // First chunk: weights before the dependency wait, activations after it.
   load_weights(block_begin);
-  grid_dependency_wait();
+  if (pdl) {
+    uint32_t token = 0;
+#pragma unroll
+    for (int b = 0; b < kBlocksPerChunk; ++b)
+#pragma unroll
+      for (int t = 0; t < kExpertTiles; ++t) token ^= w_frag[b][t][0].x ^ w_frag[b][t][1].x;
+    grid_dependency_wait_after(token);
+  }
   load_activations(block_begin);
   multiply();
   for (int chunk = block_begin + kBlocksPerChunk; chunk < block_end; chunk += kBlocksPerChunk) {

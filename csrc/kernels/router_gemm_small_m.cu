@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "kernels/router_gemm.h"
+#include "kernels/router_gemm_sm90.cuh"  // griddepcontrol and the weight/activation loads
 
 namespace moegate {
 namespace {
@@ -23,12 +24,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass: 4096 k per pass
-
-__device__ __forceinline__ uint4 load_16B(const __nv_bfloat16* ptr, bool valid) {
-  uint4 v = make_uint4(0u, 0u, 0u, 0u);
-  if (valid) v = __ldg(reinterpret_cast<const uint4*>(ptr));
-  return v;
-}
 
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
   const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
@@ -43,23 +38,14 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc)
   return acc;
 }
 
-template <typename Out>
-__device__ __forceinline__ Out store_cast(float v);
-template <>
-__device__ __forceinline__ float store_cast<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // Grid: ceil(E / kExperts) CTAs of kThreads. Thread t reads 16-byte chunk c = pass + j * kThreads + t
 // of each row (consecutive threads, consecutive chunks: coalesced).
 template <int kExperts, int kTokens, typename Out>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
                                const __nv_bfloat16* __restrict__ weight,
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                               int E, int K) {
+                               int E, int K, bool pdl) {
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= kThreads, "one thread per output in the epilogue");
   __shared__ float warp_sums[kWarps][kOutputs];
@@ -87,16 +73,23 @@ __global__ void __launch_bounds__(kThreads)
       const int chunk = pass + j * kThreads + t;
 #pragma unroll
       for (int e = 0; e < kExperts; ++e)
-        w[j][e] = load_16B(weight + static_cast<long long>(e0 + e) * K + 8 * chunk,
+        w[j][e] = sm90::load_weight_16B(weight + static_cast<long long>(e0 + e) * K + 8 * chunk,
                            chunk < num_chunks && e0 + e < E);
     }
-    if (pass == 0) asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (pass == 0 && pdl) {
+      uint32_t token = 0;
+#pragma unroll
+      for (int j = 0; j < kChunksPerThread; ++j)
+#pragma unroll
+        for (int e = 0; e < kExperts; ++e) token ^= w[j][e].x;
+      sm90::grid_dependency_wait_after(token);
+    }
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j) {
       const int chunk = pass + j * kThreads + t;
 #pragma unroll
       for (int m = 0; m < kTokens; ++m)
-        xv[j][m] = load_16B(x + static_cast<long long>(m) * K + 8 * chunk,
+        xv[j][m] = sm90::load_activation_16B(x + static_cast<long long>(m) * K + 8 * chunk,
                             chunk < num_chunks && m < M);
     }
 #pragma unroll
@@ -121,10 +114,10 @@ __global__ void __launch_bounds__(kThreads)
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
-    out[static_cast<long long>(my_m) * E + my_e] = store_cast<Out>(sum + my_bias);
+    out[static_cast<long long>(my_m) * E + my_e] = sm90::store_cast<Out>(sum + my_bias);
   }
   __syncthreads();  // every output store of the CTA precedes the trigger
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  sm90::trigger_dependents();
 }
 
 template <int kExperts, int kTokens, typename Out>
@@ -142,7 +135,7 @@ cudaError_t launch_typed(const RouterGemmArgs& a) {
                             static_cast<const __nv_bfloat16*>(a.x),
                             static_cast<const __nv_bfloat16*>(a.weight),
                             static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
-                            a.M, a.E, a.K);
+                            a.M, a.E, a.K, a.pdl);
 }
 
 template <int kExperts, typename Out>
@@ -180,8 +173,9 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta) {
   if (experts_per_cta == 0) {
-    // One expert per SM while that covers the weight; wider CTAs beyond the 132 SMs of an H200.
-    experts_per_cta = a.E <= 132 ? 1 : (a.E <= 264 ? 2 : 4);
+    // Measured on an H200 (benchmarks/results/router_gemm_tune_*): 4 experts per CTA at M = 1,
+    // 2 at M = 2..4, for E = 32 and 128 alike.
+    experts_per_cta = a.M == 1 ? 4 : 2;
   }
   if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta);
   return launch_out<__nv_bfloat16>(a, experts_per_cta);
