@@ -19,10 +19,17 @@ if [ $status -ne 0 ]; then tail -40 "$out/build.log"; printf '%s\n' "${summary[@
 python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 
 run_tests() {  # $1: pytest marker expression, $2: label
-  python3 -m pytest -q -p no:cacheprovider -m "$1" tests -x -q >"$out/pytest_$2.log" 2>&1
+  python3 -m pytest -q -p no:cacheprovider -m "$1" tests -q --durations=8 >"$out/pytest_$2.log" 2>&1
   local rc=$?
   summary+=("pytest [$1]: exit $rc: $(tail -1 "$out/pytest_$2.log")")
   [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$out/pytest_$2.log" | head -20
+}
+
+sanitize() {  # compute-sanitizer's memcheck, racecheck and synccheck on a representative workload
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
+    summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+  done
 }
 
 case "$mode" in
@@ -38,12 +45,16 @@ case "$mode" in
     python3 benchmarks/router_gemm.py --tune --no-chain --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,2,4,8,16,32,64,128,256 --out "$out/tune" 2>"$out/bench.err" | grep -E "^best|gpt-oss" | tee "$out/tune.txt"
     ;;
+  check)
+    run_tests "gpu or kernel" gpu_all
+    sanitize
+    ;;
+  bench)
+    python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
   full)
     run_tests "gpu or kernel" gpu_all
-    for tool in memcheck racecheck synccheck; do
-      compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-      summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
-    done
+    sanitize
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
 esac
