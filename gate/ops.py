@@ -147,6 +147,27 @@ def router_gemm(
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+SM90_MAX_M = 256
+SM90_MAX_E = 512
+SMALL_M_MAX_M = 8
+
+
+def _check_hopper_kernel_inputs(x, weight, bias, out_dtype, max_m, kernel):
+    """The Hopper kernels' limits, checked here so that bad input is a ValueError before any launch
+    (the C++ side checks the same things again)."""
+    problems = []
+    if x.dtype != torch.bfloat16:
+        problems.append(f"x and weight must be bfloat16, got {x.dtype}")
+    if out_dtype not in (None, torch.bfloat16, torch.float32):
+        problems.append(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
+    if not 1 <= x.shape[0] <= max_m:
+        problems.append(f"M must be in [1, {max_m}], got {x.shape[0]}")
+    if x.shape[1] % 8 != 0:
+        problems.append(f"K must be a multiple of 8, got {x.shape[1]}")
+    if problems:
+        raise ValueError(f"{kernel} cannot take these inputs: " + "; ".join(problems))
+
+
 def router_gemm_simple(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -177,6 +198,13 @@ def router_gemm_sm90(
     ``cluster`` (4, 8, 16 CTAs splitting K) are per warp / per cluster; 0 picks the heuristic.
     """
     _check_router_inputs(x, weight, bias)
+    _check_hopper_kernel_inputs(x, weight, bias, out_dtype, SM90_MAX_M, "router_gemm_sm90")
+    E = weight.shape[0]
+    if E % 8 != 0 or E > SM90_MAX_E:
+        raise ValueError(f"router_gemm_sm90 needs E a multiple of 8 up to {SM90_MAX_E}, got {E}")
+    if expert_tiles not in (0, 1, 2) or token_tiles not in (0, 1, 2, 4) or cluster not in (0, 4, 8, 16):
+        raise ValueError(f"unsupported tile configuration expert_tiles={expert_tiles}, "
+                         f"token_tiles={token_tiles}, cluster={cluster}")
     return torch.ops.moegate.router_gemm_sm90(x.contiguous(), weight.contiguous(),
                                               None if bias is None else bias.contiguous(),
                                               out_dtype, pdl, expert_tiles, token_tiles, cluster)
@@ -196,6 +224,9 @@ def router_gemm_small_m(
     ``experts_per_cta`` is 1, 2 or 4; 0 picks by E.
     """
     _check_router_inputs(x, weight, bias)
+    _check_hopper_kernel_inputs(x, weight, bias, out_dtype, SMALL_M_MAX_M, "router_gemm_small_m")
+    if experts_per_cta not in (0, 1, 2, 4):
+        raise ValueError(f"experts_per_cta must be 0 (auto), 1, 2 or 4, got {experts_per_cta}")
     return torch.ops.moegate.router_gemm_small_m(x.contiguous(), weight.contiguous(),
                                                  None if bias is None else bias.contiguous(),
                                                  out_dtype, pdl, experts_per_cta)

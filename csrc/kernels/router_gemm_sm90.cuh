@@ -68,6 +68,19 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 }
 
+// A full cluster barrier whose release/acquire covers the distributed-shared-memory pushes. Written
+// out because cooperative_groups' cluster.sync() also emits a GPU-wide MEMBAR (seen in the SASS).
+__device__ __forceinline__ void cluster_sync_release_acquire() {
+  asm volatile(
+      "barrier.cluster.arrive.release.aligned;\n"
+      "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// __syncthreads() is the .aligned barrier, which requires each warp to arrive converged; this one
+// does not, so it is safe after the divergent store epilogue (compute-sanitizer's synccheck flagged
+// the aligned form there).
+__device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
 // 16-byte loads, predicated inside the asm (zero when !valid) so that the load sequence stays one
 // straight-line block: with `if (valid) load` every load sat in its own branch and ptxas interleaved
 // them with the MMAs, paying one memory round trip per k block instead of one in all (seen in SASS).
@@ -271,7 +284,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         float* owner_inbox = cluster.map_shared_rank(&inbox[slice][0], idx / kPerRank);
         owner_inbox[idx % kPerRank] = acc[i][j][c];
       }
-  cluster.sync();  // release/acquire: every push of the cluster is visible to its owner
+  cluster_sync_release_acquire();  // every push of the cluster is visible to its owner
 
 #pragma unroll
   for (int o = 0; o < kOutPerThread; ++o) {
@@ -288,7 +301,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
   // After all of this CTA's output stores (see the PDL notes at the top). No CTA touches another's
   // shared memory after the cluster barrier above, so CTAs may exit independently.
-  __syncthreads();
+  cta_barrier();
   trigger_dependents();
 }
 

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
     out[static_cast<long long>(my_m) * E + my_e] = sm90::store_cast<Out>(sum + my_bias);
   }
-  __syncthreads();  // every output store of the CTA precedes the trigger
+  sm90::cta_barrier();  // every output store of the CTA precedes the trigger
   sm90::trigger_dependents();
 }
 
