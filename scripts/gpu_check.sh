@@ -19,7 +19,7 @@ if [ $status -ne 0 ]; then tail -40 "$out/build.log"; printf '%s\n' "${summary[@
 python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 
 run_tests() {  # $1: pytest marker expression, $2: label
-  python3 -m pytest -q -p no:cacheprovider -m "$1" tests -q --durations=8 >"$out/pytest_$2.log" 2>&1
+  python3 -m pytest -q -p no:cacheprovider -m "$1" tests -q --durations=8 --continue-on-collection-errors >"$out/pytest_$2.log" 2>&1
   local rc=$?
   summary+=("pytest [$1]: exit $rc: $(tail -1 "$out/pytest_$2.log")")
   [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$out/pytest_$2.log" | head -20
