@@ -145,7 +145,7 @@ def tuning_providers(shape: Shape, M: int):
         for tt in (1, 2, 4):
             if 8 * tt > 4 * max(M, 8):  # token tiles far wider than the batch: nothing to learn
                 continue
-            for cluster in (4, 8, 16):
+            for cluster in (4, 8):
                 for pdl in (False, True):
                     name = f"sm90 e{et} t{tt} c{cluster}" + ("+pdl" if pdl else "")
                     result[name] = _sm90_config(shape.out_dtype, pdl, et, tt, cluster)
@@ -220,6 +220,53 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
             for name, router in chain.items()]
 
 
+def bench_lora(replays, progress) -> list[Row]:
+    """Issue-4 rows: the base router vs GateLinearWithLoRA (unfused delta) with 1, 2 or 4 adapters
+    in the batch at ranks 8, 16, 64, and the PEFT-style single-adapter computation
+    F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s, all on gpt-oss-120b's router, cold."""
+    from gate import GateLinear
+    from lora import GateLinearWithLoRA, TokenSlots
+
+    rows = []
+    jobs = [(M, r, n) for M in (1, 16, 128) for r in (8, 16, 64) for n in (1, 2, 4)]
+    for M, rank, adapters in progress(jobs, desc="lora"):
+        rows += _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenSlots)
+    return rows
+
+
+def _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> list[Row]:
+    shape = Shape("gpt-oss-120b lora", 2880, 128, True, torch.bfloat16, (M,))
+    generator = torch.Generator().manual_seed(M + rank + adapters)
+    weights = Weights(shape, True, generator)
+    x = torch.randn(M, shape.K, generator=generator).to("cuda", torch.bfloat16)
+    slots = TokenSlots(M, device="cuda")
+    slots.set([i % adapters for i in range(M)])
+    a = (torch.randn(4, rank, shape.K, generator=generator) / shape.K**0.5).to("cuda", torch.bfloat16)
+    b = (torch.randn(4, shape.E, rank, generator=generator) / rank**0.5).to("cuda", torch.bfloat16)
+    layers = []
+    for i in range(weights.copies):
+        layer = GateLinearWithLoRA(GateLinear.from_parameters(*weights[i]), 4, 64, slots)
+        for slot in range(adapters):
+            layer.set_lora(slot, a[slot], b[slot], 2.0)
+        layers.append(layer)
+    name = f"{shape.name} r={rank} x{adapters}"
+    base = [layer.base_layer for layer in layers]
+
+    def peft_style(i):
+        w, bias = weights[i]
+        return F.linear(x, w, bias) + F.linear(F.linear(x, a[0]), b[0]) * 2.0
+
+    with torch.no_grad():
+        return [
+            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora base",
+                per_call_us(lambda i: base[i % len(base)](x), weights.calls, replays)),
+            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora moegate",
+                per_call_us(lambda i: layers[i % len(layers)](x), weights.calls, replays)),
+            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora peft-style",
+                per_call_us(peft_style, weights.calls, replays)),
+        ]
+
+
 def write_results(rows: list[Row], out_dir: str, meta: dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"router_gemm_{meta['gpu_slug']}_{meta['date']}")
@@ -248,7 +295,7 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
         ours, pdl = table[(shape, M, cache, "moegate")], table[(shape, M, cache, "moegate+pdl")]
         lines.append([shape, str(M), cache, f"{cublas:.2f}", f"{ours:.2f}", f"{pdl:.2f}",
                       f"{cublas / ours:.2f}", f"{cublas / pdl:.2f}"])
-    extra = [r for r in rows if r.provider == "floor" or r.provider.startswith("chain")]
+    extra = [r for r in rows if r.provider == "floor" or r.provider.startswith(("chain", "lora"))]
     for r in extra:
         lines.append([r.shape, str(r.M), r.cache, r.provider, f"{r.us:.2f}", "", "", ""])
     if markdown:
@@ -294,6 +341,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="gpt-oss shapes at M in {1, 32, 128}")
     parser.add_argument("--tune", action="store_true", help="also time every kernel tile configuration")
     parser.add_argument("--no-chain", action="store_true", help="skip the producer->router->consumer chain")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     parser.add_argument("--only", default=None, metavar="REGEX", help="shapes whose name matches")
     parser.add_argument("--m", default=None, help="comma-separated M values (default: the sweep)")
     parser.add_argument("--caches", default="hot,cold", help="hot, cold or both (default)")
@@ -323,6 +371,8 @@ def main(argv=None) -> int:
     rows += bench_router(shapes, tuple(args.caches.split(",")), args.replays, args.tune, progress)
     if not args.no_chain:
         rows += bench_chain(args.replays, progress)
+    if not args.no_lora:
+        rows += bench_lora(args.replays, progress)
     gpu = torch.cuda.get_device_name()
     meta = {"gpu": gpu, "gpu_slug": gpu.split()[-1].lower(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),

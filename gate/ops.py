@@ -195,14 +195,14 @@ def router_gemm_sm90(
 
     bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 256, E a multiple of 8 up to 512, K a multiple
     of 8. ``expert_tiles`` (1, 2: 16 experts each), ``token_tiles`` (1, 2, 4: 8 tokens each) and
-    ``cluster`` (4, 8, 16 CTAs splitting K) are per warp / per cluster; 0 picks the heuristic.
+    ``cluster`` (4 or 8 CTAs splitting K) are per warp / per cluster; 0 picks the heuristic.
     """
     _check_router_inputs(x, weight, bias)
     _check_hopper_kernel_inputs(x, weight, bias, out_dtype, SM90_MAX_M, "router_gemm_sm90")
     E = weight.shape[0]
     if E % 8 != 0 or E > SM90_MAX_E:
         raise ValueError(f"router_gemm_sm90 needs E a multiple of 8 up to {SM90_MAX_E}, got {E}")
-    if expert_tiles not in (0, 1, 2) or token_tiles not in (0, 1, 2, 4) or cluster not in (0, 4, 8, 16):
+    if expert_tiles not in (0, 1, 2) or token_tiles not in (0, 1, 2, 4) or cluster not in (0, 4, 8):
         raise ValueError(f"unsupported tile configuration expert_tiles={expert_tiles}, "
                          f"token_tiles={token_tiles}, cluster={cluster}")
     return torch.ops.moegate.router_gemm_sm90(x.contiguous(), weight.contiguous(),

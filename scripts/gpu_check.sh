@@ -35,14 +35,14 @@ sanitize() {  # compute-sanitizer's memcheck, racecheck and synccheck on a repre
 case "$mode" in
   quick)
     run_tests "(gpu or kernel) and not slow" gpu
-    python3 benchmarks/router_gemm.py --quick --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    python3 benchmarks/router_gemm.py --quick --no-chain --no-lora --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   tests)
     run_tests "gpu or kernel" gpu_all
     ;;
   tune)
     run_tests "(gpu or kernel) and not slow" gpu
-    python3 benchmarks/router_gemm.py --tune --no-chain --only '^gpt-oss-1?[02]+b$' --caches cold \
+    python3 benchmarks/router_gemm.py --tune --no-chain --no-lora --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,2,4,8,16,32,64,128,256 --out "$out/tune" 2>"$out/bench.err" | grep -E "^best|gpt-oss" | tee "$out/tune.txt"
     ;;
   check)
@@ -50,6 +50,12 @@ case "$mode" in
     sanitize
     ;;
   bench)
+    python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+  final)  # the last call of a session: all GPU tests, synccheck, the full benchmark
+    run_tests "gpu or kernel" gpu_all
+    compute-sanitizer --tool synccheck --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_synccheck.log" 2>&1
+    summary+=("compute-sanitizer synccheck: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_synccheck.log" | tail -1))")
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   full)

@@ -27,7 +27,8 @@ def check_against_cublas(fn, M, K, E, bias, out_dtype, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     x = realistic_activations(M, K, generator)
     weight, b = router_weights(E, K, generator, bias=bias)
-    out = call_poisoned(fn, (M, E), out_dtype or torch.bfloat16, x, weight, b, out_dtype, **kwargs)
+    out = call_poisoned(fn, (M, E), out_dtype or torch.bfloat16, x, weight, b, out_dtype,
+                        require_poisoned=M <= SM90_MAX_M, **kwargs)  # above: cuBLAS's allocation
     assert out.shape == (M, E) and out.dtype == (out_dtype or torch.bfloat16)
     assert torch.isfinite(out).all(), "an output element was not written (NaN poison survived)"
     ref = reference_logits(x, weight, b)
@@ -62,7 +63,7 @@ def test_simple_kernel_any_shape_and_dtype(M, K, E, dtype):
         assert rel_error(out, ref) <= rel_error(expected, ref) + tolerance
 
 
-CONFIGS = list(itertools.product([1, 2], [1, 2, 4], [4, 8, 16]))
+CONFIGS = list(itertools.product([1, 2], [1, 2, 4], [4, 8]))
 
 
 @pytest.mark.parametrize("expert_tiles,token_tiles,cluster", CONFIGS)

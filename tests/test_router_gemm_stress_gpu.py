@@ -39,13 +39,14 @@ def test_100k_calls_under_memory_pressure_are_exact(M, E, K):
         torch.cuda.synchronize()
         quiet = torch.stack([ops.router_gemm(xs[i], weight, bias) for i in range(CALLS_PER_BATCH)])
         mismatches += (loaded != quiet).any(dim=(1, 2)).sum().item()
-        # And the quiet answers are right: within twice cuBLAS's error of float64, call by call.
+        # And the quiet answers are right: on the same 1000 calls, no more than twice cuBLAS's
+        # error against float64.
         ref = torch.einsum("cmk,ek->cme", xs.double(), weight.double()) + bias.double()
         cublas = torch.stack([ops.router_gemm_cublas(xs[i], weight, bias)
-                              for i in range(0, CALLS_PER_BATCH, 50)])
-        err_ours = (quiet.double() - ref).abs().amax(dim=(1, 2))
-        err_cublas = (cublas.double() - ref[::50]).abs().amax().item()
-        assert err_ours.max().item() <= 2 * err_cublas + 1e-6
+                              for i in range(CALLS_PER_BATCH)])
+        err_ours = (quiet.double() - ref).norm().item()
+        err_cublas = (cublas.double() - ref).norm().item()
+        assert err_ours <= 2 * err_cublas, f"batch {batch}: error {err_ours:.4g} vs cuBLAS {err_cublas:.4g}"
     assert mismatches == 0, f"{mismatches} of {BATCHES * CALLS_PER_BATCH} calls differed under load"
 
 

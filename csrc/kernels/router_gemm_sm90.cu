@@ -12,12 +12,6 @@ namespace {
 template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
 cudaError_t launch_tiles(const RouterGemmArgs& a) {
   auto kernel = sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out>;
-  if constexpr (kCluster > 8) {
-    // 16-CTA clusters are "non-portable": allowed on H100/H200, opted into once per kernel.
-    static const cudaError_t opt_in =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-    if (opt_in != cudaSuccess) return opt_in;
-  }
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(kCluster, (a.E + 16 * kExpertTiles - 1) / (16 * kExpertTiles),
                         (a.M + 8 * kTokenTiles - 1) / (8 * kTokenTiles));
@@ -44,7 +38,6 @@ cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster) {
   switch (cluster) {
     case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a);
     case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a);
-    case 16: return launch_tiles<kExpertTiles, kTokenTiles, 16, Out>(a);
   }
   return cudaErrorInvalidValue;
 }

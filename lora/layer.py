@@ -1,0 +1,341 @@
+"""GateLinearWithLoRA: a GateLinear serving many router LoRA adapters at once (the slot model)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from gate import ops
+from gate.layer import GateLinear
+from lora.slots import TokenSlots, _as_int
+
+
+def add_lora_delta(
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    slot_ids: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Adds each token's adapter delta to the base logits; tokens without an adapter are untouched.
+
+    Semantics: out[m] = logits[m] + scaling[s] * B_s @ (A_s @ x[m])   where s = slot_ids[m] in [0, S)
+               out[m] = logits[m]  (bit for bit)                      for any other slot id
+    The delta is computed in fp32 (at least) and added to the logits once, then rounded once to the
+    logits' dtype: PEFT's arithmetic with its default fp32 adapter weights.
+
+    logits: [M, E]; x: [M, K]; lora_a: [S, R, K], lora_b: [S, E, R] (x's dtype); scaling: [S] fp32;
+    slot_ids: [M] int64. Returns [M, E] in logits' dtype. Batched ops only, no host sync.
+    """
+    num_slots, rank, in_features = lora_a.shape
+    num_tokens, num_experts = logits.shape
+    compute = torch.promote_types(x.dtype, torch.float32)
+    # Shrink for every slot at once: a router-shaped GEMM [M, K] x [S*R, K]^T through the same ops
+    # path as the base gate (our kernel on the GPU), fp32 straight from the fp32 accumulator.
+    xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute,
+                         backend=backend)
+    # Expand per slot, scaling folded into B: [S, M, R] @ [S, R, E] -> [S, M, E]. Cheaper than
+    # gathering a [M, E, R] B per token for S <= 8, R <= 64. The fp32 scaling promotes B to the
+    # compute dtype within the one multiply.
+    lora_b_scaled = lora_b * scaling.view(num_slots, 1, 1)
+    per_slot = torch.bmm(xa.view(num_tokens, num_slots, rank).transpose(0, 1),
+                         lora_b_scaled.transpose(1, 2))
+    # Out-of-range ids (-1, or anything a caller wrote past validation) clamp to a real slot for the
+    # gather, then fail the equality and keep the base logits: a bad id never faults on the device.
+    slot = slot_ids.clamp(0, num_slots - 1)
+    delta = per_slot.gather(0, slot.view(1, num_tokens, 1).expand(1, num_tokens, num_experts))
+    has_adapter = (slot == slot_ids).unsqueeze(1)
+    # torch.where, not a zero delta for no-adapter tokens: -0.0 + 0.0 is +0.0, not the base bits.
+    return torch.where(has_adapter, (logits + delta.squeeze(0)).to(logits.dtype), logits)
+
+
+class GateLinearWithLoRA(nn.Module):
+    """A GateLinear (wrapped, not copied) plus ``max_loras`` adapter slots of rank up to ``max_rank``.
+
+    forward(x [..., K]) -> [..., E]: the base gate's fast path, plus for each token mapped to slot s
+    ``scaling[s] * (x A_s^T) B_s^T`` (``add_lora_delta``). The token -> slot mapping comes from the
+    attached ``TokenSlots``, shared by all wrapped layers of a model; a forward with none attached
+    raises. The output dtype is the base layer's (``base_layer.out_dtype``, default x's dtype).
+
+    Slots are buffers written in place, so compiled code and captured CUDA graphs see new slot
+    contents and a new mapping without recompiling or recapturing:
+        lora_a_stacked [S, R, K] and lora_b_stacked [S, E, R] in the base weight's dtype, ranks
+        below R zero-padded; scaling [S] fp32 (it stays fp32 through ``.to(dtype)``/``.half()``).
+    They are non-persistent (not in ``state_dict``): adapters are loaded into slots, not checkpoints.
+    Inference only: the slots are not Parameters.
+
+    Merge mode, for serving one adapter at the base kernel's exact cost: ``merge(slot)`` folds the
+    slot into the base weight and the forward becomes the base forward alone, serving that adapter to
+    every token whatever the mapping (the mapping is not read). ``unmerge()`` restores the original
+    weight bit for bit, in place. merge/unmerge change the computation: recompile and recapture.
+    """
+
+    def __init__(self, base_layer: GateLinear, max_loras: int, max_rank: int,
+                 token_slots: TokenSlots | None = None) -> None:
+        super().__init__()
+        if not isinstance(base_layer, GateLinear):
+            raise TypeError(f"base_layer must be a GateLinear, got {type(base_layer).__name__}; "
+                            f"use GateLinearWithLoRA.from_module for an nn.Linear")
+        if not base_layer.weight.is_floating_point():
+            raise TypeError(f"the base weight must be floating point, got {base_layer.weight.dtype}")
+        self.base_layer = base_layer
+        self.merged_slot: int | None = None
+        # The pre-merge weight, kept (not recomputed by subtraction) so unmerge is bit-exact.
+        self.register_buffer("_original_weight", None, persistent=False)
+        self.token_slots: TokenSlots | None = None
+        self.create_lora_weights(max_loras, max_rank)
+        if token_slots is not None:
+            self.set_token_slots(token_slots)
+
+    # -- construction and the registry protocol --------------------------------------------------
+
+    @classmethod
+    def can_replace(cls, module: nn.Module) -> bool:
+        """GateLinear (and subclasses), or a plain nn.Linear gate (Mixtral / Qwen-MoE style).
+
+        Only exactly ``nn.Linear``: its subclasses are often quantised layers whose weight is not a
+        plain [E, K] matrix.
+        """
+        if isinstance(module, GateLinear):
+            return True
+        return type(module) is nn.Linear and module.weight.is_floating_point()
+
+    @classmethod
+    def replaces_by_default(cls, module: nn.Module) -> bool:
+        """What ``replace_modules(target=None)`` wraps: GateLinears only, since any projection of a
+        model is an nn.Linear; nn.Linear gates need an explicit target."""
+        return isinstance(module, GateLinear)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, max_loras: int, max_rank: int,
+                    token_slots: TokenSlots | None = None) -> GateLinearWithLoRA:
+        """Wraps a GateLinear as is, or an nn.Linear through ``GateLinear.from_linear`` (which shares
+        its parameters, no copy)."""
+        if isinstance(module, GateLinear):
+            base = module
+        elif cls.can_replace(module):
+            base = GateLinear.from_linear(module)
+        else:
+            raise TypeError(f"{cls.__name__} cannot wrap a {type(module).__name__}")
+        return cls(base, max_loras, max_rank, token_slots)
+
+    def create_lora_weights(self, max_loras: int, max_rank: int) -> None:
+        """(Re)allocates empty slots on the base weight's device and dtype.
+
+        Allocation happens here only; graphs captured before a re-allocation must be captured again.
+        """
+        max_loras = _as_int(max_loras, "max_loras")
+        max_rank = _as_int(max_rank, "max_rank")
+        if max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {max_loras}")
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+        if self.merged_slot is not None:
+            raise RuntimeError("cannot re-create the slots while an adapter is merged; unmerge() first")
+        weight = self.base_layer.weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.register_buffer("lora_a_stacked", torch.zeros(max_loras, max_rank, self.in_features,
+                                                           **factory), persistent=False)
+        self.register_buffer("lora_b_stacked", torch.zeros(max_loras, self.num_experts, max_rank,
+                                                           **factory), persistent=False)
+        self.register_buffer("scaling", torch.zeros(max_loras, dtype=torch.float32, device=weight.device),
+                             persistent=False)
+        self._slot_ranks = [0] * max_loras
+        if self.token_slots is not None:
+            self.token_slots.limit_slots(max_loras)
+
+    def set_token_slots(self, token_slots: TokenSlots | None) -> None:
+        """Attaches the shared token -> slot mapping (None detaches it)."""
+        if token_slots is not None:
+            if not isinstance(token_slots, TokenSlots):
+                raise TypeError(f"token_slots must be a TokenSlots, got {type(token_slots).__name__}")
+            if token_slots.device != self.weight.device:
+                raise ValueError(f"token_slots is on {token_slots.device} but the gate's weight is on "
+                                 f"{self.weight.device}")
+            token_slots.limit_slots(self.max_loras)
+        self.token_slots = token_slots
+
+    # -- slot contents ---------------------------------------------------------------------------
+
+    def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Loads one adapter into ``slot``, in place: lora_a [r, K], lora_b [E, r], 1 <= r <= max_rank.
+
+        lora_a/lora_b must already have the slots' dtype and device (``lora_a_stacked.dtype`` /
+        ``.device``): casting is the caller's decision, not a silent one here. Everything is checked
+        before anything is written, so on error the slot keeps its previous adapter.
+        """
+        slot = self._check_slot(slot)
+        if slot == self.merged_slot:
+            raise RuntimeError(f"slot {slot} is merged into the base weight; unmerge() before changing it")
+        rank = self._check_adapter(lora_a, lora_b)
+        scale = _check_scaling(scaling)
+        with torch.no_grad():
+            slot_a = self.lora_a_stacked[slot]
+            slot_a[:rank].copy_(lora_a)
+            slot_a[rank:].zero_()
+            slot_b = self.lora_b_stacked[slot]
+            slot_b[:, :rank].copy_(lora_b)
+            slot_b[:, rank:].zero_()
+            self.scaling[slot].fill_(scale)
+        self._slot_ranks[slot] = rank
+
+    def reset_lora(self, slot: int) -> None:
+        """Empties ``slot`` (zero A, B and scaling) in place."""
+        slot = self._check_slot(slot)
+        if slot == self.merged_slot:
+            raise RuntimeError(f"slot {slot} is merged into the base weight; unmerge() before changing it")
+        with torch.no_grad():
+            self.lora_a_stacked[slot].zero_()
+            self.lora_b_stacked[slot].zero_()
+            self.scaling[slot].zero_()
+        self._slot_ranks[slot] = 0
+
+    @property
+    def slot_ranks(self) -> tuple[int, ...]:
+        """The rank loaded in each slot, 0 for an empty slot."""
+        return tuple(self._slot_ranks)
+
+    # -- merge mode ------------------------------------------------------------------------------
+
+    def merge(self, slot: int) -> None:
+        """Folds ``slot`` into the base weight: W' = W + scaling * B @ A, in fp32, rounded once.
+
+        Refused (nothing changes) when the slot is empty, another adapter is merged, or W' would
+        not be finite in the weight's dtype. The weight is rewritten in place (same Parameter, same
+        storage), so graphs captured on the base layer alone stay valid.
+        """
+        slot = self._check_slot(slot)
+        if self.merged_slot is not None:
+            raise RuntimeError(f"slot {self.merged_slot} is already merged; unmerge() first")
+        rank = self._slot_ranks[slot]
+        if rank == 0:
+            raise ValueError(f"slot {slot} is empty; set_lora() it before merging")
+        weight = self.base_layer.weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        with torch.no_grad():
+            lora_a = self.lora_a_stacked[slot, :rank].to(compute)
+            lora_b = self.lora_b_stacked[slot, :, :rank].to(compute)
+            merged = (weight.to(compute) + self.scaling[slot].to(compute) * (lora_b @ lora_a))
+            merged = merged.to(weight.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise ValueError(f"merging slot {slot} would give non-finite {weight.dtype} weights; refused")
+            self._original_weight = weight.detach().clone()
+            weight.copy_(merged)
+        self.merged_slot = slot
+
+    def unmerge(self) -> None:
+        """Restores the weight saved by ``merge`` bit for bit, in place. A no-op when not merged."""
+        if self.merged_slot is None:
+            return
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged_slot = None
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_slot is not None:
+            return self.base_layer(x)
+        if self.token_slots is None:
+            raise RuntimeError("GateLinearWithLoRA has no TokenSlots attached: call set_token_slots(), "
+                               "or wrap the model with lora.replace_modules()")
+        logits = self.base_layer(x)  # also checks x's shape, dtype and device
+        x_flat = x.reshape(-1, self.in_features)
+        slot_ids = self.token_slots.for_tokens(x_flat.shape[0])
+        if slot_ids.device != x.device:
+            raise ValueError(f"the token->slot mapping is on {slot_ids.device} but x is on {x.device}")
+        out = add_lora_delta(logits.reshape(-1, self.num_experts), x_flat, self.lora_a_stacked,
+                             self.lora_b_stacked, self.scaling, slot_ids, self.base_layer.backend_for())
+        return out.view(logits.shape)
+
+    # -- delegation to the base layer ------------------------------------------------------------
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def num_experts(self) -> int:
+        return self.base_layer.num_experts
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) must not round the fp32 scaling: it follows the device only. The
+        # shared TokenSlots follows the layer's device too (it moves once; the others see it moved).
+        scaling = self._buffers.pop("scaling")
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            self._buffers["scaling"] = scaling
+        device = self.base_layer.weight.device
+        self._buffers["scaling"] = scaling.to(device)
+        if self.token_slots is not None:
+            self.token_slots.to(device)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"max_loras={self.max_loras}, max_rank={self.max_rank}, merged_slot={self.merged_slot}"
+
+    # -- validation (host side, never per forward) -----------------------------------------------
+
+    def _check_slot(self, slot) -> int:
+        slot = _as_int(slot, "slot")
+        if not 0 <= slot < self.max_loras:
+            raise ValueError(f"slot {slot} is out of range: this layer has {self.max_loras} slots "
+                             f"(0..{self.max_loras - 1})")
+        return slot
+
+    def _check_adapter(self, lora_a, lora_b) -> int:
+        """Returns the adapter's rank after checking types, shapes, dtype, device and finiteness."""
+        for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+            if tensor.dim() != 2:
+                raise ValueError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
+            if tensor.dtype != self.lora_a_stacked.dtype:
+                raise ValueError(f"{name} is {tensor.dtype} but the slots hold {self.lora_a_stacked.dtype}; "
+                                 f"cast it with .to({self.lora_a_stacked.dtype})")
+            if tensor.device != self.lora_a_stacked.device:
+                raise ValueError(f"{name} is on {tensor.device} but the slots are on "
+                                 f"{self.lora_a_stacked.device}")
+        rank = lora_a.shape[0]
+        if lora_a.shape[1] != self.in_features:
+            raise ValueError(f"lora_a must be [r, K={self.in_features}], got {tuple(lora_a.shape)}")
+        if lora_b.shape != (self.num_experts, rank):
+            raise ValueError(f"lora_b must be [E={self.num_experts}, r={rank}] to match lora_a "
+                             f"{tuple(lora_a.shape)}, got {tuple(lora_b.shape)}")
+        if not 1 <= rank <= self.max_rank:
+            raise ValueError(f"adapter rank {rank} is out of range: this layer holds ranks "
+                             f"1..{self.max_rank}")
+        for name, tensor in (("lora_a", lora_a), ("lora_b", lora_b)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} holds non-finite values")
+        return rank
+
+
+def _check_scaling(scaling) -> float:
+    if isinstance(scaling, torch.Tensor):
+        if scaling.numel() != 1:
+            raise ValueError(f"scaling must be a number, got a tensor of shape {tuple(scaling.shape)}")
+        scaling = scaling.item()
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    scaling = float(scaling)
+    if not math.isfinite(scaling):
+        raise ValueError(f"scaling must be finite, got {scaling}")
+    return scaling

@@ -1,0 +1,155 @@
+"""TokenSlots: which adapter slot each token of the current batch uses, in one fixed buffer."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+
+NO_ADAPTER = -1
+
+
+class TokenSlots:
+    """The batch's token -> adapter-slot mapping, shared by every LoRA layer of a model.
+
+    ``slot_ids`` is an int64 buffer [max_tokens], allocated once and rewritten in place by ``set``
+    and ``fill``. Compiled code and captured CUDA graphs read this one buffer, so a new mapping takes
+    effect on the next call without recompiling or recapturing. Entry t is the slot of token t, in
+    the order of the layer input flattened to [M, K]; ``-1`` means no adapter. Entries past
+    ``num_tokens`` hold -1. It is int64 because that is the index dtype gather/index_select take
+    natively, so forward needs no conversion kernel.
+
+    Call ``set`` once per step, before the forward: every layer checks that its input has exactly
+    ``num_tokens`` tokens (``for_tokens``). A CUDA graph captured at a padded batch size needs the
+    mapping set for the padded size (padding tokens at -1).
+
+    Args:
+        max_tokens: capacity, the most tokens one forward may have.
+        device: where the buffer lives (the device of the layers that read it).
+        num_slots: optional bound, ids must be < num_slots. A LoRA layer lowers it to its
+            ``max_loras`` when it attaches, so ``set`` rejects ids that some layer does not have.
+    """
+
+    def __init__(self, max_tokens: int, device=None, num_slots: int | None = None) -> None:
+        max_tokens = _as_int(max_tokens, "max_tokens")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if num_slots is not None:
+            num_slots = _as_int(num_slots, "num_slots")
+            if num_slots < 1:
+                raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.max_tokens = max_tokens
+        self.num_slots = num_slots
+        self.num_tokens = 0
+        self.slot_ids = torch.full((max_tokens,), NO_ADAPTER, dtype=torch.int64, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_ids.device
+
+    def set(self, token_slots: Sequence[int] | torch.Tensor, validate: bool = True) -> None:
+        """Writes a new mapping in place: one slot id (or -1) per token.
+
+        ``token_slots`` is a list/tuple of ints or a 1-D integer tensor on any device. Validation
+        (ids in [-1, num_slots), at most max_tokens of them) reads the ids on the host, which syncs
+        once for a GPU tensor; ``validate=False`` skips it for mappings built on the GPU. Layers
+        never fault on a bad id: anything outside [0, max_loras) reads as no adapter.
+        On error nothing is written.
+        """
+        ids = _as_id_tensor(token_slots)
+        count = ids.shape[0]
+        if count > self.max_tokens:
+            raise ValueError(f"{count} tokens do not fit in a TokenSlots of max_tokens={self.max_tokens}")
+        if validate and count:
+            self._check_ids(int(ids.min()), int(ids.max()))
+        self.slot_ids[:count].copy_(ids)
+        self.slot_ids[count:].fill_(NO_ADAPTER)
+        self.num_tokens = count
+
+    def fill(self, num_tokens: int, slot: int) -> None:
+        """Every one of ``num_tokens`` tokens uses ``slot`` (or -1): the single-adapter batch."""
+        num_tokens = _as_int(num_tokens, "num_tokens")
+        slot = _as_int(slot, "slot")
+        if not 0 <= num_tokens <= self.max_tokens:
+            raise ValueError(f"num_tokens must be in [0, {self.max_tokens}], got {num_tokens}")
+        self._check_ids(slot, slot)
+        self.slot_ids[:num_tokens].fill_(slot)
+        self.slot_ids[num_tokens:].fill_(NO_ADAPTER)
+        self.num_tokens = num_tokens
+
+    def for_tokens(self, num_tokens: int) -> torch.Tensor:
+        """The mapping of a batch of ``num_tokens`` tokens: a [num_tokens] view of ``slot_ids``.
+
+        Raises when ``num_tokens`` is not the count last ``set``, except while torch.compile traces:
+        comparing the batch size with a Python int would specialise the compiled graph on it and
+        recompile for every batch size, even with dynamic shapes. Eager calls (and so CUDA-graph
+        capture) always check.
+        """
+        if not torch.compiler.is_compiling() and num_tokens != self.num_tokens:
+            raise ValueError(
+                f"the batch has {num_tokens} tokens but the token->slot mapping was set for "
+                f"{self.num_tokens}; call TokenSlots.set() with one slot id per token before the forward")
+        return self.slot_ids[:num_tokens]
+
+    def limit_slots(self, num_slots: int) -> None:
+        """Lowers the bound on slot ids to ``num_slots`` (never raises it).
+
+        Raises, leaving the bound as it was, when the current mapping holds an id >= num_slots.
+        """
+        num_slots = _as_int(num_slots, "num_slots")
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        if self.num_slots is not None and self.num_slots <= num_slots:
+            return
+        if self.num_tokens:
+            highest = int(self.slot_ids[:self.num_tokens].max())
+            if highest >= num_slots:
+                raise ValueError(f"the current mapping uses slot {highest}, which a layer with "
+                                 f"{num_slots} slots does not have")
+        self.num_slots = num_slots
+
+    def to(self, device) -> TokenSlots:
+        """Moves the buffer to ``device`` (in place on this object, which every layer shares).
+
+        A move allocates a new buffer: graphs captured before it must be captured again.
+        """
+        device = torch.device(device)
+        if device != self.slot_ids.device:
+            self.slot_ids = self.slot_ids.to(device)
+        return self
+
+    def _check_ids(self, lowest: int, highest: int) -> None:
+        if lowest < NO_ADAPTER:
+            raise ValueError(f"slot ids must be >= -1 (-1 = no adapter), got {lowest}")
+        if self.num_slots is not None and highest >= self.num_slots:
+            raise ValueError(f"slot id {highest} is out of range: the layers have {self.num_slots} "
+                             f"slots (ids 0..{self.num_slots - 1}, or -1)")
+
+    def __repr__(self) -> str:
+        return (f"TokenSlots(max_tokens={self.max_tokens}, num_tokens={self.num_tokens}, "
+                f"num_slots={self.num_slots}, device={self.device})")
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+
+
+def _as_id_tensor(token_slots) -> torch.Tensor:
+    """A 1-D integer tensor of ids, without copying a tensor argument."""
+    if isinstance(token_slots, torch.Tensor):
+        if token_slots.dim() != 1:
+            raise ValueError(f"token slots must be 1-D [num_tokens], got shape {tuple(token_slots.shape)}")
+        if token_slots.dtype == torch.bool or token_slots.is_floating_point() or token_slots.is_complex():
+            raise TypeError(f"token slots must be an integer tensor, got {token_slots.dtype}")
+        return token_slots
+    if isinstance(token_slots, (list, tuple)):
+        ids = [_as_int(value, "a token's slot id") for value in token_slots]
+        return torch.tensor(ids, dtype=torch.int64)
+    raise TypeError(f"token slots must be a list/tuple of ints or a 1-D integer tensor, "
+                    f"got {type(token_slots).__name__}")
