@@ -28,6 +28,8 @@ __all__ = [
     "unregister_lora_layer",
 ]
 
-# ---------------------------------------------------------------------------------------------
-# Adapter I/O (load_adapter, save_adapter, AdapterManager): appended below by its own module.
-# ---------------------------------------------------------------------------------------------
+# Adapter I/O and serving sit on the layers above, so they import last.
+from lora.adapter_io import AdapterError, RouterAdapter, load_adapter, read_adapter, save_adapter  # noqa: E402
+from lora.manager import AdapterManager  # noqa: E402
+
+__all__ += ["AdapterError", "AdapterManager", "RouterAdapter", "load_adapter", "read_adapter", "save_adapter"]

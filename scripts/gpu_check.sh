@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device-machine session: build gate._C, run the GPU tests, the sanitizers and the benchmark.
-# Usage (on the GPU machine, repository root): scripts/gpu_check.sh [quick|full|tune|tests]
-#   quick: build + GPU tests (no slow) + quick benchmark      full: + slow stress tests, sanitizers,
-#   tune: build + GPU tests + tile sweep                      full benchmark; tests: build + all tests
+# Usage (on the GPU machine, repository root): scripts/gpu_check.sh MODE, every mode builds first.
+#   quick: GPU tests (no slow) + quick benchmark     tests: all GPU tests (slow stress tests included)
+#   tune: GPU tests (no slow) + tile sweep           check: all GPU tests + memcheck, racecheck, synccheck
+#   bench: the full benchmark                        final: all GPU tests + synccheck + the main demo
+#   full: all GPU tests + the three sanitizers + the full benchmark
 # Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
@@ -52,11 +54,13 @@ case "$mode" in
   bench)
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
-  final)  # the last call of a session: all GPU tests, synccheck, the full benchmark
+  final)  # all GPU tests, synccheck, the main demo on the GPU (the benchmark is its own call: `bench`)
     run_tests "gpu or kernel" gpu_all
     compute-sanitizer --tool synccheck --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_synccheck.log" 2>&1
     summary+=("compute-sanitizer synccheck: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_synccheck.log" | tail -1))")
-    python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    python3 examples/serve_router_adapters.py --device cuda >"$out/demo.log" 2>&1
+    summary+=("demo on cuda: exit $?")
+    tail -30 "$out/demo.log"
     ;;
   full)
     run_tests "gpu or kernel" gpu_all

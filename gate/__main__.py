@@ -1,0 +1,156 @@
+"""The ``moegate`` command line (also ``python -m gate``).
+
+    moegate inspect ADAPTER_DIR                      targets, ranks, scaling, validation verdict
+    moegate verify ADAPTER_DIR --config CONFIG_OR_MODEL_DIR
+                                                     routing agreement with PEFT on random inputs
+    moegate bench [benchmark args...]                runs benchmarks/router_gemm.py (source checkout)
+
+Exit status: 0 fine, 1 the adapter failed inspection or verification, 2 usage or setup errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "router_gemm.py"
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  " + "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def inspect_command(args) -> int:
+    from lora.adapter_io import AdapterError, read_adapter
+    from lora.peft_keys import looks_like_router
+
+    try:
+        adapter = read_adapter(args.adapter_dir, strict=False)
+    except AdapterError as error:
+        print(error)
+        return 1
+    config = adapter.config
+    print(f"adapter   {adapter.source}")
+    print(f"peft      {getattr(config, 'peft_version', None) or '?'}  LoRA r={config.r} "
+          f"lora_alpha={config.lora_alpha} use_rslora={config.use_rslora}")
+    print(f"targets   target_parameters={getattr(config, 'target_parameters', None)} "
+          f"target_modules={_listed(config.target_modules)} "
+          f"layers_to_transform={config.layers_to_transform}")
+    if config.rank_pattern or config.alpha_pattern:
+        print(f"patterns  rank_pattern={config.rank_pattern} alpha_pattern={config.alpha_pattern}")
+    rows = [[name, weights.targeted, weights.rank, f"{weights.scaling:.6g}", list(weights.lora_a.shape),
+             list(weights.lora_b.shape), str(weights.lora_a.dtype).replace("torch.", "")]
+            for name, weights in sorted(adapter.modules.items())]
+    print(f"modules   {len(rows)}")
+    _print_table(rows, ["module", "target", "rank", "scaling", "lora_A", "lora_B", "dtype"])
+    unusual = [name for name in adapter.modules if not looks_like_router(name)]
+    if unusual:
+        print(f"note      {len(unusual)} module(s) not named like a router gate (router / gate): "
+              f"{', '.join(sorted(unusual)[:4])}; loading checks them against the model")
+    if adapter.problems:
+        print(f"verdict   NOT SERVABLE: {len(adapter.problems)} problem(s)")
+        for problem in adapter.problems:
+            print(f"  - {problem}")
+        return 1
+    print("verdict   OK: servable as far as the files tell (`moegate verify` checks it against a model)")
+    return 0
+
+
+def _listed(value):
+    return sorted(value) if isinstance(value, (set, list, tuple)) else value
+
+
+def bench_command(extra: list[str]) -> int:
+    if not BENCHMARK.is_file():
+        print(f"moegate bench: {BENCHMARK} not found. The benchmark ships with the source tree, not "
+              "with the installed package: run it from a checkout of moegate.", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(BENCHMARK), *extra])
+
+
+def verify_command(args) -> int:
+    import torch
+
+    from gate.integrations.verify import build_model, verify_adapter
+    from lora.adapter_io import AdapterError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    try:
+        model = build_model(args.config, random_weights=args.random_weights, num_layers=args.num_layers,
+                            device=device, dtype=dtype, seed=args.seed)
+    except (OSError, ValueError) as error:
+        print(f"moegate verify: cannot build the model: {error}", file=sys.stderr)
+        return 2
+    print(f"model     {type(model).__name__}, {model.config.num_hidden_layers} layers, {device} "
+          f"{str(dtype).replace('torch.', '')}")
+    try:
+        report = verify_adapter(model, args.adapter_dir, batch=args.batch, seq=args.seq, seed=args.seed)
+    except (AdapterError, ValueError) as error:
+        print(error)
+        return 1
+    print(f"adapter   {args.adapter_dir}: {len(report.modules)} modules checked"
+          + (f", {len(report.skipped)} skipped (layers beyond --num-layers)" if report.skipped else ""))
+    dtype_name = str(dtype).replace("torch.", "")
+    with_bar = report.modules[0].peft_topk_agreement is not None
+    print("reference PEFT in float32" + (f"; the bar: PEFT in {dtype_name} against it" if with_bar else ""))
+    header = ["module", "max |d logits|", "top-k agreement"] + ([f"PEFT {dtype_name}"] if with_bar else [])
+    rows = [[m.module, f"{m.max_abs_diff:.3g}", f"{100 * m.topk_agreement:.2f}%"]
+            + ([f"{100 * m.peft_topk_agreement:.2f}%"] if with_bar else []) for m in report.modules]
+    _print_table(rows, header)
+    print(f"outputs   max |d logits| {report.logits_max_abs_diff:.3g}, greedy-token agreement "
+          f"{100 * report.greedy_agreement:.2f}% over {report.num_tokens} random tokens")
+    # A module passes at --min-agreement, or, below fp32, when it routes as faithfully as PEFT does
+    # in the same dtype (to half a percent): rounding flips near-tied experts for everyone.
+    failing = [m.module for m in report.modules if m.topk_agreement < args.min_agreement and (
+        not with_bar or m.topk_agreement < m.peft_topk_agreement - 0.005)]
+    passed = not failing
+    lowest = min(m.topk_agreement for m in report.modules)
+    rule = f"--min-agreement {100 * args.min_agreement:.2f}%" + (", or PEFT's" if with_bar else "")
+    print(f"verdict   {'PASS' if passed else 'FAIL'}: lowest top-k agreement {100 * lowest:.2f}% ({rule})"
+          + (f"; failing: {', '.join(failing)}" if failing else ""))
+    return 0 if passed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gate import __version__
+
+    parser = argparse.ArgumentParser(prog="moegate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"moegate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser("inspect", help="targets, ranks, scaling and the verdict of an adapter")
+    inspect.add_argument("adapter_dir")
+    verify = commands.add_parser("verify", help="routing agreement with PEFT on random inputs")
+    verify.add_argument("adapter_dir")
+    verify.add_argument("--config", required=True, metavar="CONFIG_OR_MODEL_DIR",
+                        help="a transformers config.json (random weights), or a local model directory")
+    verify.add_argument("--random-weights", action="store_true",
+                        help="random weights even when the directory holds a checkpoint")
+    verify.add_argument("--num-layers", type=int, default=None,
+                        help="build only the first N layers (adapter modules beyond are skipped)")
+    verify.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    verify.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    verify.add_argument("--batch", type=int, default=4)
+    verify.add_argument("--seq", type=int, default=32)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--min-agreement", type=float, default=0.99,
+                        help="lowest top-k agreement of any layer that passes (default 0.99)")
+    commands.add_parser("bench", help="run benchmarks/router_gemm.py; other arguments pass through",
+                        add_help=False)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return bench_command(extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "inspect":
+        return inspect_command(args)
+    return verify_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

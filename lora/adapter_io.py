@@ -1,0 +1,428 @@
+"""Router LoRA adapters in PEFT's file format: read, check, bind to a model's slots, write.
+
+An adapter directory holds ``adapter_config.json``, read with PEFT's own config class so every
+option means what it means in PEFT, and ``adapter_model.safetensors`` (pickle files are never read).
+Router keys come in three forms (DESIGN.md), all mapped to the model's LoRA gate layers:
+  ``…layers.N.mlp.router.lora_A.weight``        PEFT ``target_parameters=["mlp.router.weight"]``
+  ``…layers.N.mlp.router.linear.lora_A.weight`` a router patched to hold an nn.Linear ``linear``
+  ``…block_sparse_moe.gate.lora_A.weight``      an nn.Linear gate through ``target_modules``
+
+Everything is checked before any slot is touched; an adapter that cannot be served exactly raises
+one ``AdapterError`` listing every problem, and nothing is loaded.
+
+    adapter = load_adapter("adapters/math")                  # file checks only
+    adapter = load_adapter("adapters/math", model, slot=0)   # + checks against the model, then loads
+    save_adapter(adapter, "adapters/math-copy")              # PEFT can load the result
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora import peft_keys
+from lora.peft_keys import MODULE, PARAMETER
+
+if TYPE_CHECKING:  # peft (which imports transformers) loads on first use, not with `import lora`
+    from peft import LoraConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PICKLE_WEIGHTS = "adapter_model.bin"
+
+# LoraConfig options that change what an adapter computes beyond scaling * B @ A: refused.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (use_dora=True)",
+    "lora_bias": "a bias on lora_B (lora_bias=True)",
+    "fan_in_fan_out": "fan_in_fan_out=True (transposed Conv1D weights)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "use_qalora": "QALoRA (use_qalora=True)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "kasa_config": "KaSA (kasa_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "layer_replication": "layer replication (layer_replication)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        lines = "\n  - ".join(self.problems)
+        super().__init__(f"adapter {source} cannot be loaded ({len(self.problems)} problem"
+                         f"{'s' if len(self.problems) != 1 else ''}); nothing was loaded:\n  - {lines}")
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One module's adapter: ``delta = scaling * (x @ lora_a.T) @ lora_b.T``.
+
+    lora_a: [r, K]; lora_b: [E, r]; ``targeted`` is ``"parameter"`` (PEFT target_parameters) or
+    ``"module"`` (target_modules), which decides how PEFT names the module in its rank patterns.
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+    targeted: str
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+
+@dataclass
+class RouterAdapter:
+    """A router adapter in memory (CPU tensors as stored in the file).
+
+    ``modules`` maps each module's name in the model's namespace (PEFT's key without
+    ``base_model.model.``, e.g. ``model.layers.0.mlp.router``) to its weights. ``problems`` holds
+    what ``read_adapter(strict=False)`` found wrong with the file (empty for a servable adapter).
+    """
+
+    config: LoraConfig
+    modules: dict[str, LoraWeights]
+    source: str = "<memory>"
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_weights(cls, weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                     lora_alpha: float, use_rslora: bool = False, targeted: str = PARAMETER,
+                     base_model_name_or_path: str | None = None) -> RouterAdapter:
+        """An adapter from factors ``{module: (lora_a [r, K], lora_b [E, r])}``, with a PEFT config.
+
+        ``targeted="parameter"`` writes ``target_parameters`` (how PEFT targets gpt-oss routers),
+        ``"module"`` writes ``target_modules`` (nn.Linear gates); both list the exact module names.
+        ``r`` is the largest rank; modules of other ranks get exact ``rank_pattern`` entries.
+        """
+        from peft import LoraConfig
+
+        if targeted not in (PARAMETER, MODULE):
+            raise ValueError(f"targeted must be {PARAMETER!r} or {MODULE!r}, got {targeted!r}")
+        if not weights:
+            raise ValueError("an adapter needs at least one module")
+        ranks = {module: a.shape[0] for module, (a, _) in weights.items()}
+        r = max(ranks.values())
+        rank_pattern = {re.escape(peft_keys.peft_key(module, targeted)): rank
+                        for module, rank in ranks.items() if rank != r}
+        names = sorted(weights)
+        config = LoraConfig(
+            r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, rank_pattern=rank_pattern,
+            target_modules=names if targeted == MODULE else [],
+            target_parameters=[f"{name}.weight" for name in names] if targeted == PARAMETER else None,
+            base_model_name_or_path=base_model_name_or_path, inference_mode=True)
+        raw = {module: {"lora_A": a.detach().cpu(), "lora_B": b.detach().cpu()}
+               for module, (a, b) in weights.items()}
+        modules, problems = _check_modules(config, raw, None)
+        if problems:
+            raise AdapterError("<memory>", problems)
+        return cls(config, modules)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {module: weights.rank for module, weights in self.modules.items()}
+
+    def bind(self, model: nn.Module) -> BoundAdapter:
+        """Matches every module to one of ``model``'s LoRA gate layers and casts the factors to the
+        layers' slot dtype (on the CPU). Raises AdapterError listing every mismatch."""
+        if self.problems:
+            raise AdapterError(self.source, self.problems)
+        layers = lora_layers(model)
+        problems = []
+        if not layers:
+            raise AdapterError(self.source, [
+                f"{type(model).__name__} has no LoRA gate layers; wrap its gates first "
+                "(lora.replace_modules, lora.AdapterManager or replace_gpt_oss_routers(max_loras=...))"])
+        by_canonical = {_canonical(name): name for name in layers}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        claimed: dict[str, str] = {}
+        for module, weights in sorted(self.modules.items()):
+            name, problem = _resolve(module, by_canonical)
+            if problem is not None:
+                problems.append(problem)
+                continue
+            if name in claimed:
+                problems.append(f"{module}: maps to the same layer {name} as {claimed[name]}")
+                continue
+            claimed[name] = module
+            cast, layer_problems = _fit_to_layer(module, weights, layers[name])
+            problems += layer_problems
+            if not layer_problems:
+                factors[name] = cast
+        if problems:
+            raise AdapterError(self.source, problems)
+        return BoundAdapter(self, layers, factors)
+
+
+@dataclass(frozen=True)
+class BoundAdapter:
+    """An adapter checked against one model: ``factors`` per LoRA layer name, ready for the slots.
+
+    ``layers`` is every LoRA gate layer of the model; those the adapter does not cover are emptied
+    in the slot it is written to, so a slot always holds exactly one adapter.
+    """
+
+    adapter: RouterAdapter
+    layers: dict[str, nn.Module]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+    def write(self, slot: int) -> None:
+        """Loads the adapter into ``slot`` of every layer (in place, no allocation in the slots)."""
+        # Everything a layer's set_lora could refuse is checked first: no slot is ever half written.
+        for name, layer in self.layers.items():
+            if not 0 <= slot < layer.lora_a_stacked.shape[0]:
+                raise ValueError(f"slot {slot} is out of range: {name} has "
+                                 f"{layer.lora_a_stacked.shape[0]} slots")
+            if getattr(layer, "merged_slot", None) == slot:
+                raise RuntimeError(f"slot {slot} of {name} is merged into its weight; unmerge() first")
+            if name in self.factors and self.factors[name][0].dtype != layer.lora_a_stacked.dtype:
+                raise RuntimeError(f"{name}'s slots are {layer.lora_a_stacked.dtype} but the adapter was "
+                                   f"bound for {self.factors[name][0].dtype}: bind it again after a dtype "
+                                   "change")
+        for name, layer in self.layers.items():
+            if name in self.factors:
+                lora_a, lora_b, scaling = self.factors[name]
+                device = layer.lora_a_stacked.device
+                layer.set_lora(slot, lora_a.to(device), lora_b.to(device), scaling)
+            else:
+                layer.reset_lora(slot)
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's LoRA gate layers by qualified name: modules with slots (``set_lora``,
+    ``reset_lora``, ``lora_a_stacked [S, R, K]``, ``lora_b_stacked [S, E, R]``)."""
+    return {name: module for name, module in model.named_modules()
+            if callable(getattr(module, "set_lora", None)) and callable(getattr(module, "reset_lora", None))
+            and isinstance(getattr(module, "lora_a_stacked", None), torch.Tensor)}
+
+
+def _canonical(name: str) -> str:
+    # `…router.linear` is the gate held by a patched router: the adapter may name either.
+    return name[: -len(".linear")] if name.endswith(".linear") else name
+
+
+def _resolve(module: str, by_canonical: dict[str, str]) -> tuple[str | None, str | None]:
+    """The layer name for an adapter module: exact, else a unique match at a dot boundary (an
+    adapter trained on ``GptOssModel`` served in ``GptOssForCausalLM``, or the reverse)."""
+    canonical = _canonical(module)
+    if canonical in by_canonical:
+        return by_canonical[canonical], None
+    matches = [name for key, name in by_canonical.items()
+               if key.endswith("." + canonical) or canonical.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0], None
+    if matches:
+        return None, f"{module}: ambiguous, matches the layers {sorted(matches)}"
+    known = sorted(by_canonical)
+    shown = ", ".join(known[:4]) + (f", … ({len(known)} in all)" if len(known) > 4 else "")
+    return None, f"{module}: the model has no LoRA gate layer of that name (it has {shown})"
+
+
+def _fit_to_layer(module: str, weights: LoraWeights, layer: nn.Module):
+    """Checks shapes and rank against the layer; casts to its slot dtype. ``(factors, problems)``."""
+    _, max_rank, in_features = layer.lora_a_stacked.shape
+    num_experts = layer.lora_b_stacked.shape[1]
+    dtype = layer.lora_a_stacked.dtype
+    problems = []
+    if weights.lora_a.shape[1] != in_features:
+        problems.append(f"{module}: lora_A is {list(weights.lora_a.shape)} but the layer has K={in_features}")
+    if weights.lora_b.shape[0] != num_experts:
+        problems.append(f"{module}: lora_B is {list(weights.lora_b.shape)} but the layer has "
+                        f"E={num_experts} experts")
+    if weights.rank > max_rank:
+        problems.append(f"{module}: rank {weights.rank} exceeds the layer's max_rank {max_rank}")
+    lora_a = weights.lora_a.to(dtype)
+    lora_b = weights.lora_b.to(dtype)
+    for factor, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
+        if not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{module}: {factor} is not finite once cast to the slots' {dtype}")
+    return (lora_a, lora_b, weights.scaling), problems
+
+
+def _config_problems(config: LoraConfig, modules: list[str]) -> list[str]:
+    problems = []
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if getattr(config, option, None):
+            problems.append(f"{what} is not supported")
+    if getattr(config, "bias", "none") != "none":
+        problems.append(f"bias={config.bias!r} trains base biases; only bias='none' is supported")
+    for entry in getattr(config, "modules_to_save", None) or []:
+        covered = [m for m in modules if re.match(rf"(^|.*\.){entry}($|\..*)", m)]
+        if covered:
+            problems.append(f"modules_to_save={entry!r} covers the router {covered[0]}: full router "
+                            "weights are not supported")
+    return problems
+
+
+def _key_problem(key: str, tensor: torch.Tensor) -> str:
+    """Why a key that is not ``<module>.lora_A/B.weight`` cannot be served."""
+    name = peft_keys.strip_prefix(key)
+    if "lora_magnitude_vector" in name:
+        return f"{name}: a DoRA magnitude vector; DoRA is not supported"
+    if re.search(r"\.lora_B\.bias$", name):
+        return f"{name}: a bias on lora_B (lora_bias=True) is not supported"
+    if ".lora_embedding_" in name:
+        return f"{name}: an embedding LoRA factor, not a router gate's"
+    if ".lora_" in name:
+        return f"{name}: an unrecognised LoRA tensor"
+    return (f"{name}: a full tensor {list(tensor.shape)} (modules_to_save or bias training); "
+            "only router LoRA factors are supported")
+
+
+def _check_modules(config: LoraConfig, raw: dict[str, dict[str, torch.Tensor]],
+                   target_parameters) -> tuple[dict[str, LoraWeights], list[str]]:
+    """Per-module checks of the factors against each other and the config."""
+    modules, problems = {}, []
+    for module in sorted(raw):
+        factors = raw[module]
+        missing = [f for f in peft_keys.LORA_FACTORS if f not in factors]
+        if missing:
+            problems.append(f"{module}: {' and '.join(missing)} missing")
+            continue
+        lora_a, lora_b = factors["lora_A"], factors["lora_B"]
+        shape_ok = True
+        for factor, tensor in factors.items():
+            if tensor.dim() != 2:
+                problems.append(f"{module}: {factor} must be 2-D, got {list(tensor.shape)}")
+                shape_ok = False
+            if not tensor.is_floating_point():
+                problems.append(f"{module}: {factor} is {tensor.dtype}, not a floating-point dtype")
+                shape_ok = False
+        if not shape_ok:
+            continue
+        if lora_a.dtype != lora_b.dtype:
+            problems.append(f"{module}: lora_A is {lora_a.dtype} but lora_B is {lora_b.dtype}")
+        rank = lora_a.shape[0]
+        if lora_b.shape[1] != rank:
+            problems.append(f"{module}: lora_A {list(lora_a.shape)} and lora_B {list(lora_b.shape)} "
+                            "disagree on the rank")
+            continue
+        for factor, tensor in factors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                problems.append(f"{module}: {factor} holds non-finite values")
+        targeted = peft_keys.targeted_as(config, module, target_parameters)
+        if targeted is None:
+            problems.append(f"{module}: not selected by the config's target_modules="
+                            f"{_show(config.target_modules)} / target_parameters={_show(target_parameters)}")
+            continue
+        config_rank, alpha = peft_keys.rank_and_alpha(config, module, targeted)
+        if rank != config_rank:
+            problems.append(f"{module}: rank {rank} in the file but the config gives r={config_rank}")
+            continue
+        modules[module] = LoraWeights(lora_a, lora_b, peft_keys.lora_scaling(rank, alpha, config.use_rslora),
+                                      targeted)
+    return modules, problems + _config_problems(config, sorted(raw))
+
+
+def _show(value) -> str:
+    return repr(sorted(value)) if isinstance(value, (set, list, tuple)) else repr(value)
+
+
+def _read_config(path: str) -> tuple[LoraConfig | None, object, list[str]]:
+    """PEFT's LoraConfig, the raw ``target_parameters`` (kept even by a PEFT too old to know it),
+    and problems."""
+    from peft import LoraConfig, PeftConfig
+
+    config_file = os.path.join(path, ADAPTER_CONFIG)
+    try:
+        with open(config_file) as handle:
+            raw = json.load(handle)
+        config = PeftConfig.from_pretrained(path)  # local file: PEFT reads it, never the Hub
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        return None, None, [f"{ADAPTER_CONFIG} is not a valid PEFT config: {error}"]
+    if not isinstance(config, LoraConfig):
+        return None, None, [f"{ADAPTER_CONFIG} is a {type(config).__name__} ({raw.get('peft_type')}), "
+                            "not a LoRA config"]
+    target_parameters = getattr(config, "target_parameters", None) or raw.get("target_parameters")
+    return config, target_parameters, []
+
+
+def read_adapter(path: str | os.PathLike, strict: bool = True) -> RouterAdapter:
+    """Reads a PEFT adapter directory, checking the file on its own (no model).
+
+    ``strict`` raises AdapterError on any problem; ``strict=False`` returns what could be read
+    with the problems in ``adapter.problems`` (for ``moegate inspect``), or raises when not even
+    the config could be read.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterError(path, [f"{path} is not a directory"])
+    problems = []
+    weights_file = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        problems.append(f"{ADAPTER_CONFIG} is missing")
+    if not os.path.isfile(weights_file):
+        pickle_note = (f" ({_PICKLE_WEIGHTS} is there, but pickle files are never read: re-save with "
+                       "safe_serialization=True)" if os.path.isfile(os.path.join(path, _PICKLE_WEIGHTS))
+                       else "")
+        problems.append(f"{ADAPTER_WEIGHTS} is missing{pickle_note}")
+    if problems:
+        raise AdapterError(path, problems)
+    config, target_parameters, problems = _read_config(path)
+    if config is None:
+        raise AdapterError(path, problems)
+    try:
+        tensors = load_file(weights_file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(path, [f"{ADAPTER_WEIGHTS} cannot be read: {error}"]) from error
+    raw: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        parsed = peft_keys.parse_lora_key(key)
+        if parsed is None:
+            problems.append(_key_problem(key, tensor))
+        else:
+            raw.setdefault(parsed[0], {})[parsed[1]] = tensor
+    if not raw:
+        problems.append(f"{ADAPTER_WEIGHTS} holds no LoRA factors (…lora_A.weight / …lora_B.weight)")
+    modules, module_problems = _check_modules(config, raw, target_parameters)
+    adapter = RouterAdapter(config, modules, source=path, problems=problems + module_problems)
+    if strict and adapter.problems:
+        raise AdapterError(path, adapter.problems)
+    return adapter
+
+
+def load_adapter(path: str | os.PathLike, model: nn.Module | None = None, *,
+                 slot: int | None = None) -> RouterAdapter:
+    """Reads and checks a PEFT adapter; with ``model``, checks it against the model's LoRA gate
+    layers too; with ``slot``, then loads it into that slot of every layer.
+
+    Raises AdapterError listing every problem before anything is written.
+    """
+    if slot is not None and model is None:
+        raise ValueError("loading into a slot needs the model")
+    adapter = read_adapter(path)
+    if model is not None:
+        bound = adapter.bind(model)
+        if slot is not None:
+            bound.write(slot)
+    return adapter
+
+
+def save_adapter(adapter: RouterAdapter, path: str | os.PathLike) -> None:
+    """Writes ``adapter`` in PEFT's format (config through PEFT's own writer, safetensors weights).
+
+    PEFT loads the result (``PeftModel.from_pretrained``) into the model the module names refer to.
+    """
+    if adapter.problems:
+        raise AdapterError(adapter.source, adapter.problems)
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    adapter.config.save_pretrained(path)
+    tensors = {}
+    for module, weights in adapter.modules.items():
+        tensors[peft_keys.lora_key(module, "lora_A")] = weights.lora_a.detach().cpu().contiguous()
+        tensors[peft_keys.lora_key(module, "lora_B")] = weights.lora_b.detach().cpu().contiguous()
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -1,0 +1,313 @@
+"""AdapterManager: named router adapters served from a model's LoRA slots, swapped while serving.
+
+    manager = AdapterManager(model, max_loras=4, max_rank=16)
+    manager.add("math", "adapters/math")            # read + checked now, loaded into a slot on demand
+    slots = manager.activate(["math", None, "code"], tokens_per_sequence=prompt_len)
+    logits = model(input_ids).logits                # sequence i routes with its adapter
+    manager.swap("math", "adapters/math-v2")         # any thread; lands at the next activate()
+
+Slots. ``max_loras`` slots in every LoRA gate layer hold the adapters of the current batch; an
+adapter not resident is written into a free slot, or into the least recently used slot the batch
+does not need. Writes go into the preallocated slot buffers in place: no allocation, so compiled
+code and captured CUDA graphs stay valid.
+
+CPU cache. Every registered adapter is kept on the CPU already cast to the slots' dtype (at most
+``max_cpu_adapters`` of them, least recently used dropped first; a dropped one is re-read from its
+directory, or re-cast from its in-memory adapter, when next needed).
+
+Threads. ``add`` / ``swap`` / ``remove`` may be called from any thread at any time: they check the
+new adapter completely, then change only the registry (a short lock). Slots are written only by
+``activate``, at the start of a step, under the step lock, and every slot a step needs is written
+before its token mapping is set: a forward never sees half an adapter or a half-applied swap. Run
+each forward after ``activate`` in the same thread (or inside ``with manager.step(...)``, which
+holds the step lock for the whole block, so an ``activate`` from another thread waits for it).
+On the GPU, slot writes and the forward are ordered by the current CUDA stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora.adapter_io import AdapterError, BoundAdapter, RouterAdapter, lora_layers, read_adapter
+from lora.registry import get_token_slots, replace_modules
+from lora.slots import NO_ADAPTER
+
+
+@dataclass
+class _Entry:
+    """A registered adapter: where it comes from, and its version (new for every add and swap)."""
+
+    source: str | RouterAdapter
+    version: int
+
+
+class AdapterManager:
+    """Serves named router adapters from ``max_loras`` slots of rank up to ``max_rank``.
+
+    Args:
+        model: a model whose gates are LoRA layers already (``lora.replace_modules``,
+            ``replace_gpt_oss_routers(max_loras=...)``) or GateLinears, which are wrapped here
+            (``target`` is passed to ``replace_modules``: needed for plain nn.Linear gates).
+        max_loras: adapters resident at once (at most the layers' slot count).
+        max_rank: the largest adapter rank accepted (at most the layers' max_rank).
+        max_cpu_adapters: adapters kept cast on the CPU; None keeps all.
+
+    Build it once the model is on its device and in its dtype: adapters are cast for the slots
+    as they are when added.
+    """
+
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, *, target=None,
+                 max_cpu_adapters: int | None = None) -> None:
+        if max_loras < 1 or max_rank < 1:
+            raise ValueError(f"max_loras and max_rank must be >= 1, got {max_loras} and {max_rank}")
+        if max_cpu_adapters is not None and max_cpu_adapters < 1:
+            raise ValueError(f"max_cpu_adapters must be >= 1 or None, got {max_cpu_adapters}")
+        if not lora_layers(model) and not replace_modules(model, max_loras, max_rank, target=target):
+            raise ValueError(f"{type(model).__name__} has no gate to serve adapters on: no LoRA layer "
+                             "and no GateLinear (patch gpt-oss routers with replace_gpt_oss_routers, "
+                             "or pass target= for nn.Linear gates)")
+        self._layers = lora_layers(model)
+        for name, layer in self._layers.items():
+            slots, rank = layer.lora_a_stacked.shape[:2]
+            if slots < max_loras or rank < max_rank:
+                raise ValueError(f"{name} has {slots} slots of rank {rank}, fewer than the "
+                                 f"max_loras={max_loras}, max_rank={max_rank} asked for")
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.max_cpu_adapters = max_cpu_adapters
+        self.token_slots = get_token_slots(model)
+        self._registry: dict[str, _Entry] = {}
+        self._versions = 0
+        self._registry_lock = threading.Lock()
+        self._step_lock = threading.RLock()
+        self._cpu_cache: OrderedDict[tuple[str, int], BoundAdapter] = OrderedDict()
+        self._cpu_lock = threading.Lock()
+        # Slot state, touched only under the step lock: (name, version) loaded, and last use.
+        self._slot_contents: list[tuple[str, int] | None] = [None] * max_loras
+        self._slot_last_step = [-1] * max_loras
+        self._step = 0
+        self.stats = {"slot_loads": 0, "slot_hits": 0, "evictions": 0, "disk_reads": 0}
+
+    # -- registry: any thread --------------------------------------------------------------------
+
+    def add(self, name: str, adapter: str | os.PathLike | RouterAdapter) -> None:
+        """Registers ``adapter`` (a PEFT directory or a RouterAdapter) under ``name``.
+
+        It is read and checked against the model now (AdapterError lists every problem, and
+        nothing is registered); it reaches a slot when a batch first uses it.
+        """
+        self._register(name, adapter, replace=False)
+
+    def swap(self, name: str, adapter: str | os.PathLike | RouterAdapter) -> None:
+        """Replaces the adapter registered as ``name``; steps from the next ``activate`` use the new
+        one (a resident slot is rewritten there). Checked completely first: on error the old
+        adapter stays."""
+        self._register(name, adapter, replace=True)
+
+    def remove(self, name: str) -> None:
+        """Unregisters ``name``; its slot is emptied at the next ``activate``."""
+        with self._registry_lock:
+            if name not in self._registry:
+                raise KeyError(f"no adapter named {name!r} (registered: {sorted(self._registry)})")
+            entry = self._registry.pop(name)
+            self._cache_drop((name, entry.version))
+
+    @property
+    def names(self) -> list[str]:
+        with self._registry_lock:
+            return sorted(self._registry)
+
+    @property
+    def resident(self) -> dict[int, str]:
+        """``{slot: name}`` of the adapters in the slots after the last ``activate``."""
+        with self._step_lock:
+            return {slot: content[0] for slot, content in enumerate(self._slot_contents) if content}
+
+    def slot_of(self, name: str) -> int | None:
+        """The slot holding ``name`` after the last ``activate`` (None when not resident)."""
+        return {n: slot for slot, n in self.resident.items()}.get(name)
+
+    def _register(self, name: str, adapter, replace: bool) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"an adapter name must be a non-empty str, got {name!r}")
+        source = adapter if isinstance(adapter, RouterAdapter) else os.fspath(adapter)
+        bound = self._bind(source)  # the slow part (disk, checks), outside every lock
+        with self._registry_lock:
+            previous = self._registry.get(name)
+            if replace and previous is None:
+                raise KeyError(f"no adapter named {name!r} to swap (registered: {sorted(self._registry)})")
+            if not replace and previous is not None:
+                raise ValueError(f"an adapter named {name!r} is registered already; use swap()")
+            # Versions are unique across names and time: a slot loaded with a removed adapter can
+            # never pass for a later one registered under the same name.
+            self._versions += 1
+            entry = _Entry(source, self._versions)
+            # Cached before it is visible, so the next activate() finds it without re-reading.
+            self._cache_put((name, entry.version), bound)
+            self._registry[name] = entry
+            if previous is not None:
+                self._cache_drop((name, previous.version))
+
+    def _bind(self, source: str | RouterAdapter) -> BoundAdapter:
+        adapter = source if isinstance(source, RouterAdapter) else read_adapter(source)
+        too_big = [f"{module}: rank {rank} exceeds the manager's max_rank {self.max_rank}"
+                   for module, rank in sorted(adapter.ranks.items()) if rank > self.max_rank]
+        if too_big:
+            raise AdapterError(adapter.source, too_big)
+        return adapter.bind(self.model)
+
+    # -- CPU cache -------------------------------------------------------------------------------
+
+    def _cache_put(self, key: tuple[str, int], bound: BoundAdapter) -> None:
+        with self._cpu_lock:
+            self._cpu_cache[key] = bound
+            self._cpu_cache.move_to_end(key)
+            while self.max_cpu_adapters is not None and len(self._cpu_cache) > self.max_cpu_adapters:
+                self._cpu_cache.popitem(last=False)
+
+    def _cache_drop(self, key: tuple[str, int]) -> None:
+        with self._cpu_lock:
+            self._cpu_cache.pop(key, None)
+
+    def _cached(self, name: str, entry: _Entry) -> BoundAdapter:
+        key = (name, entry.version)
+        with self._cpu_lock:
+            bound = self._cpu_cache.get(key)
+            if bound is not None:
+                self._cpu_cache.move_to_end(key)
+                return bound
+        if not isinstance(entry.source, RouterAdapter):
+            self.stats["disk_reads"] += 1
+        bound = self._bind(entry.source)
+        self._cache_put(key, bound)
+        return bound
+
+    # -- steps: the serving thread -----------------------------------------------------------------
+
+    def activate(self, adapter_per_sequence: Sequence[str | None],
+                 tokens_per_sequence: int | Sequence[int] = 1) -> torch.Tensor:
+        """Makes the batch's adapters resident and sets the token -> slot mapping.
+
+        adapter_per_sequence: one adapter name per sequence, or None for the base model.
+        tokens_per_sequence: tokens each sequence has in this forward, in the order the layer input
+            is flattened (sequence-major): an int for a rectangular [B, S] batch (S, or 1 when
+            decoding), or one count per sequence for a packed batch.
+        Returns the mapping [num_tokens] int64 on the slots' device: a view of ``token_slots``'
+        shared buffer, which the next ``activate`` overwrites.
+        Applies every add/swap/remove issued since the last call, before the mapping is set.
+        """
+        names = list(adapter_per_sequence)
+        counts = self._token_counts(len(names), tokens_per_sequence)
+        with self._step_lock:
+            with self._registry_lock:
+                registry = dict(self._registry)
+            unknown = sorted({n for n in names if n is not None and n not in registry})
+            if unknown:
+                raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} "
+                               f"(registered: {sorted(registry)})")
+            wanted = {name: registry[name].version
+                      for name in dict.fromkeys(n for n in names if n is not None)}
+            if len(wanted) > self.max_loras:
+                raise ValueError(f"the batch uses {len(wanted)} adapters but only {self.max_loras} "
+                                 "slots exist; split it or raise max_loras")
+            # Read (or re-read) everything that must be written before writing anything.
+            loads = {name: self._cached(name, registry[name]) for name, version in wanted.items()
+                     if (name, version) not in self._slot_contents}
+            self._step += 1
+            self._empty_stale_slots(registry)
+            slot_of = {}
+            for name, version in wanted.items():
+                if name in loads:
+                    slot = self._free_slot(wanted)
+                    loads[name].write(slot)
+                    self._slot_contents[slot] = (name, version)
+                    self.stats["slot_loads"] += 1
+                else:
+                    slot = self._slot_contents.index((name, version))
+                    self.stats["slot_hits"] += 1
+                self._slot_last_step[slot] = self._step
+                slot_of[name] = slot
+            per_sequence = torch.tensor([NO_ADAPTER if n is None else slot_of[n] for n in names],
+                                        dtype=torch.int64)
+            mapping = per_sequence.repeat_interleave(torch.tensor(counts, dtype=torch.int64))
+            self.token_slots.set(mapping)
+            return self.token_slots.for_tokens(mapping.shape[0])
+
+    @contextlib.contextmanager
+    def step(self, adapter_per_sequence: Sequence[str | None],
+             tokens_per_sequence: int | Sequence[int] = 1) -> Iterator[torch.Tensor]:
+        """``activate`` and hold the step lock for the block (run the forward inside it)."""
+        with self._step_lock:
+            yield self.activate(adapter_per_sequence, tokens_per_sequence)
+
+    @contextlib.contextmanager
+    def generating(self, adapter_per_sequence: Sequence[str | None]) -> Iterator[None]:
+        """Activates the adapters before every forward of ``self.model`` in the block, with the
+        token count read from ``input_ids`` / ``inputs_embeds`` [B, S], so transformers'
+        ``model.generate`` serves a mixed batch (prefill, then one token per step). Swaps issued
+        meanwhile land between generation steps."""
+        names = list(adapter_per_sequence)
+
+        def before_forward(module, args, kwargs):
+            tokens = kwargs.get("input_ids")
+            if tokens is None:
+                tokens = kwargs.get("inputs_embeds")
+            if tokens is None and args:
+                tokens = args[0]
+            if tokens is None or tokens.dim() < 2 or tokens.shape[0] != len(names):
+                shape = None if tokens is None else tuple(tokens.shape)
+                raise ValueError(f"expected input_ids [B={len(names)}, S] (or inputs_embeds), got {shape}")
+            self.activate(names, tokens.shape[1])
+
+        handle = self.model.register_forward_pre_hook(before_forward, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _empty_stale_slots(self, registry: dict[str, _Entry]) -> None:
+        """Empties the slots whose adapter was removed or swapped since it was loaded."""
+        for slot, content in enumerate(self._slot_contents):
+            if content is None:
+                continue
+            name, version = content
+            entry = registry.get(name)
+            if entry is None or entry.version != version:
+                for layer in self._layers.values():
+                    layer.reset_lora(slot)
+                self._slot_contents[slot] = None
+
+    def _free_slot(self, wanted: dict[str, int]) -> int:
+        """An empty slot, else the least recently used one this batch does not need."""
+        if None in self._slot_contents:
+            return self._slot_contents.index(None)
+        candidates = [slot for slot, (name, version) in enumerate(self._slot_contents)
+                      if wanted.get(name) != version]
+        slot = min(candidates, key=lambda s: self._slot_last_step[s])
+        self.stats["evictions"] += 1
+        return slot
+
+    @staticmethod
+    def _token_counts(num_sequences: int, tokens_per_sequence) -> list[int]:
+        if isinstance(tokens_per_sequence, int):
+            counts = [tokens_per_sequence] * num_sequences
+        else:
+            counts = [int(c) for c in tokens_per_sequence]
+            if len(counts) != num_sequences:
+                raise ValueError(f"{len(counts)} token counts for {num_sequences} sequences")
+        if any(c < 0 for c in counts):
+            raise ValueError(f"token counts must be >= 0, got {counts}")
+        return counts
+
+    def __repr__(self) -> str:
+        return (f"AdapterManager(max_loras={self.max_loras}, max_rank={self.max_rank}, "
+                f"registered={self.names}, resident={self.resident})")

@@ -1,0 +1,104 @@
+"""The moegate command line: inspect, verify (against the real PEFT), bench pass-through."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+from moe_models import (  # noqa: E402
+    gate_config,
+    gpt_oss,
+    mixtral_style,
+    peft_supports_target_parameters,
+    router_config,
+    train_peft_adapter,
+)
+
+import gate.__main__ as cli  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not peft_supports_target_parameters(),
+                                reason="the installed PEFT has no target_parameters")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A saved tiny gpt-oss config and a PEFT router adapter trained on that model."""
+    root = tmp_path_factory.mktemp("cli")
+    model = gpt_oss(seed=0)  # the seed verify builds with: same random weights
+    model.config.save_pretrained(root / "model")
+    train_peft_adapter(model, root / "adapter", router_config(), seed=50)
+    return root
+
+
+def test_inspect_reports_targets_ranks_scaling_and_verdict(workspace, capsys):
+    assert cli.main(["inspect", str(workspace / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "target_parameters=['mlp.router.weight']" in out
+    for layer in range(2):
+        assert f"model.layers.{layer}.mlp.router  parameter  4     2 " in out
+    assert "verdict   OK" in out
+
+
+def test_inspect_lists_every_problem(tmp_path, capsys):
+    path = train_peft_adapter(mixtral_style(seed=1), tmp_path / "dora", gate_config(use_dora=True))
+    assert cli.main(["inspect", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT SERVABLE" in out and "DoRA (use_dora=True) is not supported" in out
+    assert "lora_magnitude_vector" in out
+    assert cli.main(["inspect", str(tmp_path / "nowhere")]) == 1
+    assert "is not a directory" in capsys.readouterr().out
+
+
+def test_verify_passes_against_peft(workspace, capsys):
+    assert cli.main(["verify", str(workspace / "adapter"), "--config", str(workspace / "model"),
+                     "--batch", "2", "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.router" in out and "100.00%" in out and "verdict   PASS" in out
+
+
+def test_verify_in_bf16_reports_peft_in_bf16_as_the_bar(workspace, capsys):
+    code = cli.main(["verify", str(workspace / "adapter"), "--config", str(workspace / "model"),
+                     "--dtype", "bfloat16", "--seq", "16"])
+    out = capsys.readouterr().out
+    assert "reference PEFT in float32; the bar: PEFT in bfloat16 against it" in out
+    assert "PEFT bfloat16" in out and code in (0, 1)  # the verdict itself depends on bf16 near-ties
+
+
+def test_verify_a_truncated_model_from_a_config_file(workspace, capsys):
+    config_file = workspace / "model" / "config.json"
+    assert json.loads(config_file.read_text())["model_type"] == "gpt_oss"
+    assert cli.main(["verify", str(workspace / "adapter"), "--config", str(config_file),
+                     "--num-layers", "1", "--seq", "4"]) == 0
+    assert "1 skipped (layers beyond --num-layers)" in capsys.readouterr().out
+
+
+def test_verify_fails_below_the_agreement_threshold_and_on_bad_adapters(workspace, tmp_path, capsys):
+    args = ["verify", str(workspace / "adapter"), "--config", str(workspace / "model"), "--seq", "4"]
+    assert cli.main([*args, "--min-agreement", "1.01"]) == 1
+    assert "verdict   FAIL" in capsys.readouterr().out
+    wide = train_peft_adapter(gpt_oss(seed=2, hidden=32), tmp_path / "wide", router_config())
+    assert cli.main(["verify", str(wide), "--config", str(workspace / "model"), "--seq", "4"]) == 1
+    assert "K=64" in capsys.readouterr().out
+    assert cli.main(["verify", str(wide), "--config", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_runs_the_benchmark_with_its_arguments(capfd, monkeypatch, tmp_path):
+    if not cli.BENCHMARK.is_file():
+        pytest.skip("benchmarks/router_gemm.py is not in this checkout")
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--quick" in capfd.readouterr().out  # the benchmark's own usage
+    monkeypatch.setattr(cli, "BENCHMARK", tmp_path / "router_gemm.py")
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "ships with the source tree" in capfd.readouterr().err
+
+
+def test_usage_errors():
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["inspect"])
+    assert caught.value.code == 2
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["inspect", "x", "--bogus"])
+    assert caught.value.code == 2
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--version"])
+    assert caught.value.code == 0
