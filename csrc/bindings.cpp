@@ -6,25 +6,31 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 
+#include "kernels/lora_expand.h"
 #include "kernels/router_gemm.h"
 
 namespace moegate {
 namespace {
 
-// Above this many tokens cuBLAS beats the Hopper kernel (measured on an H200, see
-// benchmarks/results/); router_gemm hands such batches to cuBLAS inside the op, so the choice is
-// made per call even under torch.compile and CUDA graphs.
-constexpr int64_t kCublasCrossoverM = 256;
+// cuBLAS beats the Hopper kernels once a call holds more than about 60M multiply-adds: measured on
+// an H200 with cold weights (benchmarks/results/), e.g. DeepSeek-V3 (K=7168, E=256) wins up to
+// M=32 (59M) and loses at M=128, Qwen3-MoE (K=2048, E=128) loses at M=256 (67M), gpt-oss-120b
+// ties at M=256 (94M). router_gemm hands such calls to cuBLAS inside the op, so the choice is made
+// per call even under torch.compile and CUDA graphs.
+constexpr int64_t kCublasCrossoverMacs = 60'000'000;
+
+bool cublas_is_faster(const RouterGemmArgs& a) {
+  return a.M > kSm90MaxM || int64_t{a.M} * a.E * a.K > kCublasCrossoverMacs;
+}
 
 DType to_dtype(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "moegate: unsupported dtype ", type, " (use bf16, fp16 or fp32)");
-  }
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
+              "moegate: unsupported dtype ", type, " (use bf16, fp16 or fp32)");
+  if (type == at::kFloat) return DType::kFloat32;
+  return type == at::kHalf ? DType::kFloat16 : DType::kBFloat16;
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight,
@@ -154,7 +160,7 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // The dispatching op: on Hopper, the decode kernel for M <= 4 and the tensor-core kernel up to
-// the cuBLAS crossover; cuBLAS for large bf16/fp16 batches; the foundation kernel for the rest.
+// the cuBLAS crossover; cuBLAS for large bf16/fp16 calls; the foundation kernel for the rest.
 at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype, bool pdl) {
@@ -164,7 +170,7 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
   const bool half_input = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   const bool cublas_out = out_type == x.scalar_type() || (half_input && out_type == at::kFloat);
-  if (half_input && cublas_out && args.M > kCublasCrossoverM) {
+  if (half_input && cublas_out && cublas_is_faster(args)) {
     return router_gemm_cublas(x, weight, bias, out_type);
   }
   at::Tensor out = allocate_out(x, weight, out_type, args);
@@ -183,6 +189,50 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   return out;
 }
 
+// The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
+at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+                       const at::Tensor& scaling, const at::Tensor& slot_ids) {
+  TORCH_CHECK(logits.is_cuda(), "moegate: logits must be a CUDA tensor, got device ", logits.device());
+  for (const at::Tensor* t : {&xa, &lora_b, &scaling, &slot_ids}) {
+    TORCH_CHECK(t->device() == logits.device(), "moegate: lora_expand's tensors must all be on ",
+                logits.device(), ", one is on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "moegate: lora_expand's tensors must be contiguous");
+  }
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "moegate: logits must be a contiguous [M, E]");
+  TORCH_CHECK(lora_b.dim() == 3, "moegate: lora_b must be [S, E, R], got ", lora_b.sizes());
+  const int64_t M = logits.size(0), E = logits.size(1), S = lora_b.size(0), R = lora_b.size(2);
+  TORCH_CHECK(lora_b.size(1) == E, "moegate: lora_b has E=", lora_b.size(1), " but logits have E=", E);
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == S * R, "moegate: xa must be [", M,
+              ", ", S * R, "], got ", xa.sizes());
+  TORCH_CHECK(xa.scalar_type() == at::kFloat, "moegate: xa must be float32, got ", xa.scalar_type());
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
+              "moegate: scaling must be float32 [", S, "]");
+  TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == M && slot_ids.scalar_type() == at::kLong,
+              "moegate: slot_ids must be int64 [", M, "]");
+  TORCH_CHECK(M <= INT32_MAX && E * std::max<int64_t>(R, 1) * std::max<int64_t>(S, 1) <= INT32_MAX,
+              "moegate: lora_expand sizes must fit in int32");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor out = at::empty_like(logits);
+  if (M == 0 || E == 0) return out;
+  if (S == 0 || R == 0) return out.copy_(logits);
+  LoraExpandArgs args;
+  args.logits = logits.data_ptr();
+  args.xa = xa.data_ptr<float>();
+  args.lora_b = lora_b.data_ptr();
+  args.scaling = scaling.data_ptr<float>();
+  args.slot_ids = slot_ids.data_ptr<int64_t>();
+  args.out = out.data_ptr();
+  args.M = static_cast<int>(M);
+  args.E = static_cast<int>(E);
+  args.S = static_cast<int>(S);
+  args.R = static_cast<int>(R);
+  args.logits_dtype = to_dtype(logits.scalar_type());
+  args.b_dtype = to_dtype(lora_b.scalar_type());
+  args.stream = at::cuda::getCurrentCUDAStream(logits.get_device()).stream();
+  check_launch(launch_lora_expand(args), "lora_expand");
+  return out;
+}
+
 }  // namespace
 }  // namespace moegate
 
@@ -195,6 +245,8 @@ TORCH_LIBRARY(moegate, m) {
         "bool pdl=False, int expert_tiles=0, int token_tiles=0, int cluster=0) -> Tensor");
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int experts_per_cta=0) -> Tensor");
+  m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
@@ -202,6 +254,7 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("router_gemm_simple", &moegate::router_gemm_simple);
   m.impl("router_gemm_sm90", &moegate::router_gemm_sm90);
   m.impl("router_gemm_small_m", &moegate::router_gemm_small_m);
+  m.impl("lora_expand", &moegate::lora_expand);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

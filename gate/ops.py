@@ -232,6 +232,67 @@ def router_gemm_small_m(
                                                  out_dtype, pdl, experts_per_cta)
 
 
+def lora_expand_torch(
+    logits: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    slot_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The PyTorch path of ``lora_expand`` (CPU, or any device), batched ops only, no host sync."""
+    num_slots, num_experts, rank = lora_b.shape
+    num_tokens = logits.shape[0]
+    compute = torch.promote_types(xa.dtype, lora_b.dtype)
+    # Per slot, scaling folded into B: [S, M, R] @ [S, R, E] -> [S, M, E]; cheaper than gathering a
+    # [M, E, R] B per token for S <= 8, R <= 64.
+    lora_b_scaled = lora_b.to(compute) * scaling.view(num_slots, 1, 1)
+    per_slot = torch.bmm(xa.view(num_tokens, num_slots, rank).transpose(0, 1).to(compute),
+                         lora_b_scaled.transpose(1, 2))
+    # Out-of-range ids (-1 = no adapter) clamp to a real slot for the gather, then fail the
+    # equality and keep the base logits: a bad id never faults on the device.
+    slot = slot_ids.clamp(0, num_slots - 1)
+    delta = per_slot.gather(0, slot.view(1, num_tokens, 1).expand(1, num_tokens, num_experts))
+    has_adapter = (slot == slot_ids).unsqueeze(1)
+    # torch.where, not a zero delta for no-adapter tokens: -0.0 + 0.0 is +0.0, not the base bits.
+    return torch.where(has_adapter, (logits + delta.squeeze(0)).to(logits.dtype), logits)
+
+
+def lora_expand(
+    logits: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    slot_ids: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The expand half of a multi-adapter LoRA delta on router logits.
+
+    Semantics, for each token m with slot s = slot_ids[m]:
+        0 <= s < S:  out[m] = logits[m] + scaling[s] * B_s @ xa[m, s*R:(s+1)*R]   (fp32, one rounding)
+        otherwise:   out[m] = logits[m], bit for bit
+    logits: [M, E]; xa: [M, S*R] fp32, or fp64 for fp64 models (the shrink x @ A^T of every slot);
+    lora_b: [S, E, R];
+    scaling: [S] fp32; slot_ids: [M] int64. Returns [M, E] in logits' dtype. One kernel on the
+    GPU (``"moegate"`` backend), batched PyTorch ops elsewhere.
+    """
+    num_slots, num_experts, rank = lora_b.shape
+    num_tokens = logits.shape[0]
+    if logits.dim() != 2 or logits.shape[1] != num_experts:
+        raise ValueError(f"logits must be [M, {num_experts}], got {tuple(logits.shape)}")
+    if xa.shape != (num_tokens, num_slots * rank) or xa.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"xa must be float32 (or float64) [{num_tokens}, {num_slots * rank}], got "
+                         f"{xa.dtype} {tuple(xa.shape)}")
+    if scaling.shape != (num_slots,) or slot_ids.shape != (num_tokens,):
+        raise ValueError(f"scaling must be [{num_slots}] and slot_ids [{num_tokens}], got "
+                         f"{tuple(scaling.shape)} and {tuple(slot_ids.shape)}")
+    if backend is None:
+        backend = backend_for(logits.device, lora_b.dtype)
+    if backend == "moegate" and xa.dtype == torch.float32:
+        return torch.ops.moegate.lora_expand(logits.contiguous(), xa.contiguous(), lora_b.contiguous(),
+                                             scaling.float().contiguous(), slot_ids.long().contiguous())
+    return lora_expand_torch(logits, xa, lora_b, scaling, slot_ids)
+
+
 if _C is not None:
 
     def _logits_like(x, weight, out_dtype):
@@ -254,3 +315,7 @@ if _C is not None:
     def _router_gemm_small_m_fake(x, weight, bias=None, out_dtype=None, pdl=False,
                                   experts_per_cta=0):
         return _logits_like(x, weight, out_dtype)
+
+    @torch.library.register_fake("moegate::lora_expand")
+    def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids):
+        return torch.empty_like(logits)

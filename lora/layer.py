@@ -33,25 +33,13 @@ def add_lora_delta(
     slot_ids: [M] int64. Returns [M, E] in logits' dtype. Batched ops only, no host sync.
     """
     num_slots, rank, in_features = lora_a.shape
-    num_tokens, num_experts = logits.shape
     compute = torch.promote_types(x.dtype, torch.float32)
     # Shrink for every slot at once: a router-shaped GEMM [M, K] x [S*R, K]^T through the same ops
     # path as the base gate (our kernel on the GPU), fp32 straight from the fp32 accumulator.
     xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute,
                          backend=backend)
-    # Expand per slot, scaling folded into B: [S, M, R] @ [S, R, E] -> [S, M, E]. Cheaper than
-    # gathering a [M, E, R] B per token for S <= 8, R <= 64. The fp32 scaling promotes B to the
-    # compute dtype within the one multiply.
-    lora_b_scaled = lora_b * scaling.view(num_slots, 1, 1)
-    per_slot = torch.bmm(xa.view(num_tokens, num_slots, rank).transpose(0, 1),
-                         lora_b_scaled.transpose(1, 2))
-    # Out-of-range ids (-1, or anything a caller wrote past validation) clamp to a real slot for the
-    # gather, then fail the equality and keep the base logits: a bad id never faults on the device.
-    slot = slot_ids.clamp(0, num_slots - 1)
-    delta = per_slot.gather(0, slot.view(1, num_tokens, 1).expand(1, num_tokens, num_experts))
-    has_adapter = (slot == slot_ids).unsqueeze(1)
-    # torch.where, not a zero delta for no-adapter tokens: -0.0 + 0.0 is +0.0, not the base bits.
-    return torch.where(has_adapter, (logits + delta.squeeze(0)).to(logits.dtype), logits)
+    # Expand: each token's slot of xa through its B, scaled, added once (one kernel on the GPU).
+    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, backend=backend)
 
 
 class GateLinearWithLoRA(nn.Module):

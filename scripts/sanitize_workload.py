@@ -1,7 +1,8 @@
 """A small, representative router workload for compute-sanitizer (memcheck, racecheck, synccheck).
 
 Every kernel path once or twice: the Hopper kernel in each tile configuration at tile-boundary
-sizes, PDL on and off, bias on and off, bf16 and fp32 output; the foundation kernel on odd sizes.
+sizes, PDL on and off, bias on and off, bf16 and fp32 output; the foundation kernel on odd sizes;
+the LoRA expand kernel with every slot, no adapter and out-of-range ids.
 Exits non-zero if any result is off, so the sanitizer run checks answers as well as accesses.
 """
 
@@ -35,9 +36,19 @@ def main():
                 check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta), x, w, b)
         check(ops.router_gemm(x, w, b), x, w, b)
     for M, K, E in [(3, 13, 5), (17, 100, 1)]:
-        x = torch.randn(M, K, generator=generator, device="cuda")
-        w = torch.randn(E, K, generator=generator, device="cuda")
+        x = torch.randn(M, K, generator=generator).cuda()
+        w = torch.randn(E, K, generator=generator).cuda()
         check(ops.router_gemm_simple(x, w, None), x, w, None)
+    for M, E, S, R in [(1, 32, 4, 16), (7, 13, 3, 5), (129, 128, 8, 64)]:
+        logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
+        xa = torch.randn(M, S * R, generator=generator).cuda()
+        lora_b = torch.randn(S, E, R, generator=generator).to("cuda", torch.bfloat16)
+        scaling = torch.rand(S, generator=generator).cuda()
+        slot_ids = torch.randint(-1, S + 1, (M,), generator=generator).cuda()
+        out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids).double()
+        expected = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, backend="torch").double()
+        if not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
+            sys.exit(f"wrong lora_expand result at M={M}, E={E}, S={S}, R={R}")
     torch.cuda.synchronize()
     print("sanitize workload: all results correct")
 

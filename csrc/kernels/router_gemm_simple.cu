@@ -1,29 +1,12 @@
 // The foundation router GEMM: one warp per output element, scalar loads, fp32 accumulation.
 // Correct for every shape, dtype combination and alignment; the Hopper kernel is the fast path.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "kernels/float_convert.cuh"
 #include "kernels/router_gemm.h"
 
 namespace moegate {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Work item i = m * E + e. Lanes stride over K; the butterfly reduction has a fixed order, so
 // results are bitwise reproducible run to run.

@@ -1,0 +1,34 @@
+// Launcher of the LoRA expand kernel: the second half of a multi-adapter router LoRA delta.
+// Torch-free: CUDA runtime types only.
+//
+// Semantics, for every token m with slot s = slot_ids[m]:
+//   0 <= s < S:  out[m, e] = round(logits[m, e] + scaling[s] * sum_r xa[m, s*R + r] * lora_b[s, e, r])
+//   otherwise:   out[m, e] = logits[m, e], bit for bit (the token has no adapter)
+// with the sum and the add in fp32 and one rounding to the logits' dtype. `xa` is the shrink
+// x @ A^T for every slot at once ([M, S*R], fp32), computed by the router GEMM.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "kernels/router_gemm.h"
+
+namespace moegate {
+
+struct LoraExpandArgs {
+  const void* logits = nullptr;      // [M, E], dtype logits_dtype
+  const float* xa = nullptr;         // [M, S * R]
+  const void* lora_b = nullptr;      // [S, E, R], dtype b_dtype
+  const float* scaling = nullptr;    // [S]
+  const int64_t* slot_ids = nullptr; // [M]; any value outside [0, S) means "no adapter"
+  void* out = nullptr;               // [M, E], dtype logits_dtype; may not alias logits
+  int M = 0, E = 0, S = 0, R = 0;
+  DType logits_dtype = DType::kBFloat16;
+  DType b_dtype = DType::kBFloat16;
+  cudaStream_t stream = nullptr;
+};
+
+cudaError_t launch_lora_expand(const LoraExpandArgs& args);
+
+}  // namespace moegate

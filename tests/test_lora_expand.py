@@ -1,0 +1,106 @@
+"""ops.lora_expand, the expand half of the multi-adapter LoRA delta: the PyTorch path on the CPU and
+the CUDA kernel on the GPU, against a float64 reference that loops over tokens."""
+
+import pytest
+import torch
+from gpu_helpers import call_poisoned
+
+from gate import ops
+
+
+def make_inputs(M, E, S, R, logits_dtype, b_dtype, device, seed):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(M, E, generator=generator)).to(device, logits_dtype)
+    xa = torch.randn(M, S * R, generator=generator).to(device)
+    lora_b = (torch.randn(S, E, R, generator=generator) / R**0.5).to(device, b_dtype)
+    scaling = (0.5 + torch.rand(S, generator=generator)).to(device)
+    # Every slot, "no adapter" (-1) and ids outside [0, S) that must also mean "no adapter".
+    slot_ids = torch.randint(-2, S + 2, (M,), generator=generator).to(device)
+    return logits, xa, lora_b, scaling, slot_ids
+
+
+def reference(logits, xa, lora_b, scaling, slot_ids):
+    """float64, one token at a time; tokens without a valid slot keep their logits."""
+    S, _, R = lora_b.shape
+    out = logits.double().clone()
+    for m, s in enumerate(slot_ids.tolist()):
+        if 0 <= s < S:
+            out[m] += scaling[s].double() * (lora_b[s].double() @ xa[m, s * R:(s + 1) * R].double())
+    return out
+
+
+def check(out, logits, xa, lora_b, scaling, slot_ids):
+    ref = reference(logits, xa, lora_b, scaling, slot_ids)
+    S = lora_b.shape[0]
+    no_adapter = (slot_ids < 0) | (slot_ids >= S)
+    assert out.dtype == logits.dtype and out.shape == logits.shape
+    assert torch.equal(out[no_adapter].view(torch.uint8), logits[no_adapter].view(torch.uint8)), \
+        "no-adapter tokens changed"
+    # One rounding of the exact value, plus fp32 summation slack.
+    rounding = (ref.to(logits.dtype).double() - ref).abs()
+    slack = 1e-5 * (ref.abs() + 1)
+    assert ((out.double() - ref).abs() <= 2 * rounding + slack).all()
+
+
+@pytest.mark.parametrize("M,E,S,R", [(0, 8, 2, 4), (1, 32, 1, 1), (7, 13, 3, 5), (128, 128, 4, 16),
+                                     (33, 300, 8, 64)])
+def test_torch_path_matches_float64(M, E, S, R):
+    args = make_inputs(M, E, S, R, torch.bfloat16, torch.bfloat16, "cpu", seed=M + E + S + R)
+    check(ops.lora_expand(*args, backend="torch"), *args)
+
+
+def test_bad_shapes_are_value_errors():
+    logits, xa, lora_b, scaling, slot_ids = make_inputs(4, 8, 2, 4, torch.float32, torch.float32, "cpu", 0)
+    with pytest.raises(ValueError, match="xa must be"):
+        ops.lora_expand(logits, xa[:, :5], lora_b, scaling, slot_ids)
+    with pytest.raises(ValueError, match="logits must be"):
+        ops.lora_expand(logits[:, :7], xa, lora_b, scaling, slot_ids)
+    with pytest.raises(ValueError, match="slot_ids"):
+        ops.lora_expand(logits, xa, lora_b, scaling, slot_ids[:3])
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("M,E,S,R", [(1, 32, 1, 1), (1, 128, 4, 64), (7, 13, 3, 5), (128, 128, 8, 16),
+                                     (1000, 300, 2, 8), (70000, 8, 2, 4)])
+@pytest.mark.parametrize("logits_dtype,b_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.bfloat16),
+                                                  (torch.float16, torch.float16),
+                                                  (torch.float32, torch.float32)])
+def test_kernel_matches_float64(M, E, S, R, logits_dtype, b_dtype):
+    args = make_inputs(M, E, S, R, logits_dtype, b_dtype, "cuda", seed=M * 3 + E + S + R)
+    out = call_poisoned(ops.lora_expand, (M, E), logits_dtype, *args)
+    check(out.cpu(), *(a.cpu() for a in args))
+
+
+@pytest.mark.kernel
+def test_kernel_keeps_signed_zeros_and_nans_of_no_adapter_tokens():
+    logits, xa, lora_b, scaling, _ = make_inputs(4, 16, 2, 4, torch.bfloat16, torch.bfloat16, "cuda", 1)
+    logits[0, 0], logits[1, 1] = -0.0, float("nan")
+    slot_ids = torch.tensor([-1, 5, 0, 1], device="cuda")
+    out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids)
+    assert torch.equal(out[:2].view(torch.int16), logits[:2].view(torch.int16))
+
+
+@pytest.mark.kernel
+def test_kernel_under_cuda_graph_sees_new_slots_and_adapters():
+    args = make_inputs(16, 32, 4, 8, torch.bfloat16, torch.bfloat16, "cuda", 2)
+    logits, xa, lora_b, scaling, slot_ids = args
+    ops.lora_expand(logits, xa, lora_b, scaling, slot_ids)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids)
+    for seed in range(3):
+        fresh = make_inputs(16, 32, 4, 8, torch.bfloat16, torch.bfloat16, "cuda", 10 + seed)
+        for buffer, value in zip((logits, xa, lora_b, scaling, slot_ids), fresh):
+            buffer.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out.cpu(), *(a.cpu() for a in fresh))
+
+
+@pytest.mark.kernel
+def test_kernel_and_torch_path_agree_within_rounding():
+    args = make_inputs(64, 128, 4, 16, torch.bfloat16, torch.bfloat16, "cuda", 3)
+    ours, torch_path = ops.lora_expand(*args), ops.lora_expand(*args, backend="torch")
+    ulp = torch.finfo(torch.bfloat16).eps * torch_path.float().abs().clamp_min(1)
+    assert ((ours.float() - torch_path.float()).abs() <= ulp).all()
