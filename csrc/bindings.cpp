@@ -159,7 +159,7 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
                           : at::mm(x, weight.t(), out_type);
 }
 
-// The dispatching op: on Hopper, the decode kernel for M <= 4 and the tensor-core kernel up to
+// The dispatching op: on Hopper, the decode kernel for M <= 8 and the tensor-core kernel up to
 // the cuBLAS crossover; cuBLAS for large bf16/fp16 calls; the foundation kernel for the rest.
 at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
@@ -259,6 +259,7 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "moegate's CUDA kernels; the ops are torch.ops.moegate.*, wrapped by gate.ops";
+  module.attr("cublas_crossover_macs") = moegate::kCublasCrossoverMacs;
   module.def(
       "kernels_run_on",
       [](int device) {

@@ -150,6 +150,9 @@ def router_gemm(
 SM90_MAX_M = 256
 SM90_MAX_E = 512
 SMALL_M_MAX_M = 8
+# router_gemm on the GPU hands bf16/fp16 calls with more multiply-adds (M * E * K) than this to
+# cuBLAS (csrc/bindings.cpp says why); None without the extension.
+CUBLAS_CROSSOVER_MACS = None if _C is None else _C.cublas_crossover_macs
 
 
 def _check_hopper_kernel_inputs(x, weight, bias, out_dtype, max_m, kernel):

@@ -173,9 +173,9 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta) {
   if (experts_per_cta == 0) {
-    // Measured on an H200 (benchmarks/results/router_gemm_tune_*): 4 experts per CTA at M = 1,
-    // 2 at M = 2..4, for E = 32 and 128 alike.
-    experts_per_cta = a.M == 1 ? 4 : 2;
+    // Measured on an H200 with `benchmarks/router_gemm.py --tune` (cold weights, E = 32 and 128
+    // alike): 4 experts per CTA at M = 1, 2 at M = 2..4, 1 at M = 5..8.
+    experts_per_cta = a.M == 1 ? 4 : (a.M <= 4 ? 2 : 1);
   }
   if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta);
   return launch_out<__nv_bfloat16>(a, experts_per_cta);
