@@ -317,8 +317,12 @@ def plot(rows: list[Row], path: str) -> None:
         print("matplotlib is not installed: no PNG plot", file=sys.stderr)
         return
     shapes = sorted({r.shape for r in rows if r.provider == "cublas"})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.6), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    cols = min(3, len(shapes))
+    rows_ = -(-len(shapes) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.5 * cols, 3.4 * rows_), squeeze=False)
+    for ax in axes.flat[len(shapes):]:
+        ax.set_visible(False)
+    for ax, shape in zip(axes.flat, shapes):
         for provider in ("cublas", "moegate", "moegate+pdl"):
             pts = sorted((r.M, r.us) for r in rows
                          if r.shape == shape and r.cache == "cold" and r.provider == provider)
@@ -330,7 +334,7 @@ def plot(rows: list[Row], path: str) -> None:
         ax.set_ylabel("µs per call (cold)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

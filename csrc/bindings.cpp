@@ -15,16 +15,14 @@
 namespace moegate {
 namespace {
 
-// cuBLAS beats the Hopper kernels once a call holds more than about 60M multiply-adds: measured on
-// an H200 with cold weights (benchmarks/results/), e.g. DeepSeek-V3 (K=7168, E=256) wins up to
-// M=32 (59M) and loses at M=128, Qwen3-MoE (K=2048, E=128) loses at M=256 (67M), gpt-oss-120b
-// ties at M=256 (94M). router_gemm hands such calls to cuBLAS inside the op, so the choice is made
-// per call even under torch.compile and CUDA graphs.
+// cuBLAS beats the Hopper kernels once a call holds more than about 60M multiply-adds (100M with
+// fp32 logits, where cuBLAS is ~3 us slower): measured on an H200 with cold weights
+// (benchmarks/results/). DeepSeek-V3 (K=7168, E=256, fp32 logits) wins at M=32 (59M) and loses at
+// M=128; Qwen3-MoE (K=2048, E=128) loses at M=256 (67M); gpt-oss-120b ties at M=256 (94M) with
+// bf16 logits and wins there by 3 us with fp32 logits. router_gemm hands such calls to cuBLAS
+// inside the op, so the choice is made per call even under torch.compile and CUDA graphs.
 constexpr int64_t kCublasCrossoverMacs = 60'000'000;
-
-bool cublas_is_faster(const RouterGemmArgs& a) {
-  return a.M > kSm90MaxM || int64_t{a.M} * a.E * a.K > kCublasCrossoverMacs;
-}
+constexpr int64_t kCublasCrossoverMacsFp32Out = 100'000'000;
 
 DType to_dtype(at::ScalarType type) {
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
@@ -159,8 +157,27 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
                           : at::mm(x, weight.t(), out_type);
 }
 
-// The dispatching op: on Hopper, the decode kernel for M <= 8 and the tensor-core kernel up to
-// the cuBLAS crossover; cuBLAS for large bf16/fp16 calls; the foundation kernel for the rest.
+// What the dispatching op runs; the values are router_gemm_route's (gate/ops.py names them).
+enum class Route : int64_t { kCublas = 0, kSmallM = 1, kSm90 = 2, kSimple = 3 };
+
+// On Hopper, the decode kernel for M <= 8 and the tensor-core kernel up to the cuBLAS crossover;
+// cuBLAS for large bf16/fp16 calls; the foundation kernel for everything else.
+Route route_for(const at::Tensor& x, const RouterGemmArgs& a) {
+  const bool half_input = a.in_dtype != DType::kFloat32;
+  const bool cublas_out = a.out_dtype == a.in_dtype || (half_input && a.out_dtype == DType::kFloat32);
+  const int64_t macs_limit =
+      a.out_dtype == DType::kFloat32 ? kCublasCrossoverMacsFp32Out : kCublasCrossoverMacs;
+  if (half_input && cublas_out && (a.M > kSm90MaxM || int64_t{a.M} * a.E * a.K > macs_limit)) {
+    return Route::kCublas;
+  }
+  // The Hopper kernels' checks include shape, dtype and 16-byte alignment of x and weight.
+  if (is_hopper(x) && a.M <= kSmallDispatchMaxM && router_gemm_small_m_unsupported(a) == nullptr) {
+    return Route::kSmallM;
+  }
+  if (is_hopper(x) && router_gemm_sm90_unsupported(a) == nullptr) return Route::kSm90;
+  return Route::kSimple;
+}
+
 at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias,
                        std::optional<at::ScalarType> out_dtype, bool pdl) {
@@ -168,25 +185,28 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
-  const bool half_input = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  const bool cublas_out = out_type == x.scalar_type() || (half_input && out_type == at::kFloat);
-  if (half_input && cublas_out && cublas_is_faster(args)) {
-    return router_gemm_cublas(x, weight, bias, out_type);
-  }
+  const Route route = route_for(x, args);
+  if (route == Route::kCublas) return router_gemm_cublas(x, weight, bias, out_type);
   at::Tensor out = allocate_out(x, weight, out_type, args);
   if (args.M == 0) return out;
-  // The Hopper kernels' checks include shape, dtype and 16-byte alignment of x and weight.
-  if (is_hopper(x) && args.M <= kSmallDispatchMaxM &&
-      router_gemm_small_m_unsupported(args) == nullptr) {
-    check_launch(launch_router_gemm_small_m(args, 0), "router_gemm_small_m");
-    return out;
+  switch (route) {
+    case Route::kSmallM:
+      check_launch(launch_router_gemm_small_m(args, 0), "router_gemm_small_m");
+      break;
+    case Route::kSm90:
+      check_launch(launch_router_gemm_sm90(args, RouterGemmSm90Config{}), "router_gemm_sm90");
+      break;
+    default: check_launch(launch_router_gemm_simple(args), "router_gemm_simple");
   }
-  if (is_hopper(x) && router_gemm_sm90_unsupported(args) == nullptr) {
-    check_launch(launch_router_gemm_sm90(args, RouterGemmSm90Config{}), "router_gemm_sm90");
-    return out;
-  }
-  check_launch(launch_router_gemm_simple(args), "router_gemm_simple");
   return out;
+}
+
+int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
+                          std::optional<at::ScalarType> out_dtype) {
+  check_inputs(x, weight, std::nullopt);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  return static_cast<int64_t>(route_for(x, make_args(x, weight, std::nullopt, out_type, false)));
 }
 
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
@@ -245,6 +265,7 @@ TORCH_LIBRARY(moegate, m) {
         "bool pdl=False, int expert_tiles=0, int token_tiles=0, int cluster=0) -> Tensor");
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int experts_per_cta=0) -> Tensor");
+  m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None) -> int");
   m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids) "
         "-> Tensor");
 }
@@ -254,12 +275,12 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("router_gemm_simple", &moegate::router_gemm_simple);
   m.impl("router_gemm_sm90", &moegate::router_gemm_sm90);
   m.impl("router_gemm_small_m", &moegate::router_gemm_small_m);
+  m.impl("router_gemm_route", &moegate::router_gemm_route);
   m.impl("lora_expand", &moegate::lora_expand);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "moegate's CUDA kernels; the ops are torch.ops.moegate.*, wrapped by gate.ops";
-  module.attr("cublas_crossover_macs") = moegate::kCublasCrossoverMacs;
   module.def(
       "kernels_run_on",
       [](int device) {

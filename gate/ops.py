@@ -150,9 +150,6 @@ def router_gemm(
 SM90_MAX_M = 256
 SM90_MAX_E = 512
 SMALL_M_MAX_M = 8
-# router_gemm on the GPU hands bf16/fp16 calls with more multiply-adds (M * E * K) than this to
-# cuBLAS (csrc/bindings.cpp says why); None without the extension.
-CUBLAS_CROSSOVER_MACS = None if _C is None else _C.cublas_crossover_macs
 
 
 def _check_hopper_kernel_inputs(x, weight, bias, out_dtype, max_m, kernel):
@@ -233,6 +230,17 @@ def router_gemm_small_m(
     return torch.ops.moegate.router_gemm_small_m(x.contiguous(), weight.contiguous(),
                                                  None if bias is None else bias.contiguous(),
                                                  out_dtype, pdl, experts_per_cta)
+
+
+ROUTES = ("cublas", "small_m", "sm90", "simple")  # router_gemm_route's answers, by code
+
+
+def router_gemm_route(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None) -> str:
+    """Which implementation ``router_gemm`` on the ``"moegate"`` backend runs for these inputs:
+    ``"small_m"`` (decode kernel), ``"sm90"`` (tensor-core kernel), ``"cublas"`` (above the measured
+    crossover) or ``"simple"`` (the foundation kernel). Decided inside the op, per call."""
+    _check_router_inputs(x, weight, None)
+    return ROUTES[torch.ops.moegate.router_gemm_route(x.contiguous(), weight.contiguous(), out_dtype)]
 
 
 def lora_expand_torch(

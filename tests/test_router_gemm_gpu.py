@@ -27,9 +27,9 @@ def check_against_cublas(fn, M, K, E, bias, out_dtype, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     x = realistic_activations(M, K, generator)
     weight, b = router_weights(E, K, generator, bias=bias)
-    ours = M <= SM90_MAX_M and M * E * K <= ops.CUBLAS_CROSSOVER_MACS  # else cuBLAS allocates
+    cublas = fn is ops.router_gemm and ops.router_gemm_route(x, weight, out_dtype) == "cublas"
     out = call_poisoned(fn, (M, E), out_dtype or torch.bfloat16, x, weight, b, out_dtype,
-                        require_poisoned=ours or fn is not ops.router_gemm, **kwargs)
+                        require_poisoned=not cublas, **kwargs)  # cuBLAS allocates on its own terms
     assert out.shape == (M, E) and out.dtype == (out_dtype or torch.bfloat16)
     assert torch.isfinite(out).all(), "an output element was not written (NaN poison survived)"
     ref = reference_logits(x, weight, b)
@@ -230,3 +230,21 @@ def test_gate_linear_uses_the_kernel_and_matches_reference():
     assert rel_error(out.view(15, 32), ref) <= 2 * rel_error(cublas, ref) + 1e-7
     assert GateLinear(16, 8).cuda().backend_for() == "moegate"
     assert GateLinear(16, 8).backend_for() == "torch"
+
+
+@pytest.mark.parametrize("M,K,E,dtype,out_dtype,route", [
+    (1, 2880, 128, torch.bfloat16, None, "small_m"),
+    (8, 2880, 32, torch.bfloat16, torch.float32, "small_m"),
+    (9, 2880, 128, torch.bfloat16, None, "sm90"),
+    (128, 2880, 128, torch.bfloat16, None, "sm90"),
+    (256, 2880, 128, torch.bfloat16, None, "cublas"),  # 94M multiply-adds, bf16 logits: a tie
+    (256, 2880, 128, torch.bfloat16, torch.float32, "sm90"),  # fp32 logits: 3 us ahead
+    (128, 7168, 256, torch.bfloat16, torch.float32, "cublas"),
+    (300, 2880, 32, torch.bfloat16, None, "cublas"),
+    (16, 2884, 128, torch.bfloat16, None, "simple"),  # K not a multiple of 8
+    (16, 2880, 128, torch.float32, None, "simple"),
+])
+def test_router_gemm_route_follows_the_measured_crossover(M, K, E, dtype, out_dtype, route):
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    weight = torch.randn(E, K, device="cuda", dtype=dtype)
+    assert ops.router_gemm_route(x, weight, out_dtype) == route
