@@ -230,19 +230,27 @@ class GateLinearWithLoRA(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
         if self.merged_slot is not None:
-            return self.base_layer(x)
+            return base(x)
         if self.token_slots is None:
             raise RuntimeError("GateLinearWithLoRA has no TokenSlots attached: call set_token_slots(), "
                                "or wrap the model with lora.replace_modules()")
-        logits = self.base_layer(x)  # also checks x's shape, dtype and device
-        x_flat = x.reshape(-1, self.in_features)
+        # At decode sizes a router costs host time, not GPU time: the base gate's op is called here
+        # directly, without GateLinear.forward's module call, shape check and two reshapes, and a 2-D
+        # x (what transformers' routers get) is used as it is.
+        x_flat = x
+        if x.dim() != 2:
+            if x.dim() == 0 or x.shape[-1] != base.in_features:
+                raise ValueError(f"x must have shape [..., {base.in_features}], got {tuple(x.shape)}")
+            x_flat = x.reshape(-1, base.in_features)
+        logits = ops.router_gemm(x_flat, base.weight, base.bias, out_dtype=base.out_dtype, pdl=base.pdl,
+                                 backend=base.backend_for())
+        # The mapping's device is the weight's: checked when attached, moved with the layer.
         slot_ids = self.token_slots.for_tokens(x_flat.shape[0])
-        if slot_ids.device != x.device:
-            raise ValueError(f"the token->slot mapping is on {slot_ids.device} but x is on {x.device}")
-        out = add_lora_delta(logits.reshape(-1, self.num_experts), x_flat, self.lora_a_stacked,
-                             self.lora_b_stacked, self.scaling, slot_ids, self.base_layer.backend_for())
-        return out.view(logits.shape)
+        out = add_lora_delta(logits, x_flat, self.lora_a_stacked, self.lora_b_stacked, self.scaling,
+                             slot_ids, base.backend_for())
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], base.num_experts)
 
     # -- delegation to the base layer ------------------------------------------------------------
 

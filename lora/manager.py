@@ -239,7 +239,8 @@ class AdapterManager:
             per_sequence = torch.tensor([NO_ADAPTER if n is None else slot_of[n] for n in names],
                                         dtype=torch.int64)
             mapping = per_sequence.repeat_interleave(torch.tensor(counts, dtype=torch.int64))
-            self.token_slots.set(mapping)
+            # Unchecked: every id is -1 or a slot below max_loras, which every layer has (__init__).
+            self.token_slots.set(mapping, validate=False)
             return self.token_slots.for_tokens(mapping.shape[0])
 
     @contextlib.contextmanager

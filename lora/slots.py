@@ -43,6 +43,7 @@ class TokenSlots:
         self.num_slots = num_slots
         self.num_tokens = 0
         self.slot_ids = torch.full((max_tokens,), NO_ADAPTER, dtype=torch.int64, device=device)
+        self._current = self.slot_ids[:0]  # the view for_tokens returns, made once per set, not per layer
 
     @property
     def device(self) -> torch.device:
@@ -63,9 +64,14 @@ class TokenSlots:
             raise ValueError(f"{count} tokens do not fit in a TokenSlots of max_tokens={self.max_tokens}")
         if validate and count:
             self._check_ids(int(ids.min()), int(ids.max()))
-        self.slot_ids[:count].copy_(ids)
-        self.slot_ids[count:].fill_(NO_ADAPTER)
-        self.num_tokens = count
+        if self.slot_ids.is_cuda and not ids.is_cuda:
+            # From pinned memory, asynchronously: a copy from pageable memory waits for the GPU to
+            # finish all queued work, a host sync every step. The caching host allocator keeps the
+            # pinned copy alive until the transfer is done.
+            self.slot_ids[:count].copy_(ids.to(torch.int64).pin_memory(), non_blocking=True)
+        else:
+            self.slot_ids[:count].copy_(ids)
+        self._set_count(count)
 
     def fill(self, num_tokens: int, slot: int) -> None:
         """Every one of ``num_tokens`` tokens uses ``slot`` (or -1): the single-adapter batch."""
@@ -75,8 +81,7 @@ class TokenSlots:
             raise ValueError(f"num_tokens must be in [0, {self.max_tokens}], got {num_tokens}")
         self._check_ids(slot, slot)
         self.slot_ids[:num_tokens].fill_(slot)
-        self.slot_ids[num_tokens:].fill_(NO_ADAPTER)
-        self.num_tokens = num_tokens
+        self._set_count(num_tokens)
 
     def for_tokens(self, num_tokens: int) -> torch.Tensor:
         """The mapping of a batch of ``num_tokens`` tokens: a [num_tokens] view of ``slot_ids``.
@@ -86,11 +91,13 @@ class TokenSlots:
         recompile for every batch size, even with dynamic shapes. Eager calls (and so CUDA-graph
         capture) always check.
         """
-        if not torch.compiler.is_compiling() and num_tokens != self.num_tokens:
+        if torch.compiler.is_compiling():
+            return self.slot_ids[:num_tokens]
+        if num_tokens != self.num_tokens:
             raise ValueError(
                 f"the batch has {num_tokens} tokens but the token->slot mapping was set for "
                 f"{self.num_tokens}; call TokenSlots.set() with one slot id per token before the forward")
-        return self.slot_ids[:num_tokens]
+        return self._current
 
     def limit_slots(self, num_slots: int) -> None:
         """Lowers the bound on slot ids to ``num_slots`` (never raises it).
@@ -117,7 +124,16 @@ class TokenSlots:
         device = torch.device(device)
         if device != self.slot_ids.device:
             self.slot_ids = self.slot_ids.to(device)
+            self._set_count(self.num_tokens)
         return self
+
+    def _set_count(self, num_tokens: int) -> None:
+        # Entries past num_tokens already hold -1 except those the previous mapping used: reset only
+        # those, not the whole buffer, every step.
+        if num_tokens < self.num_tokens:
+            self.slot_ids[num_tokens:self.num_tokens].fill_(NO_ADAPTER)
+        self.num_tokens = num_tokens
+        self._current = self.slot_ids[:num_tokens]
 
     def _check_ids(self, lowest: int, highest: int) -> None:
         if lowest < NO_ADAPTER:

@@ -32,8 +32,17 @@ def test_demo_trains_serves_swaps_and_matches_peft(tmp_path, capsys):
     assert "adapters  loading math, code, chat, code_v2" in capsys.readouterr().out
 
 
+@needs_target_parameters
+def test_demo_in_bf16_judges_the_routers_alone(tmp_path, capsys):
+    args = ["--quick", "--device", "cpu", "--dtype", "bfloat16", "--new-tokens", "4", "--adapter-dir",
+            str(tmp_path)]
+    assert load_demo().main(args) == 0
+    out = capsys.readouterr().out
+    assert "verdict   PASS: routers alone: top-k = float64" in out and "end to end (informative)" in out
+
+
 @pytest.mark.gpu
 @needs_target_parameters
 def test_demo_on_the_gpu(tmp_path, capsys):
     assert load_demo().main(["--quick", "--device", "cuda", "--adapter-dir", str(tmp_path)]) == 0
-    assert "verdict   PASS" in capsys.readouterr().out
+    assert "verdict   PASS: routers alone" in capsys.readouterr().out

@@ -180,6 +180,8 @@ def test_forward_needs_token_slots_and_the_right_token_count():
     layer.token_slots.set([0, -1])
     with pytest.raises(ValueError, match="3 tokens"):
         layer(x)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 32\]"):  # 96 values would reshape to [3, 32]
+        layer(torch.randn(2, 3, 16).to(torch.bfloat16))
     with pytest.raises(ValueError, match="out of range"):
         layer.token_slots.set([0, 2, -1])  # the layer lowered the bound to its 2 slots
     with pytest.raises(TypeError, match="TokenSlots"):
