@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 
 #include "kernels/lora_expand.h"
 #include "kernels/router_gemm.h"
@@ -24,6 +25,18 @@ namespace {
 constexpr int64_t kCublasCrossoverMacs = 60'000'000;
 constexpr int64_t kCublasCrossoverMacsFp32Out = 100'000'000;
 
+// Numbers in error messages go through std::to_string, never an ostream: on the H200 image every
+// TORCH_CHECK that streamed an integer (x.size(1), sizes()) crashed the process with a segfault
+// instead of raising, while messages of strings, dtypes and devices raised cleanly (a libstdc++
+// numeric-formatting mismatch between this build and the loaded runtime is the suspect).
+std::string num(int64_t value) { return std::to_string(value); }
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + num(sizes[i]);
+  return text + "]";
+}
+
 DType to_dtype(at::ScalarType type) {
   TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
               "moegate: unsupported dtype ", type, " (use bf16, fp16 or fp32)");
@@ -34,12 +47,12 @@ DType to_dtype(at::ScalarType type) {
 void check_inputs(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.is_cuda(), "moegate: x must be a CUDA tensor, got device ", x.device());
-  TORCH_CHECK(x.dim() == 2, "moegate: x must be 2-D [M, K], got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 2, "moegate: weight must be 2-D [E, K], got ", weight.dim(), "-D");
+  TORCH_CHECK(x.dim() == 2, "moegate: x must be 2-D [M, K], got ", num(x.dim()), "-D");
+  TORCH_CHECK(weight.dim() == 2, "moegate: weight must be 2-D [E, K], got ", num(weight.dim()), "-D");
   TORCH_CHECK(weight.device() == x.device(), "moegate: x is on ", x.device(),
               " but weight is on ", weight.device());
-  TORCH_CHECK(x.size(1) == weight.size(1), "moegate: x has K=", x.size(1), " but weight has K=",
-              weight.size(1));
+  TORCH_CHECK(x.size(1) == weight.size(1), "moegate: x has K=", num(x.size(1)), " but weight has K=",
+              num(weight.size(1)));
   TORCH_CHECK(weight.size(0) >= 1, "moegate: weight has E=0 experts");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "moegate: x is ", x.scalar_type(),
               " but weight is ", weight.scalar_type());
@@ -51,7 +64,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight,
     TORCH_CHECK(bias->device() == x.device(), "moegate: bias is on ", bias->device(),
                 " but x is on ", x.device());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "moegate: bias must be [",
-                weight.size(0), "], got ", bias->sizes());
+                num(weight.size(0)), "], got ", shape(bias->sizes()));
     TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "moegate: bias is ",
                 bias->scalar_type(), " but weight is ", weight.scalar_type());
     TORCH_CHECK(bias->is_contiguous(), "moegate: bias must be contiguous");
@@ -141,7 +154,7 @@ at::Tensor router_gemm_small_m(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(why_not == nullptr, "moegate: router_gemm_small_m cannot take these inputs: ", why_not);
   TORCH_CHECK(experts_per_cta == 0 || experts_per_cta == 1 || experts_per_cta == 2 ||
                   experts_per_cta == 4,
-              "moegate: experts_per_cta must be 0 (auto), 1, 2 or 4, got ", experts_per_cta);
+              "moegate: experts_per_cta must be 0 (auto), 1, 2 or 4, got ", num(experts_per_cta));
   check_launch(launch_router_gemm_small_m(args, static_cast<int>(experts_per_cta)),
                "router_gemm_small_m");
   return out;
@@ -219,16 +232,16 @@ at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at:
     TORCH_CHECK(t->is_contiguous(), "moegate: lora_expand's tensors must be contiguous");
   }
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "moegate: logits must be a contiguous [M, E]");
-  TORCH_CHECK(lora_b.dim() == 3, "moegate: lora_b must be [S, E, R], got ", lora_b.sizes());
+  TORCH_CHECK(lora_b.dim() == 3, "moegate: lora_b must be [S, E, R], got ", shape(lora_b.sizes()));
   const int64_t M = logits.size(0), E = logits.size(1), S = lora_b.size(0), R = lora_b.size(2);
-  TORCH_CHECK(lora_b.size(1) == E, "moegate: lora_b has E=", lora_b.size(1), " but logits have E=", E);
-  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == S * R, "moegate: xa must be [", M,
-              ", ", S * R, "], got ", xa.sizes());
+  TORCH_CHECK(lora_b.size(1) == E, "moegate: lora_b has E=", num(lora_b.size(1)), " but logits have E=", num(E));
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == S * R, "moegate: xa must be [", num(M),
+              ", ", num(S * R), "], got ", shape(xa.sizes()));
   TORCH_CHECK(xa.scalar_type() == at::kFloat, "moegate: xa must be float32, got ", xa.scalar_type());
   TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
-              "moegate: scaling must be float32 [", S, "]");
+              "moegate: scaling must be float32 [", num(S), "]");
   TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == M && slot_ids.scalar_type() == at::kLong,
-              "moegate: slot_ids must be int64 [", M, "]");
+              "moegate: slot_ids must be int64 [", num(M), "]");
   TORCH_CHECK(M <= INT32_MAX && E * std::max<int64_t>(R, 1) * std::max<int64_t>(S, 1) <= INT32_MAX,
               "moegate: lora_expand sizes must fit in int32");
   const c10::cuda::CUDAGuard guard(logits.device());
