@@ -36,7 +36,6 @@ token and layer outside near-ties, and a largest logit error at most twice PEFT 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import inspect
 import os
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from gate.integrations.transformers import GateGptOssRouter, replace_gpt_oss_routers  # noqa: E402
+from gate.integrations.verify import peft_adapter  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
 
 ADAPTERS = ("math", "code", "chat", "code_v2")
@@ -222,16 +222,6 @@ def serve(model, manager, prompts, new_tokens: int, swap_at: int, swap_to: str, 
             step_calls.append(recorder.take())
     recorder.timing = False
     return torch.cat(tokens, 1), torch.stack(logits, 1), step_calls
-
-
-@contextlib.contextmanager
-def peft_adapter(peft_model, name):
-    if name is None:
-        with peft_model.disable_adapter():
-            yield
-    else:
-        peft_model.set_adapter(name)
-        yield
 
 
 def replay_in_peft(peft_model, prompt, generated, schedule, recorder):

@@ -1,5 +1,6 @@
 """AdapterManager: slots on demand, LRU eviction, CPU cache, swaps from other threads."""
 
+import contextlib
 import copy
 import threading
 
@@ -172,6 +173,26 @@ def test_a_swap_during_a_forward_lands_after_it(model):
     assert torch.equal(run(model, manager, ["a", "a"], tokens), new)
 
 
+@contextlib.contextmanager
+def swapping_in_background(manager, name, versions):
+    """Another thread swaps adapter ``name`` between ``versions`` for as long as the block runs."""
+    stop = threading.Event()
+
+    def keep_swapping():
+        i = 0
+        while not stop.is_set():
+            manager.swap(name, versions[i % len(versions)])
+            i += 1
+
+    worker = threading.Thread(target=keep_swapping)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+
+
 def test_steps_see_whole_adapters_under_concurrent_swaps(model):
     manager = AdapterManager(model, max_loras=2, max_rank=4)
     versions = [random_adapter(10), random_adapter(11)]
@@ -181,23 +202,10 @@ def test_steps_see_whole_adapters_under_concurrent_swaps(model):
     for version in versions:
         manager.swap("a", version)
         references.append(run(model, manager, ["a", None], tokens))
-    stop = threading.Event()
-
-    def keep_swapping():
-        i = 0
-        while not stop.is_set():
-            manager.swap("a", versions[i % 2])
-            i += 1
-
-    worker = threading.Thread(target=keep_swapping)
-    worker.start()
-    try:
+    with swapping_in_background(manager, "a", versions):
         for _ in range(25):
             logits = run(model, manager, ["a", None], tokens)
             assert any(torch.equal(logits, reference) for reference in references)
-    finally:
-        stop.set()
-        worker.join()
     assert len(manager._cpu_cache) <= 2  # swapped-out versions leave the CPU cache
 
 
@@ -246,21 +254,8 @@ def test_gpu_steps_see_whole_adapters_under_concurrent_swaps(cuda_device):
         references.append(run(model, manager, ["a", None, "a", "a"], tokens).float())
     gap = (references[0] - references[1]).abs().max().item()
     assert gap > 0.1
-    stop = threading.Event()
-
-    def keep_swapping():
-        i = 0
-        while not stop.is_set():
-            manager.swap("a", versions[i % 2])
-            i += 1
-
-    worker = threading.Thread(target=keep_swapping)
-    worker.start()
-    try:
+    with swapping_in_background(manager, "a", versions):
         for _ in range(40):
             logits = run(model, manager, ["a", None, "a", "a"], tokens).float()
             nearest = min((logits - reference).abs().max().item() for reference in references)
             assert nearest <= 0.01 * gap
-    finally:
-        stop.set()
-        worker.join()

@@ -7,7 +7,6 @@ unmerged results differ by fp32 rounding only (tolerance 1e-5 on O(1) logits), g
 be identical, and our merged mode is PEFT's arithmetic exactly (bitwise on the CPU).
 """
 
-import contextlib
 import copy
 
 import pytest
@@ -27,6 +26,7 @@ from moe_models import (  # noqa: E402
 )
 
 from gate.integrations.transformers import replace_gpt_oss_routers  # noqa: E402
+from gate.integrations.verify import peft_adapter  # noqa: E402
 from lora.adapter_io import lora_layers  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
 
@@ -34,16 +34,6 @@ needs_target_parameters = pytest.mark.skipif(not peft_supports_target_parameters
                                              reason="the installed PEFT has no target_parameters")
 ATOL = 1e-5
 
-
-@contextlib.contextmanager
-def peft_adapter(peft_model, name):
-    """PEFT with adapter ``name`` active, or with adapters disabled for None."""
-    if name is None:
-        with peft_model.disable_adapter():
-            yield
-    else:
-        peft_model.set_adapter(name)
-        yield
 
 
 def peft_mixed(peft_model, run, names, adapter_names=False):

@@ -127,6 +127,10 @@ BAD_OP_CALLS = {
     "CUDA tensor": "op.router_gemm(bf16(2, 64, device='cpu'), bf16(32, 64), None, None, False)",
     "M must be": "op.router_gemm_small_m(bf16(9, 64), bf16(32, 64), None, None, False, 0)",
     "multiple of 8": "op.router_gemm_sm90(bf16(2, 60), bf16(32, 60), None, None, False, 0, 0, 0)",
+    "got 1-D": "op.router_gemm(bf16(2, 64), bf16(64), None, None, False)",
+    "xa must be [2, 8], got [2, 5]": "op.lora_expand(bf16(2, 8), torch.zeros(2, 5, device='cuda'), "
+                                     "bf16(2, 8, 4), torch.ones(2, device='cuda'), "
+                                     "torch.zeros(2, dtype=torch.long, device='cuda'))",
 }
 
 

@@ -12,6 +12,7 @@ model's dtype, measured against the same reference, is reported as the bar.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,17 @@ class VerifyReport:
     logits_max_abs_diff: float
     greedy_agreement: float
     num_tokens: int
+
+
+@contextlib.contextmanager
+def peft_adapter(peft_model, name: str | None):
+    """A PEFT model with adapter ``name`` active, or with its adapters disabled for None."""
+    if name is None:
+        with peft_model.disable_adapter():
+            yield
+    else:
+        peft_model.set_adapter(name)
+        yield
 
 
 def build_model(config_or_dir: str, *, random_weights: bool = False, num_layers: int | None = None,
