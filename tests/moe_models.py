@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -149,6 +150,11 @@ def peft_supports_target_parameters() -> bool:
     from peft import LoraConfig
 
     return "target_parameters" in {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+# Tests of gpt-oss router adapters need PEFT's parameter targeting (``target_parameters``).
+needs_target_parameters = pytest.mark.skipif(not peft_supports_target_parameters(),
+                                             reason="the installed PEFT has no target_parameters")
 
 
 def load_peft(model, adapters: dict):

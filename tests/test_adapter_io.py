@@ -15,7 +15,7 @@ from moe_models import (  # noqa: E402
     load_peft,
     logits_of,
     mixtral_style,
-    peft_supports_target_parameters,
+    needs_target_parameters,
     router_config,
     train_peft_adapter,
 )
@@ -34,8 +34,7 @@ from lora.adapter_io import (  # noqa: E402
 from lora.peft_keys import MODULE, PARAMETER  # noqa: E402
 from lora.registry import get_token_slots, replace_modules  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not peft_supports_target_parameters(),
-                                reason="the installed PEFT has no target_parameters")
+pytestmark = needs_target_parameters
 ROUTERS = ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
 
 

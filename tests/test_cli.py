@@ -9,15 +9,14 @@ from moe_models import (  # noqa: E402
     gate_config,
     gpt_oss,
     mixtral_style,
-    peft_supports_target_parameters,
+    needs_target_parameters,
     router_config,
     train_peft_adapter,
 )
 
 import gate.__main__ as cli  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not peft_supports_target_parameters(),
-                                reason="the installed PEFT has no target_parameters")
+pytestmark = needs_target_parameters
 
 
 @pytest.fixture(scope="module")

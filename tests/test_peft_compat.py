@@ -20,6 +20,7 @@ from moe_models import (  # noqa: E402
     load_peft,
     logits_of,
     mixtral_style,
+    needs_target_parameters,
     peft_supports_target_parameters,
     router_config,
     train_peft_adapter,
@@ -30,8 +31,6 @@ from gate.integrations.verify import peft_adapter  # noqa: E402
 from lora.adapter_io import lora_layers  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
 
-needs_target_parameters = pytest.mark.skipif(not peft_supports_target_parameters(),
-                                             reason="the installed PEFT has no target_parameters")
 ATOL = 1e-5
 
 
