@@ -6,7 +6,9 @@
 // (experts x K slices), every warp issues all of its 16-byte loads before its first MMA (one
 // memory round trip per warp), and the K slices of one expert tile meet in a cluster's shared
 // memory instead of a global workspace (no memset, no atomics, bitwise-deterministic order).
-// Per CTA: loads, MMAs, pushes of partials to their owners, ONE cluster barrier, sums, stores.
+// Per CTA: loads, MMAs, asynchronous pushes of partials to their owners, a wait on its own
+// mbarrier until every partial it owns has landed, sums, stores. No closing cluster barrier: on an
+// H200 it cost as much as 0.45 us at M = 64 against this handoff (benchmarks/results/README.md).
 //
 // The MMA is mma.sync m16n8k16 bf16 -> fp32 with the operands swapped (logits^T = W x^T): experts
 // fill the 16-row side, tokens the 8-column side, so M = 1 wastes 7/8 of a tile, not 15/16.
@@ -37,7 +39,7 @@ namespace sm90 {
 
 namespace cg = cooperative_groups;
 
-constexpr int kWarps = 4;           // warps per CTA, each on its own K slice
+constexpr int kWarps = 4;           // warps per CTA, each on its own K slice (8 and 16 measured slower)
 constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
@@ -57,23 +59,63 @@ __device__ __forceinline__ void trigger_dependents() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-// The cluster barrier split in halves. Distributed shared memory may only be written once the target
-// CTA is running: every CTA arrives (relaxed: it publishes nothing) on entry and waits just before
-// its first remote store, by which time the wait is long satisfied.
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+// The partial sums' handoff through distributed shared memory.
+//  * Each CTA owns one mbarrier. Thread 0 initialises it (arrival count 1: the owner's own
+//    expect-bytes arrival) and fences the init for the cluster; every thread then arrives on the
+//    cluster barrier with release semantics. Before its first push a CTA waits on that barrier with
+//    acquire semantics, so every target mbarrier is initialised and every target CTA is running.
+//    By then the wait is long satisfied: it sits after the loads.
+//  * A push is st.async: a 4-byte remote store that also counts its bytes on the owner's
+//    mbarrier. The owner announces the bytes it expects and waits for phase 0 to complete, which
+//    makes all of them visible to it. Senders never wait for the rest of the cluster, and no CTA
+//    reads another's shared memory, so a CTA may exit once its own inbox is complete.
+__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
-__device__ __forceinline__ void cluster_wait() {
-  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-}
-
-// A full cluster barrier whose release/acquire covers the distributed-shared-memory pushes. Written
-// out because cooperative_groups' cluster.sync() also emits a GPU-wide MEMBAR (seen in the SASS).
-__device__ __forceinline__ void cluster_sync_release_acquire() {
+__device__ __forceinline__ void mbarrier_init_for_cluster(uint32_t bar) {
   asm volatile(
-      "barrier.cluster.arrive.release.aligned;\n"
-      "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+      "mbarrier.init.shared::cta.b64 [%0], 1;\n"
+      "fence.mbarrier_init.release.cluster;\n" ::"r"(bar)
+      : "memory");
+}
+
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_wait_acquire() {
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The address of this CTA's shared variable `addr` in the CTA of cluster rank `rank`.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  return remote;
+}
+
+__device__ __forceinline__ void push_to_rank(uint32_t remote_addr, float value, uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(
+                   remote_addr),
+               "r"(__float_as_uint(value)), "r"(remote_bar)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// Waits until phase 0 of the mbarrier completes; acquire at cluster scope, so that every st.async
+// counted on it is visible to the calling thread.
+__device__ __forceinline__ void mbarrier_wait_phase0(uint32_t bar) {
+  asm volatile(
+      "{\n .reg .pred done;\n"
+      "wait_%=:\n"
+      " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
+      " @!done bra wait_%=;\n}\n" ::"r"(bar)
+      : "memory");
 }
 
 // __syncthreads() is the .aligned barrier, which requires each warp to arrive converged; this one
@@ -122,6 +164,15 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint3
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Lanes that share one output in the final reduction: a power of two that divides 32 and the slice
+// count, as many as keep every thread of the CTA busy on one pass over the CTA's outputs.
+__host__ __device__ constexpr int lanes_per_output(int threads, int outputs, int slices) {
+  int lanes = 1;
+  while (lanes < 32 && lanes < slices && slices % (2 * lanes) == 0 && outputs * 2 * lanes <= threads)
+    lanes *= 2;
+  return lanes;
+}
+
 template <typename Out>
 __device__ __forceinline__ Out store_cast(float v);
 template <>
@@ -146,16 +197,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
   // The cluster's outputs [kTileM x kTileE] are split evenly between its CTAs: rank r owns
   // [r * kPerRank, (r + 1) * kPerRank) in m-major order. Every warp of every CTA pushes its partial
-  // sums straight into the owner's inbox (inbox[K slice][offset]); after one
-  // cluster barrier each owner adds its inbox up in slot order: one barrier, no remote reads, and
-  // the same summation order on every run.
-  constexpr int kPerRank = (kTileOut + kCluster - 1) / kCluster;
+  // sums straight into the owner's inbox (inbox[K slice][offset]); once its inbox is full, each
+  // owner adds it up in slot order: no remote reads, and the same summation order on every run.
+  static_assert(kTileOut % kCluster == 0, "every CTA of the cluster owns the same number of outputs");
+  constexpr int kPerRank = kTileOut / kCluster;
   constexpr int kSlices = kCluster * kWarps;  // K slices, one per warp of the cluster
   __shared__ float inbox[kSlices][kPerRank];
+  __shared__ alignas(8) uint64_t inbox_full;  // the mbarrier counting the inbox's bytes
+  const uint32_t inbox_bar = shared_address(&inbox_full);
 
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster_arrive_relaxed();
-  const int rank = static_cast<int>(cluster.block_rank());
+  if (threadIdx.x == 0) mbarrier_init_for_cluster(inbox_bar);
+  cluster_arrive_release();
+  const int rank = static_cast<int>(cg::this_cluster().block_rank());
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;  // MMA row (expert) / column (token) index
@@ -240,17 +293,22 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         }
   };
 
-  // This thread's outputs in the final reduction (see below) and their bias, fetched with the
-  // weights before the dependency wait so that no HBM trip is left after the MMAs.
-  constexpr int kOutPerThread = (kPerRank + kWarps * 32 - 1) / (kWarps * 32);
+  // Final reduction (after the pushes below): kLanes neighbouring lanes share one output; lane
+  // `sub` adds slices sub, sub + kLanes, ... and a butterfly over the kLanes lanes finishes the sum.
+  // Both orders are fixed, so the result is bitwise deterministic. Its bias is fetched here, with
+  // the weights before the dependency wait, so that no HBM trip is left after the MMAs.
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kLanes = lanes_per_output(kThreads, kPerRank, kSlices);
+  constexpr int kOutPerPass = kThreads / kLanes;
+  constexpr int kPasses = (kPerRank + kOutPerPass - 1) / kOutPerPass;
+  const int sub = static_cast<int>(threadIdx.x) % kLanes;
   const int out_begin = rank * kPerRank;
-  const int out_end = min(out_begin + kPerRank, kTileOut);
-  float bias_val[kOutPerThread];
+  float bias_val[kPasses];
 #pragma unroll
-  for (int o = 0; o < kOutPerThread; ++o) {
-    const int idx = out_begin + o * kWarps * 32 + static_cast<int>(threadIdx.x);
+  for (int p = 0; p < kPasses; ++p) {
+    const int idx = out_begin + p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
     const int e = e0 + idx % kTileE;
-    bias_val[o] = (bias != nullptr && idx < out_end && e < E) ? __bfloat162float(bias[e]) : 0.f;
+    bias_val[p] = (bias != nullptr && idx < out_begin + kPerRank && e < E) ? __bfloat162float(bias[e]) : 0.f;
   }
 
   // First chunk: weights before the dependency wait, activations after it.
@@ -273,7 +331,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
   // Accumulator element c of tile (i, j): expert 16i + group (+8 for c >= 2), token
   // 8j + 2quad + c%2. Push it to the inbox of the CTA that owns that output.
-  cluster_wait();  // every CTA of the cluster has started (see cluster_arrive_relaxed)
+  cluster_wait_acquire();  // every inbox mbarrier of the cluster is initialised
 #pragma unroll
   for (int i = 0; i < kExpertTiles; ++i)
 #pragma unroll
@@ -281,26 +339,30 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const int idx = (8 * j + 2 * quad + (c & 1)) * kTileE + 16 * i + group + 8 * (c >> 1);
-        float* owner_inbox = cluster.map_shared_rank(&inbox[slice][0], idx / kPerRank);
-        owner_inbox[idx % kPerRank] = acc[i][j][c];
+        const uint32_t owner = static_cast<uint32_t>(idx / kPerRank);
+        push_to_rank(map_to_rank(shared_address(&inbox[slice][idx % kPerRank]), owner),
+                     acc[i][j][c], map_to_rank(inbox_bar, owner));
       }
-  cluster_sync_release_acquire();  // every push of the cluster is visible to its owner
+  if (threadIdx.x == 0) mbarrier_expect_bytes(inbox_bar, kSlices * kPerRank * sizeof(float));
+  mbarrier_wait_phase0(inbox_bar);  // every push of the cluster to this CTA has landed
 
 #pragma unroll
-  for (int o = 0; o < kOutPerThread; ++o) {
-    const int local = o * kWarps * 32 + static_cast<int>(threadIdx.x);
+  for (int p = 0; p < kPasses; ++p) {
+    const int local = p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
     const int idx = out_begin + local;
-    if (idx < out_end) {
-      float sum = 0.f;
+    float sum = 0.f;
+    if (local < kPerRank) {
 #pragma unroll
-      for (int s = 0; s < kSlices; ++s) sum += inbox[s][local];
-      const int out_m = m0 + idx / kTileE, out_e = e0 + idx % kTileE;
-      if (out_m < M && out_e < E)
-        out[static_cast<long long>(out_m) * E + out_e] = store_cast<Out>(sum + bias_val[o]);
+      for (int q = 0; q < kSlices / kLanes; ++q) sum += inbox[q * kLanes + sub][local];
     }
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset /= 2)
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const int out_m = m0 + idx / kTileE, out_e = e0 + idx % kTileE;
+    if (sub == 0 && local < kPerRank && out_m < M && out_e < E)
+      out[static_cast<long long>(out_m) * E + out_e] = store_cast<Out>(sum + bias_val[p]);
   }
-  // After all of this CTA's output stores (see the PDL notes at the top). No CTA touches another's
-  // shared memory after the cluster barrier above, so CTAs may exit independently.
+  // After all of this CTA's output stores (see the PDL notes at the top).
   cta_barrier();
   trigger_dependents();
 }
