@@ -35,11 +35,12 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
 constexpr int kSmallMaxM = 8;
 // The dispatching op uses it up to this M: faster than the tensor-core kernel there on an H200
-// (cold weights, gpt-oss shapes: 2.60 vs 2.94 us at M=8, E=32; 3.00 vs 3.07 at M=8, E=128).
+// (cold weights, gpt-oss shapes, 2026-11-29 tune: 2.59 vs 2.89 us at M=8, E=32; a tie, 2.97, at
+// E=128).
 constexpr int kSmallDispatchMaxM = 8;
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 
-// experts_per_cta: 1, 2 or 4; 0 picks by E.
+// experts_per_cta: 1, 2 or 4; 0 picks the measured best (1).
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta);
 
 // Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.

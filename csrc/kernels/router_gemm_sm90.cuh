@@ -8,7 +8,7 @@
 // memory instead of a global workspace (no memset, no atomics, bitwise-deterministic order).
 // Per CTA: loads, MMAs, asynchronous pushes of partials to their owners, a wait on its own
 // mbarrier until every partial it owns has landed, sums, stores. No closing cluster barrier: on an
-// H200 it cost as much as 0.45 us at M = 64 against this handoff (benchmarks/results/README.md).
+// H200 it cost up to 0.25 us more than this handoff (M = 64; benchmarks/results/README.md).
 //
 // The MMA is mma.sync m16n8k16 bf16 -> fp32 with the operands swapped (logits^T = W x^T): experts
 // fill the 16-row side, tokens the 8-column side, so M = 1 wastes 7/8 of a tile, not 15/16.

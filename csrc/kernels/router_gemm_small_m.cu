@@ -1,12 +1,13 @@
 // The decode-size router GEMM (M <= 8): one CTA per group of experts, whole K per CTA, CUDA-core
 // FMAs, and no communication between CTAs at all.
 //
-// Why a second kernel. At M <= 8 the tensor-core kernel (router_gemm_sm90.cuh) pays for a cluster
-// barrier (~0.4 µs measured on an H200, benchmarks/probes/launch_probe.cu) that exists only to add
-// up its K slices. Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with
-// two 16-byte loads each (all issued before the first FMA: one trip to memory), reduce through warp
-// shuffles and one __syncthreads, and store. E CTAs spread the weight over E SMs, which keeps each
-// SM's share small (2 x 2880 bytes per expert). Summation order is fixed: bitwise deterministic.
+// Why a second kernel. At M <= 8 the tensor-core kernel (router_gemm_sm90.cuh) pays 0.45 us or more
+// on an H200 for handing its K slices' partial sums between CTAs (benchmarks/results/README.md).
+// Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
+// each (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
+// __syncthreads, and store. E CTAs (one expert each by default) spread the weight over E SMs,
+// which keeps each SM's share small (2 x 2880 bytes per expert). Summation order is fixed:
+// bitwise deterministic.
 //
 // PDL: weights and bias are read before griddepcontrol.wait, x after it, nothing is written before
 // it, and launch_dependents fires after all of the CTA's output stores (router_gemm_sm90.cuh
@@ -172,11 +173,10 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
 }
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta) {
-  if (experts_per_cta == 0) {
-    // Measured on an H200 with `benchmarks/router_gemm.py --tune` (cold weights, E = 32 and 128
-    // alike): 4 experts per CTA at M = 1, 2 at M = 2..4, 1 at M = 5..8.
-    experts_per_cta = a.M == 1 ? 4 : (a.M <= 4 ? 2 : 1);
-  }
+  // One expert per CTA: the most CTAs, each with the least to load, was the fastest or within
+  // 0.03 us of it at every M <= 8 and E = 32 and 128 in the H200 sweeps of 2026-11-29
+  // (`benchmarks/router_gemm.py --tune`; 4 experts per CTA at M = 1 was 0.1 us slower).
+  if (experts_per_cta == 0) experts_per_cta = 1;
   if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta);
   return launch_out<__nv_bfloat16>(a, experts_per_cta);
 }
