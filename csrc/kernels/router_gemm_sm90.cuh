@@ -39,7 +39,7 @@ namespace sm90 {
 
 namespace cg = cooperative_groups;
 
-constexpr int kWarps = 4;           // warps per CTA, each on its own K slice (8 and 16 measured slower)
+constexpr int kWarps = 4;           // warps per CTA, each on its own K slice (8, 16: slower)
 constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
@@ -95,10 +95,10 @@ __device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
   return remote;
 }
 
-__device__ __forceinline__ void push_to_rank(uint32_t remote_addr, float value, uint32_t remote_bar) {
-  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(
-                   remote_addr),
-               "r"(__float_as_uint(value)), "r"(remote_bar)
+__device__ __forceinline__ void push_to_rank(uint32_t remote_addr, float value,
+                                             uint32_t remote_bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
+               ::"r"(remote_addr), "r"(__float_as_uint(value)), "r"(remote_bar)
                : "memory");
 }
 
@@ -168,7 +168,8 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint3
 // count, as many as keep every thread of the CTA busy on one pass over the CTA's outputs.
 __host__ __device__ constexpr int lanes_per_output(int threads, int outputs, int slices) {
   int lanes = 1;
-  while (lanes < 32 && lanes < slices && slices % (2 * lanes) == 0 && outputs * 2 * lanes <= threads)
+  while (lanes < 32 && lanes < slices && slices % (2 * lanes) == 0 &&
+         outputs * 2 * lanes <= threads)
     lanes *= 2;
   return lanes;
 }
@@ -199,7 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // [r * kPerRank, (r + 1) * kPerRank) in m-major order. Every warp of every CTA pushes its partial
   // sums straight into the owner's inbox (inbox[K slice][offset]); once its inbox is full, each
   // owner adds it up in slot order: no remote reads, and the same summation order on every run.
-  static_assert(kTileOut % kCluster == 0, "every CTA of the cluster owns the same number of outputs");
+  static_assert(kTileOut % kCluster == 0, "every CTA of a cluster owns as many outputs");
   constexpr int kPerRank = kTileOut / kCluster;
   constexpr int kSlices = kCluster * kWarps;  // K slices, one per warp of the cluster
   __shared__ float inbox[kSlices][kPerRank];
@@ -308,7 +309,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int p = 0; p < kPasses; ++p) {
     const int idx = out_begin + p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
     const int e = e0 + idx % kTileE;
-    bias_val[p] = (bias != nullptr && idx < out_begin + kPerRank && e < E) ? __bfloat162float(bias[e]) : 0.f;
+    const bool owned = idx < out_begin + kPerRank;
+    bias_val[p] = (bias != nullptr && owned && e < E) ? __bfloat162float(bias[e]) : 0.f;
   }
 
   // First chunk: weights before the dependency wait, activations after it.
