@@ -136,6 +136,8 @@ def tuning_providers(shape: Shape, M: int):
     if M > 256:
         return {}
     result = {}
+    for pdl in (False, True):  # the Hopper kernel's own defaults, whatever the dispatch picks
+        result["sm90 auto" + ("+pdl" if pdl else "")] = _sm90_config(shape.out_dtype, pdl, 0, 0, 0)
     if M <= 8:
         for experts in (1, 2, 4):
             for pdl in (False, True):

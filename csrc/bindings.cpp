@@ -16,14 +16,13 @@
 namespace moegate {
 namespace {
 
-// cuBLAS beats the Hopper kernels once a call holds more than about 60M multiply-adds (100M with
-// fp32 logits, where cuBLAS is ~3 us slower): measured on an H200 with cold weights
-// (benchmarks/results/). DeepSeek-V3 (K=7168, E=256, fp32 logits) wins at M=32 (59M) and loses at
-// M=128; Qwen3-MoE (K=2048, E=128) loses at M=256 (67M); gpt-oss-120b ties at M=256 (94M) with
-// bf16 logits and wins there by 3 us with fp32 logits. router_gemm hands such calls to cuBLAS
-// inside the op, so the choice is made per call even under torch.compile and CUDA graphs.
-constexpr int64_t kCublasCrossoverMacs = 60'000'000;
-constexpr int64_t kCublasCrossoverMacsFp32Out = 100'000'000;
+// cuBLAS beats the Hopper kernels once a call holds more than about 160M multiply-adds: measured
+// on an H200 with cold weights (benchmarks/results/*_tune*), every row below it wins with the
+// tile heuristic of router_gemm_sm90.cu (DeepSeek-V3 fp32 logits at M = 64, 117M: 6.9 against
+// 7.8 us; Llama-4 at M = 256, 168M: a 3% lead, too thin to count on; DeepSeek-V3 at M = 128, 235M,
+// and MiniMax-M2 at M = 256, 201M: cuBLAS ahead). router_gemm hands such calls to cuBLAS inside
+// the op, so the choice is made per call even under torch.compile and CUDA graphs.
+constexpr int64_t kCublasCrossoverMacs = 160'000'000;
 
 // Numbers in error messages go through std::to_string, never an ostream: on the H200 image every
 // TORCH_CHECK that streamed an integer (x.size(1), sizes()) crashed the process with a segfault
@@ -173,21 +172,23 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
 // What the dispatching op runs; the values are router_gemm_route's (gate/ops.py names them).
 enum class Route : int64_t { kCublas = 0, kSmallM = 1, kSm90 = 2, kSimple = 3 };
 
-// On Hopper, the decode kernel for M <= 8 and the tensor-core kernel up to the cuBLAS crossover;
-// cuBLAS for large bf16/fp16 calls; the foundation kernel for everything else.
+// On Hopper, the decode kernel for small M (router_gemm_small_m_preferred, or whenever it alone
+// takes the call) and the tensor-core kernel up to the cuBLAS crossover; cuBLAS for large
+// bf16/fp16 calls; the foundation kernel for everything else.
 Route route_for(const at::Tensor& x, const RouterGemmArgs& a) {
   const bool half_input = a.in_dtype != DType::kFloat32;
   const bool cublas_out = a.out_dtype == a.in_dtype || (half_input && a.out_dtype == DType::kFloat32);
-  const int64_t macs_limit =
-      a.out_dtype == DType::kFloat32 ? kCublasCrossoverMacsFp32Out : kCublasCrossoverMacs;
-  if (half_input && cublas_out && (a.M > kSm90MaxM || int64_t{a.M} * a.E * a.K > macs_limit)) {
+  if (half_input && cublas_out &&
+      (a.M > kSm90MaxM || int64_t{a.M} * a.E * a.K > kCublasCrossoverMacs)) {
     return Route::kCublas;
   }
-  // The Hopper kernels' checks include shape, dtype and 16-byte alignment of x and weight.
-  if (is_hopper(x) && a.M <= kSmallDispatchMaxM && router_gemm_small_m_unsupported(a) == nullptr) {
-    return Route::kSmallM;
+  if (is_hopper(x)) {
+    // The kernels' checks include shape, dtype and 16-byte alignment of x and weight.
+    const bool small_m_ok = router_gemm_small_m_unsupported(a) == nullptr;
+    const bool sm90_ok = router_gemm_sm90_unsupported(a) == nullptr;
+    if (small_m_ok && (router_gemm_small_m_preferred(a) || !sm90_ok)) return Route::kSmallM;
+    if (sm90_ok) return Route::kSm90;
   }
-  if (is_hopper(x) && router_gemm_sm90_unsupported(a) == nullptr) return Route::kSm90;
   return Route::kSimple;
 }
 

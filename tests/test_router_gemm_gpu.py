@@ -39,8 +39,9 @@ def check_against_cublas(fn, M, K, E, bias, out_dtype, seed, **kwargs):
     return out
 
 
-@pytest.mark.parametrize("M", [1, 3, 7, 17, 100, 127, 128, 129, 256, 300])
-@pytest.mark.parametrize("K,E", [(360, 32), (2880, 32), (2880, 128), (7168, 256), (2048, 128)])
+@pytest.mark.parametrize("M", [1, 3, 7, 8, 17, 64, 100, 127, 128, 129, 256, 300])
+@pytest.mark.parametrize("K,E", [(360, 32), (2880, 32), (2880, 128), (7168, 256), (2048, 128),
+                                 (3072, 256), (5120, 128), (1000, 512)])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
 def test_router_gemm_dispatch(M, K, E, out_dtype):
     for bias in (True, False):
@@ -239,10 +240,14 @@ def test_gate_linear_uses_the_kernel_and_matches_reference():
 @pytest.mark.parametrize("M,K,E,dtype,out_dtype,route", [
     (1, 2880, 128, torch.bfloat16, None, "small_m"),
     (8, 2880, 32, torch.bfloat16, torch.float32, "small_m"),
+    (8, 2880, 128, torch.bfloat16, None, "small_m"),
+    (4, 7168, 256, torch.bfloat16, torch.float32, "small_m"),
+    (8, 7168, 256, torch.bfloat16, torch.float32, "sm90"),  # wide and long: 4.25 vs 5.12 us
+    (8, 7168, 250, torch.bfloat16, torch.float32, "small_m"),  # E not a multiple of 8: no sm90
     (9, 2880, 128, torch.bfloat16, None, "sm90"),
-    (128, 2880, 128, torch.bfloat16, None, "sm90"),
-    (256, 2880, 128, torch.bfloat16, None, "cublas"),  # 94M multiply-adds, bf16 logits: a tie
-    (256, 2880, 128, torch.bfloat16, torch.float32, "sm90"),  # fp32 logits: 3 us ahead
+    (256, 2880, 128, torch.bfloat16, None, "sm90"),  # 94M multiply-adds: 6.2 vs 8.0 us
+    (64, 7168, 256, torch.bfloat16, torch.float32, "sm90"),  # 117M: 6.9 vs 7.8 us
+    (256, 5120, 128, torch.bfloat16, None, "cublas"),  # 168M: a 3% lead, too thin
     (128, 7168, 256, torch.bfloat16, torch.float32, "cublas"),
     (300, 2880, 32, torch.bfloat16, None, "cublas"),
     (16, 2884, 128, torch.bfloat16, None, "simple"),  # K not a multiple of 8

@@ -34,10 +34,12 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 // The decode-size kernel (router_gemm_small_m.cu): bf16 x/weight/bias, bf16 or fp32 out,
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
 constexpr int kSmallMaxM = 8;
-// The dispatching op uses it up to this M: faster than the tensor-core kernel there on an H200
-// (cold weights, gpt-oss shapes, 2026-11-29 tune: 2.59 vs 2.89 us at M=8, E=32; a tie, 2.97, at
-// E=128).
-constexpr int kSmallDispatchMaxM = 8;
+// Whether the dispatching op should give a call the decode kernel rather than the tensor-core
+// kernel: always for M <= 4, and up to M = 8 unless the router is both wide and long (E >= 128,
+// K > 2880), where taking in 8 tokens of x per CTA costs more than the cluster's handoff. Cold H200
+// sweeps, 2026-11-29: at M = 8, 2.59 against 2.89 us on gpt-oss-20b, a tie at E = 128 and K <= 2880,
+// and 4.25 against 5.12 us on DeepSeek-V3 (K = 7168, E = 256) for the tensor-core kernel.
+bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 
 // experts_per_cta: 1, 2 or 4; 0 picks the measured best (1).

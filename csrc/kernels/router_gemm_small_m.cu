@@ -172,6 +172,10 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
   return nullptr;
 }
 
+bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
+  return a.M <= kSmallMaxM && (a.M <= 4 || a.E < 128 || a.K <= 2880);
+}
+
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta) {
   // One expert per CTA: the most CTAs, each with the least to load, was the fastest or within
   // 0.03 us of it at every M <= 8 and E = 32 and 128 in the H200 sweeps of 2026-11-29
