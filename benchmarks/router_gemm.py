@@ -142,7 +142,12 @@ def tuning_providers(shape: Shape, M: int):
         for experts in (1, 2, 4):
             for pdl in (False, True):
                 name = f"small_m x{experts}" + ("+pdl" if pdl else "")
-                result[name] = _small_m_config(shape.out_dtype, pdl, experts)
+                result[name] = _small_m_config(shape.out_dtype, pdl, experts, 0)
+        for tokens in (1, 2, 4):
+            if tokens < M:  # a token split; 8 (or >= M) is the unsplit default
+                for pdl in (False, True):
+                    name = f"small_m x1 m{tokens}" + ("+pdl" if pdl else "")
+                    result[name] = _small_m_config(shape.out_dtype, pdl, 1, tokens)
     for et in (1, 2):
         for tt in (1, 2, 4):
             if 8 * tt > 4 * max(M, 8):  # token tiles far wider than the batch: nothing to learn
@@ -154,8 +159,9 @@ def tuning_providers(shape: Shape, M: int):
     return result
 
 
-def _small_m_config(out_dtype, pdl, experts_per_cta):
-    return lambda x, w, b: ops.router_gemm_small_m(x, w, b, out_dtype, pdl, experts_per_cta)
+def _small_m_config(out_dtype, pdl, experts_per_cta, tokens_per_cta):
+    return lambda x, w, b: ops.router_gemm_small_m(x, w, b, out_dtype, pdl, experts_per_cta,
+                                                   tokens_per_cta)
 
 
 def _sm90_config(out_dtype, pdl, expert_tiles, token_tiles, cluster):

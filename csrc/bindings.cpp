@@ -141,7 +141,7 @@ at::Tensor router_gemm_sm90(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor router_gemm_small_m(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
                                std::optional<at::ScalarType> out_dtype, bool pdl,
-                               int64_t experts_per_cta) {
+                               int64_t experts_per_cta, int64_t tokens_per_cta) {
   check_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(is_hopper(x), "moegate: router_gemm_small_m needs a Hopper (sm_90) GPU");
@@ -154,7 +154,11 @@ at::Tensor router_gemm_small_m(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(experts_per_cta == 0 || experts_per_cta == 1 || experts_per_cta == 2 ||
                   experts_per_cta == 4,
               "moegate: experts_per_cta must be 0 (auto), 1, 2 or 4, got ", num(experts_per_cta));
-  check_launch(launch_router_gemm_small_m(args, static_cast<int>(experts_per_cta)),
+  TORCH_CHECK(tokens_per_cta == 0 || tokens_per_cta == 1 || tokens_per_cta == 2 ||
+                  tokens_per_cta == 4 || tokens_per_cta == 8,
+              "moegate: tokens_per_cta must be 0 (auto), 1, 2, 4 or 8, got ", num(tokens_per_cta));
+  check_launch(launch_router_gemm_small_m(args, static_cast<int>(experts_per_cta),
+                                          static_cast<int>(tokens_per_cta)),
                "router_gemm_small_m");
   return out;
 }
@@ -205,7 +209,7 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   if (args.M == 0) return out;
   switch (route) {
     case Route::kSmallM:
-      check_launch(launch_router_gemm_small_m(args, 0), "router_gemm_small_m");
+      check_launch(launch_router_gemm_small_m(args, 0, 0), "router_gemm_small_m");
       break;
     case Route::kSm90:
       check_launch(launch_router_gemm_sm90(args, RouterGemmSm90Config{}), "router_gemm_sm90");
@@ -278,7 +282,7 @@ TORCH_LIBRARY(moegate, m) {
   m.def("router_gemm_sm90(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int expert_tiles=0, int token_tiles=0, int cluster=0) -> Tensor");
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
-        "bool pdl=False, int experts_per_cta=0) -> Tensor");
+        "bool pdl=False, int experts_per_cta=0, int tokens_per_cta=0) -> Tensor");
   m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None) -> int");
   m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids) "
         "-> Tensor");

@@ -217,19 +217,23 @@ def router_gemm_small_m(
     out_dtype: torch.dtype | None = None,
     pdl: bool = False,
     experts_per_cta: int = 0,
+    tokens_per_cta: int = 0,
 ) -> torch.Tensor:
-    """The decode-size Hopper kernel alone (one CTA per expert group, CUDA-core FMA).
+    """The decode-size Hopper kernel alone (one CTA per expert group and token group, CUDA-core FMA).
 
     bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 8, any E, K a multiple of 8.
-    ``experts_per_cta`` is 1, 2 or 4; 0 picks the measured best (1).
+    ``experts_per_cta`` is 1, 2 or 4; 0 picks the measured best (1). ``tokens_per_cta`` is 1, 2, 4
+    or 8; 0 picks by E and M.
     """
     _check_router_inputs(x, weight, bias)
     _check_hopper_kernel_inputs(x, weight, bias, out_dtype, SMALL_M_MAX_M, "router_gemm_small_m")
     if experts_per_cta not in (0, 1, 2, 4):
         raise ValueError(f"experts_per_cta must be 0 (auto), 1, 2 or 4, got {experts_per_cta}")
+    if tokens_per_cta not in (0, 1, 2, 4, 8):
+        raise ValueError(f"tokens_per_cta must be 0 (auto), 1, 2, 4 or 8, got {tokens_per_cta}")
     return torch.ops.moegate.router_gemm_small_m(x.contiguous(), weight.contiguous(),
                                                  None if bias is None else bias.contiguous(),
-                                                 out_dtype, pdl, experts_per_cta)
+                                                 out_dtype, pdl, experts_per_cta, tokens_per_cta)
 
 
 ROUTES = ("cublas", "small_m", "sm90", "simple")  # router_gemm_route's answers, by code
@@ -324,7 +328,7 @@ if _C is not None:
 
     @torch.library.register_fake("moegate::router_gemm_small_m")
     def _router_gemm_small_m_fake(x, weight, bias=None, out_dtype=None, pdl=False,
-                                  experts_per_cta=0):
+                                  experts_per_cta=0, tokens_per_cta=0):
         return _logits_like(x, weight, out_dtype)
 
     @torch.library.register_fake("moegate::lora_expand")

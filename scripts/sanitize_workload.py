@@ -32,8 +32,9 @@ def main():
             for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
                 check(ops.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
         if M <= 8:
-            for experts_per_cta, pdl in ((1, False), (2, True), (4, False)):
-                check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta), x, w, b)
+            for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (4, 2, False)):
+                check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta),
+                      x, w, b)
         if ops.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check
             check(ops.router_gemm(x, w, b), x, w, b)
     for M, K, E in [(3, 13, 5), (17, 100, 1)]:

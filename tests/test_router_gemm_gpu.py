@@ -87,6 +87,15 @@ def test_small_m_kernel(experts_per_cta, M, K, E):
                                  experts_per_cta=experts_per_cta)
 
 
+@pytest.mark.parametrize("tokens_per_cta", [1, 2, 4, 8])
+@pytest.mark.parametrize("M", [1, 3, 5, 8])
+@pytest.mark.parametrize("K,E,experts_per_cta", [(40, 3, 2), (2880, 32, 1), (4104, 513, 4)])
+def test_small_m_kernel_token_split(tokens_per_cta, M, K, E, experts_per_cta):
+    for out_dtype in (None, torch.float32):
+        check_against_cublas(ops.router_gemm_small_m, M, K, E, True, out_dtype, seed=M + K + E,
+                             experts_per_cta=experts_per_cta, tokens_per_cta=tokens_per_cta)
+
+
 def test_small_m_refuses_unsupported_shapes():
     w = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="M must be"):
@@ -94,6 +103,9 @@ def test_small_m_refuses_unsupported_shapes():
     with pytest.raises(ValueError, match="experts_per_cta"):
         ops.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
                                 experts_per_cta=3)
+    with pytest.raises(ValueError, match="tokens_per_cta"):
+        ops.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
+                                tokens_per_cta=3)
 
 
 def test_sm90_refuses_unsupported_shapes():
@@ -127,6 +139,7 @@ BAD_OP_CALLS = {
     "K=32": "op.router_gemm(bf16(2, 32), bf16(32, 64), None, None, False)",
     "CUDA tensor": "op.router_gemm(bf16(2, 64, device='cpu'), bf16(32, 64), None, None, False)",
     "M must be": "op.router_gemm_small_m(bf16(9, 64), bf16(32, 64), None, None, False, 0)",
+    "got 3": "op.router_gemm_small_m(bf16(2, 64), bf16(32, 64), None, None, False, 0, 3)",
     "multiple of 8": "op.router_gemm_sm90(bf16(2, 60), bf16(32, 60), None, None, False, 0, 0, 0)",
     "got 1-D": "op.router_gemm(bf16(2, 64), bf16(64), None, None, False)",
     "xa must be [2, 8], got [2, 5]": "op.lora_expand(bf16(2, 8), torch.zeros(2, 5, device='cuda'), "

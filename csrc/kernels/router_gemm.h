@@ -36,14 +36,19 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 constexpr int kSmallMaxM = 8;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
 // kernel: always for M <= 4, and up to M = 8 unless the router is both wide and long (E >= 128,
-// K > 2880), where taking in 8 tokens of x per CTA costs more than the cluster's handoff. Cold H200
-// sweeps, 2026-11-29: at M = 8, 2.59 against 2.89 us on gpt-oss-20b, a tie at E = 128 and K <= 2880,
-// and 4.25 against 5.12 us on DeepSeek-V3 (K = 7168, E = 256) for the tensor-core kernel.
+// K > 2880), where taking in 8 tokens of x per CTA cost more than the cluster's handoff. Cold H200
+// sweeps, 2026-11-29, before the decode kernel split tokens over its grid: at M = 8, 2.59 against
+// 2.89 us on gpt-oss-20b, a tie at E = 128 and K <= 2880, and 4.25 against 5.12 us on DeepSeek-V3
+// (K = 7168, E = 256) for the tensor-core kernel. With the split the decode kernel is faster
+// still at K = 2880 (M = 8: 1.79 against 2.55 us at E = 32, 2.34 against 2.65 at E = 128); the wide
+// and long shapes were not re-measured, so they keep the tensor-core kernel.
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 
-// experts_per_cta: 1, 2 or 4; 0 picks the measured best (1).
-cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta);
+// experts_per_cta: 1, 2 or 4; 0 picks the measured best (1). tokens_per_cta: 1, 2, 4 or 8 (the
+// grid's second dimension splits the tokens); 0 picks by E and M.
+cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta,
+                                       int tokens_per_cta);
 
 // Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.
 struct RouterGemmSm90Config {

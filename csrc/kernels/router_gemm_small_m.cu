@@ -1,12 +1,13 @@
-// The decode-size router GEMM (M <= 8): one CTA per group of experts, whole K per CTA, CUDA-core
-// FMAs, and no communication between CTAs at all.
+// The decode-size router GEMM (M <= 8): one CTA per group of experts and group of tokens, whole K
+// per CTA, CUDA-core FMAs, and no communication between CTAs at all.
 //
 // Why a second kernel. At M <= 8 the tensor-core kernel (router_gemm_sm90.cuh) pays 0.45 us or more
 // on an H200 for handing its K slices' partial sums between CTAs (benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
 // __syncthreads, and store. E CTAs (one expert each by default) spread the weight over E SMs,
-// which keeps each SM's share small (2 x 2880 bytes per expert). Summation order is fixed:
+// which keeps each SM's share small (2 x 2880 bytes per expert), and each token group of 2-8
+// tokens gets its own row of such CTAs (auto_tokens_per_cta). Summation order is fixed:
 // bitwise deterministic.
 //
 // PDL: weights and bias are read before griddepcontrol.wait, x after it, nothing is written before
@@ -39,8 +40,9 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc)
   return acc;
 }
 
-// Grid: ceil(E / kExperts) CTAs of kThreads. Thread t reads 16-byte chunk c = pass + j * kThreads + t
-// of each row (consecutive threads, consecutive chunks: coalesced).
+// Grid: (ceil(E / kExperts), ceil(M / kTokens)) CTAs of kThreads; CTA (i, j) owns experts
+// [i * kExperts, ...) of tokens [j * kTokens, ...). Thread t reads 16-byte chunk
+// c = pass + j * kThreads + t of each row (consecutive threads, consecutive chunks: coalesced).
 template <int kExperts, int kTokens, typename Out>
 __global__ void __launch_bounds__(kThreads, 1)
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
@@ -52,6 +54,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float warp_sums[kWarps][kOutputs];
 
   const int e0 = blockIdx.x * kExperts;
+  const int m0 = blockIdx.y * kTokens;  // this CTA's tokens: rows m0.. of x and out
+  x += static_cast<long long>(m0) * K;
+  out += static_cast<long long>(m0) * E;
+  M -= m0;
   const int num_chunks = K / 8;
   const int t = threadIdx.x;
 
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 template <int kExperts, int kTokens, typename Out>
 cudaError_t launch_typed(const RouterGemmArgs& a) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((a.E + kExperts - 1) / kExperts, 1, 1);
+  config.gridDim = dim3((a.E + kExperts - 1) / kExperts, (a.M + kTokens - 1) / kTokens, 1);
   config.blockDim = dim3(kThreads, 1, 1);
   config.stream = a.stream;
   cudaLaunchAttribute pdl;
@@ -140,21 +146,40 @@ cudaError_t launch_typed(const RouterGemmArgs& a) {
 }
 
 template <int kExperts, typename Out>
-cudaError_t launch_tokens(const RouterGemmArgs& a) {
-  if (a.M <= 1) return launch_typed<kExperts, 1, Out>(a);
-  if (a.M <= 2) return launch_typed<kExperts, 2, Out>(a);
-  if (a.M <= 4) return launch_typed<kExperts, 4, Out>(a);
-  return launch_typed<kExperts, 8, Out>(a);
+cudaError_t launch_tokens(const RouterGemmArgs& a, int tokens_per_cta) {
+  switch (tokens_per_cta) {
+    case 1: return launch_typed<kExperts, 1, Out>(a);
+    case 2: return launch_typed<kExperts, 2, Out>(a);
+    case 4: return launch_typed<kExperts, 4, Out>(a);
+    case 8: return launch_typed<kExperts, 8, Out>(a);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename Out>
-cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta) {
+cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta) {
   switch (experts_per_cta) {
-    case 1: return launch_tokens<1, Out>(a);
-    case 2: return launch_tokens<2, Out>(a);
-    case 4: return launch_tokens<4, Out>(a);
+    case 1: return launch_tokens<1, Out>(a, tokens_per_cta);
+    case 2: return launch_tokens<2, Out>(a, tokens_per_cta);
+    case 4: return launch_tokens<4, Out>(a, tokens_per_cta);
   }
   return cudaErrorInvalidValue;
+}
+
+// Tokens per CTA: two, or more while the grid would exceed 384 CTAs, never more than M needs.
+// Splitting the tokens over the grid's second dimension cuts each CTA's activation load (M x K x 2
+// bytes unsplit) at the price of re-reading its weight rows from L2. On an H200, cold weights,
+// K = 2880 (2026-11-29, torch-free harness; benchmarks/results/README.md): E = 32, M = 8: 1.79 us
+// against 2.16 with all 8 tokens in one CTA; E = 128, M = 5: 2.16 against 2.28; E = 128, M = 8:
+// 2.33 with 4 tokens per CTA (256 CTAs), 2.45 with 2 (512 CTAs), 2.38 with 8.
+int auto_tokens_per_cta(const RouterGemmArgs& a, int experts_per_cta) {
+  constexpr int kMaxCtas = 384;
+  int all = 1;
+  while (all < a.M) all *= 2;
+  const int expert_ctas = (a.E + experts_per_cta - 1) / experts_per_cta;
+  int tokens = all < 2 ? all : 2;
+  while (tokens < all && expert_ctas * ((a.M + tokens - 1) / tokens) > kMaxCtas) tokens *= 2;
+  return tokens;
 }
 
 bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
@@ -176,13 +201,15 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
   return a.M <= kSmallMaxM && (a.M <= 4 || a.E < 128 || a.K <= 2880);
 }
 
-cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta) {
+cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
+                                       int tokens_per_cta) {
   // One expert per CTA: the most CTAs, each with the least to load, was the fastest or within
   // 0.03 us of it at every M <= 8 and E = 32 and 128 in the H200 sweeps of 2026-11-29
   // (`benchmarks/router_gemm.py --tune`; 4 experts per CTA at M = 1 was 0.1 us slower).
   if (experts_per_cta == 0) experts_per_cta = 1;
-  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta);
-  return launch_out<__nv_bfloat16>(a, experts_per_cta);
+  if (tokens_per_cta == 0) tokens_per_cta = auto_tokens_per_cta(a, experts_per_cta);
+  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta, tokens_per_cta);
+  return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta);
 }
 
 }  // namespace moegate
