@@ -143,8 +143,8 @@ def tuning_providers(shape: Shape, M: int):
             for pdl in (False, True):
                 name = f"small_m x{experts}" + ("+pdl" if pdl else "")
                 result[name] = _small_m_config(shape.out_dtype, pdl, experts, 0)
-        for tokens in (1, 2, 4):
-            if tokens < M:  # a token split; 8 (or >= M) is the unsplit default
+        for tokens in (1, 2, 4, 8):
+            if tokens < 2 * M:  # tokens per CTA; wider than the batch would only repeat a row
                 for pdl in (False, True):
                     name = f"small_m x1 m{tokens}" + ("+pdl" if pdl else "")
                     result[name] = _small_m_config(shape.out_dtype, pdl, 1, tokens)

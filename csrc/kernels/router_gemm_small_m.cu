@@ -6,7 +6,7 @@
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
 // __syncthreads, and store. E CTAs (one expert each by default) spread the weight over E SMs,
-// which keeps each SM's share small (2 x 2880 bytes per expert), and each token group of 2-8
+// which keeps each SM's share small (2 x 2880 bytes per expert), and each group of 1-8
 // tokens gets its own row of such CTAs (auto_tokens_per_cta). Summation order is fixed:
 // bitwise deterministic.
 //
