@@ -138,7 +138,7 @@ def tuning_providers(shape: Shape, M: int):
     result = {}
     for pdl in (False, True):  # the Hopper kernel's own defaults, whatever the dispatch picks
         result["sm90 auto" + ("+pdl" if pdl else "")] = _sm90_config(shape.out_dtype, pdl, 0, 0, 0)
-    if M <= 8:
+    if M <= ops.SMALL_M_MAX_M:
         for experts in (1, 2, 4):
             for pdl in (False, True):
                 name = f"small_m x{experts}" + ("+pdl" if pdl else "")

@@ -149,7 +149,7 @@ def router_gemm(
 
 SM90_MAX_M = 256
 SM90_MAX_E = 512
-SMALL_M_MAX_M = 8
+SMALL_M_MAX_M = 64
 
 
 def _check_hopper_kernel_inputs(x, weight, bias, out_dtype, max_m, kernel):
@@ -221,7 +221,7 @@ def router_gemm_small_m(
 ) -> torch.Tensor:
     """The decode-size Hopper kernel alone (one CTA per expert group and token group, CUDA-core FMA).
 
-    bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 8, any E, K a multiple of 8.
+    bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 64, any E, K a multiple of 8.
     ``experts_per_cta`` is 1, 2 or 4; 0 picks the measured best (1). ``tokens_per_cta`` is 1, 2, 4
     or 8; 0 picks by E and M.
     """

@@ -23,7 +23,8 @@ def check(out, x, w, b):
 
 def main():
     generator = torch.Generator().manual_seed(0)
-    shapes = [(1, 2880, 32), (5, 7168, 256), (9, 360, 24), (129, 2880, 128), (256, 7168, 256)]
+    shapes = [(1, 2880, 32), (5, 7168, 256), (9, 360, 24), (33, 2880, 32), (129, 2880, 128),
+              (256, 7168, 256)]
     for M, K, E in shapes:
         x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16)
         w = (torch.randn(E, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
@@ -31,8 +32,8 @@ def main():
         for et, tt, cluster in itertools.product((1, 2), (1, 2, 4), (4, 8)):
             for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
                 check(ops.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
-        if M <= 8:
-            for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (4, 2, False)):
+        if M <= ops.SMALL_M_MAX_M:
+            for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (4, 8, False)):
                 check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta),
                       x, w, b)
         if ops.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check

@@ -78,7 +78,7 @@ def test_sm90_every_tile_config(expert_tiles, token_tiles, cluster, M, K, E):
 
 
 @pytest.mark.parametrize("experts_per_cta", [0, 1, 2, 4])
-@pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 5, 8, 17, 64])
 @pytest.mark.parametrize("K,E", [(8, 1), (40, 3), (2880, 32), (2880, 128), (7168, 256), (4104, 513)])
 def test_small_m_kernel(experts_per_cta, M, K, E):
     for out_dtype in (None, torch.float32):
@@ -88,7 +88,7 @@ def test_small_m_kernel(experts_per_cta, M, K, E):
 
 
 @pytest.mark.parametrize("tokens_per_cta", [1, 2, 4, 8])
-@pytest.mark.parametrize("M", [1, 3, 5, 8])
+@pytest.mark.parametrize("M", [1, 3, 5, 8, 31])
 @pytest.mark.parametrize("K,E,experts_per_cta", [(40, 3, 2), (2880, 32, 1), (4104, 513, 4)])
 def test_small_m_kernel_token_split(tokens_per_cta, M, K, E, experts_per_cta):
     for out_dtype in (None, torch.float32):
@@ -99,7 +99,7 @@ def test_small_m_kernel_token_split(tokens_per_cta, M, K, E, experts_per_cta):
 def test_small_m_refuses_unsupported_shapes():
     w = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="M must be"):
-        ops.router_gemm_small_m(torch.randn(9, 16, device="cuda", dtype=torch.bfloat16), w)
+        ops.router_gemm_small_m(torch.randn(65, 16, device="cuda", dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="experts_per_cta"):
         ops.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
                                 experts_per_cta=3)
@@ -138,7 +138,7 @@ def test_empty_batch_on_gpu():
 BAD_OP_CALLS = {
     "K=32": "op.router_gemm(bf16(2, 32), bf16(32, 64), None, None, False)",
     "CUDA tensor": "op.router_gemm(bf16(2, 64, device='cpu'), bf16(32, 64), None, None, False)",
-    "M must be": "op.router_gemm_small_m(bf16(9, 64), bf16(32, 64), None, None, False, 0)",
+    "M must be": "op.router_gemm_small_m(bf16(65, 64), bf16(32, 64), None, None, False, 0)",
     "got 3": "op.router_gemm_small_m(bf16(2, 64), bf16(32, 64), None, None, False, 0, 3)",
     "multiple of 8": "op.router_gemm_sm90(bf16(2, 60), bf16(32, 60), None, None, False, 0, 0, 0)",
     "got 1-D": "op.router_gemm(bf16(2, 64), bf16(64), None, None, False)",
@@ -257,6 +257,11 @@ def test_gate_linear_uses_the_kernel_and_matches_reference():
     (4, 7168, 256, torch.bfloat16, torch.float32, "small_m"),
     (8, 7168, 256, torch.bfloat16, torch.float32, "sm90"),  # wide and long: 4.25 vs 5.12 us
     (8, 7168, 250, torch.bfloat16, torch.float32, "small_m"),  # E not a multiple of 8: no sm90
+    (32, 2880, 32, torch.bfloat16, None, "small_m"),  # 1024 logits: 2.25 vs 2.54 us
+    (16, 2880, 64, torch.bfloat16, None, "small_m"),
+    (64, 2880, 8, torch.bfloat16, None, "small_m"),
+    (33, 2880, 32, torch.bfloat16, None, "sm90"),
+    (16, 4096, 32, torch.bfloat16, None, "sm90"),  # K > 2880: not measured past M = 8
     (9, 2880, 128, torch.bfloat16, None, "sm90"),
     (256, 2880, 128, torch.bfloat16, None, "sm90"),  # 94M multiply-adds: 6.2 vs 8.0 us
     (64, 7168, 256, torch.bfloat16, torch.float32, "sm90"),  # 117M: 6.9 vs 7.8 us

@@ -21,7 +21,8 @@ def _memory_hog(stream, big_a, big_b, rounds):
             big_b.add_(1.0)
 
 
-@pytest.mark.parametrize("M,E,K,kernel", [(4, 128, 2880, "small_m"), (32, 128, 2880, "sm90")])
+@pytest.mark.parametrize("M,E,K,kernel", [(4, 128, 2880, "small_m"), (32, 32, 2880, "small_m"),
+                                          (128, 128, 2880, "sm90")])
 def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
     probe = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     assert ops.router_gemm_route(probe, torch.empty(E, K, device="cuda", dtype=torch.bfloat16)) == kernel

@@ -33,15 +33,18 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 
 // The decode-size kernel (router_gemm_small_m.cu): bf16 x/weight/bias, bf16 or fp32 out,
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
-constexpr int kSmallMaxM = 8;
+constexpr int kSmallMaxM = 64;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
-// kernel: always for M <= 4, and up to M = 8 unless the router is both wide and long (E >= 128,
-// K > 2880), where taking in 8 tokens of x per CTA cost more than the cluster's handoff. Cold H200
-// sweeps, 2026-11-29, before the decode kernel split tokens over its grid: at M = 8, 2.59 against
-// 2.89 us on gpt-oss-20b, a tie at E = 128 and K <= 2880, and 4.25 against 5.12 us on DeepSeek-V3
-// (K = 7168, E = 256) for the tensor-core kernel. With the split the decode kernel is faster
-// still at K = 2880 (M = 8: 1.79 against 2.55 us at E = 32, 2.34 against 2.65 at E = 128); the wide
-// and long shapes were not re-measured, so they keep the tensor-core kernel.
+// kernel. Always for M <= 4; up to M = 8 unless the router is both wide and long (E >= 128,
+// K > 2880), where taking in 8 tokens of x per CTA cost more than the cluster's handoff; and at
+// K <= 2880 while the batch has at most 1024 logits (M x E), past which the tensor-core kernel's
+// shared weight and activation tiles win. Cold H200 sweeps, torch-free harness, 2026-11-29
+// (benchmarks/results/README.md), decode against tensor-core kernel, K = 2880:
+//   E = 8, M = 64: 1.85 against 2.46 us     E = 32, M = 32: 2.25 against 2.54; M = 48: 2.63 / 2.59
+//   E = 64, M = 16: 2.30 against 2.61; M = 24: 2.72 / 2.64
+//   E = 128, M = 8: 2.32 against 2.65; M = 16: 3.03 / 2.76
+// and, before the decode kernel split tokens over its grid, 4.25 against 5.12 us for the
+// tensor-core kernel on DeepSeek-V3 (K = 7168, E = 256) at M = 8.
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 

@@ -77,32 +77,27 @@ const char* router_gemm_sm90_unsupported(const RouterGemmArgs& a) {
 }
 
 RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  // From cold-weight tile sweeps on an H200 over nine router shapes (K 2048-7168, E 8-256,
-  // M 8-256; benchmarks/results/*_tune*): the finest grid wins until it holds more than about two
+  // From cold-weight tile sweeps on an H200 over five router shapes (K 2048-7168, E 32-256,
+  // M 8-256; benchmarks/results/README.md): the finest grid wins until it holds more than about two
   // CTAs per SM; past that, re-reading weights and activations from L2 costs more than the
   // parallelism gives. So: one 16-expert x 8-token tile per warp, clusters of 8 (of 4 when
   // K < 2560: too few k32 blocks per warp), then coarsen one step at a time, in the order that
-  // measured best, until the grid fits: two token tiles, clusters of 4, four token tiles. Grids
-  // of clusters of 8 with one tile per warp and K <= 5120 may hold twice as many CTAs: those CTAs
-  // are small enough that four per SM still pay (gpt-oss-20b at M = 256: 3.81 us at 512 CTAs,
-  // 3.95 at 256). Two expert tiles per warp never won by more than 0.08 us and lost 1.1 us at
-  // E = 256, M = 256, so the heuristic leaves them to explicit configurations. Within 0.15 us of
-  // the best configuration on all 42 swept (shape, M >= 8) cells. Fields the caller set are kept.
+  // measured best, until the grid holds at most 256 CTAs: two token tiles, two expert tiles,
+  // clusters of 4, four token tiles. Within 0.14 us of the best configuration on all 28 swept
+  // (shape, M >= 8) cells; examples, best against this rule's pick where they differ: Llama-4
+  // (K = 5120, E = 128) at M = 128, 5.06 us (this rule); DeepSeek-V3 (K = 7168, E = 256) at M = 64,
+  // 5.95 with four token tiles against 6.09 (this rule). Fields the caller set are kept.
   constexpr int kMaxCtas = 256;  // two per SM on a 132-SM H100/H200
   const RouterGemmSm90Config fixed = c;
   if (c.cluster == 0) c.cluster = a.K >= 2560 ? 8 : 4;
   if (c.token_tiles == 0) c.token_tiles = 1;
   if (c.expert_tiles == 0) c.expert_tiles = 1;
-  auto ctas = [&] {
-    return c.cluster * ((a.E + 16 * c.expert_tiles - 1) / (16 * c.expert_tiles)) *
-           ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles));
-  };
   auto fits = [&] {
-    const bool small_ctas = c.cluster == 8 && c.token_tiles == 1 && c.expert_tiles == 1 &&
-                            a.K <= 5120;
-    return ctas() <= (small_ctas ? 2 * kMaxCtas : kMaxCtas);
+    return c.cluster * ((a.E + 16 * c.expert_tiles - 1) / (16 * c.expert_tiles)) *
+               ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles)) <= kMaxCtas;
   };
   if (!fits() && fixed.token_tiles == 0) c.token_tiles = 2;
+  if (!fits() && fixed.expert_tiles == 0) c.expert_tiles = 2;
   if (!fits() && fixed.cluster == 0) c.cluster = 4;
   if (!fits() && fixed.token_tiles == 0) c.token_tiles = 4;
   return c;

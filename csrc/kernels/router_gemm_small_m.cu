@@ -1,8 +1,9 @@
-// The decode-size router GEMM (M <= 8): one CTA per group of experts and group of tokens, whole K
+// The decode-size router GEMM (M <= 64): one CTA per group of experts and group of tokens, whole K
 // per CTA, CUDA-core FMAs, and no communication between CTAs at all.
 //
-// Why a second kernel. At M <= 8 the tensor-core kernel (router_gemm_sm90.cuh) pays 0.45 us or more
-// on an H200 for handing its K slices' partial sums between CTAs (benchmarks/results/README.md).
+// Why a second kernel. For small batches (up to about 1024 logits) the tensor-core kernel
+// (router_gemm_sm90.cuh) pays 0.45 us or more on an H200 for handing its K slices' partial sums
+// between CTAs (benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
 // __syncthreads, and store. E CTAs (one expert each by default) spread the weight over E SMs,
@@ -26,6 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass: 4096 k per pass
+constexpr int kMaxTokensPerCta = 8;  // the largest token group launch_tokens instantiates
 
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
   const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
@@ -166,19 +168,22 @@ cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_
   return cudaErrorInvalidValue;
 }
 
-// Tokens per CTA: two, or more while the grid would exceed 384 CTAs, never more than M needs.
-// Splitting the tokens over the grid's second dimension cuts each CTA's activation load (M x K x 2
-// bytes unsplit) at the price of re-reading its weight rows from L2. On an H200, cold weights,
-// K = 2880 (2026-11-29, torch-free harness; benchmarks/results/README.md): E = 32, M = 8: 1.79 us
-// against 2.16 with all 8 tokens in one CTA; E = 128, M = 5: 2.16 against 2.28; E = 128, M = 8:
-// 2.33 with 4 tokens per CTA (256 CTAs), 2.45 with 2 (512 CTAs), 2.38 with 8.
+// Tokens per CTA: two, or more while the grid would exceed 384 CTAs, never more than 8 or than M
+// needs. Splitting the tokens over the grid's second dimension cuts each CTA's activation load
+// (M x K x 2 bytes unsplit) at the price of re-reading its weight rows from L2. On an H200, cold
+// weights, K = 2880 (2026-11-29, torch-free harness; benchmarks/results/README.md): E = 32, M = 8:
+// 1.79 us against 2.16 with all 8 tokens in one CTA; E = 128, M = 5: 2.16 against 2.28; E = 128,
+// M = 8: 2.33 with 4 tokens per CTA (256 CTAs), 2.45 with 2 (512 CTAs), 2.38 with 8; E = 32,
+// M = 32: 2.25 with 4 (256 CTAs), 2.36 with 2, 2.30 with 8; E = 8, M = 64: 1.85 with 2, 2.05 with 8.
 int auto_tokens_per_cta(const RouterGemmArgs& a, int experts_per_cta) {
   constexpr int kMaxCtas = 384;
   int all = 1;
   while (all < a.M) all *= 2;
   const int expert_ctas = (a.E + experts_per_cta - 1) / experts_per_cta;
   int tokens = all < 2 ? all : 2;
-  while (tokens < all && expert_ctas * ((a.M + tokens - 1) / tokens) > kMaxCtas) tokens *= 2;
+  while (tokens < all && tokens < kMaxTokensPerCta &&
+         expert_ctas * ((a.M + tokens - 1) / tokens) > kMaxCtas)
+    tokens *= 2;
   return tokens;
 }
 
@@ -190,7 +195,8 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
   if (a.in_dtype != DType::kBFloat16) return "x and weight must be bfloat16";
   if (a.out_dtype != DType::kBFloat16 && a.out_dtype != DType::kFloat32)
     return "out dtype must be bfloat16 or float32";
-  if (a.M < 1 || a.M > kSmallMaxM) return "M must be in [1, 8]";
+  static_assert(kSmallMaxM == 64, "keep the message below in step");
+  if (a.M < 1 || a.M > kSmallMaxM) return "M must be in [1, 64]";
   if (a.E < 1) return "E must be positive";
   if (a.K < 8 || a.K % 8 != 0) return "K must be a positive multiple of 8";
   if (!aligned_16B(a.x) || !aligned_16B(a.weight)) return "x and weight must be 16-byte aligned";
@@ -198,7 +204,9 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
 }
 
 bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
-  return a.M <= kSmallMaxM && (a.M <= 4 || a.E < 128 || a.K <= 2880);
+  if (a.M > kSmallMaxM) return false;
+  return a.M <= 4 || (a.M <= 8 && (a.E < 128 || a.K <= 2880)) ||
+         (a.K <= 2880 && static_cast<long long>(a.M) * a.E <= 1024);
 }
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
