@@ -24,6 +24,9 @@ class GateLinear(nn.Module):
             logits straight from the fp32 accumulator (no bf16 rounding on the way).
         pdl: launch the CUDA kernel with programmatic dependent launch, so its weight loads overlap
             the previous kernel's tail. Only for weights that no kernel writes right before the router.
+            It pays only next to kernels that trigger their dependents early: between ordinary
+            PyTorch kernels a layer measured 0.5-0.9 us slower with it on an H200
+            (benchmarks/results/README.md, the chain rows).
 
     Forward takes x of shape [..., K] and returns [..., E]. The backend (``"moegate"``, ``"cublas"``
     or ``"torch"``, see ``gate.ops``) is decided when the layer is built or moved, not per call;

@@ -21,19 +21,28 @@ def _memory_hog(stream, big_a, big_b, rounds):
             big_b.add_(1.0)
 
 
+def _activations_on_gpu(calls, M, K, gpu_generator, generator, outliers=8, outlier_scale=20.0):
+    """realistic_activations for `calls` batches at once, drawn on the GPU (the CPU's generator
+    took longer than the router calls themselves at M = 128)."""
+    x = torch.randn(calls, M, K, device="cuda", generator=gpu_generator)
+    x[:, :, torch.randperm(K, generator=generator)[:outliers]] *= outlier_scale
+    return x.to(torch.bfloat16)
+
+
 @pytest.mark.parametrize("M,E,K,kernel", [(4, 128, 2880, "small_m"), (32, 32, 2880, "small_m"),
                                           (128, 128, 2880, "sm90")])
 def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
     probe = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     assert ops.router_gemm_route(probe, torch.empty(E, K, device="cuda", dtype=torch.bfloat16)) == kernel
     generator = torch.Generator().manual_seed(77)
+    gpu_generator = torch.Generator(device="cuda").manual_seed(78)
     weight, bias = router_weights(E, K, generator)
     side = torch.cuda.Stream()
     big_a = torch.empty(512 * 1024 * 1024 // 4, device="cuda")
     big_b = torch.zeros_like(big_a)
     mismatches = 0
     for batch in range(BATCHES):
-        xs = realistic_activations(CALLS_PER_BATCH * M, K, generator).view(CALLS_PER_BATCH, M, K)
+        xs = _activations_on_gpu(CALLS_PER_BATCH, M, K, gpu_generator, generator)
         pdl = batch % 2 == 1
         torch.cuda.synchronize()
         _memory_hog(side, big_a, big_b, rounds=6)
@@ -42,12 +51,12 @@ def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
         torch.cuda.synchronize()
         quiet = torch.stack([ops.router_gemm(xs[i], weight, bias) for i in range(CALLS_PER_BATCH)])
         mismatches += (loaded != quiet).any(dim=(1, 2)).sum().item()
-        # And the quiet answers are right: on the same 1000 calls, no more than twice cuBLAS's
-        # error against float64.
-        ref = torch.einsum("cmk,ek->cme", xs.double(), weight.double()) + bias.double()
-        cublas = torch.stack([ops.router_gemm_cublas(xs[i], weight, bias)
-                              for i in range(CALLS_PER_BATCH)])
-        err_ours = (quiet.double() - ref).norm().item()
+        # And the quiet answers are right: on every tenth call, no more than twice cuBLAS's error
+        # against float64 (the float64 reference of all 1000 large calls would dominate the run).
+        sample = slice(0, CALLS_PER_BATCH, 10)
+        ref = torch.einsum("cmk,ek->cme", xs[sample].double(), weight.double()) + bias.double()
+        cublas = torch.stack([ops.router_gemm_cublas(x, weight, bias) for x in xs[sample]])
+        err_ours = (quiet[sample].double() - ref).norm().item()
         err_cublas = (cublas.double() - ref).norm().item()
         assert err_ours <= 2 * err_cublas, f"batch {batch}: error {err_ours:.4g} vs cuBLAS {err_cublas:.4g}"
     assert mismatches == 0, f"{mismatches} of {BATCHES * CALLS_PER_BATCH} calls differed under load"

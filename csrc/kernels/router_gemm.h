@@ -35,16 +35,17 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
 constexpr int kSmallMaxM = 64;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
-// kernel. Always for M <= 4; up to M = 8 unless the router is both wide and long (E >= 128,
-// K > 2880), where taking in 8 tokens of x per CTA cost more than the cluster's handoff; and at
-// K <= 2880 while the batch has at most 1024 logits (M x E), past which the tensor-core kernel's
-// shared weight and activation tiles win. Cold H200 sweeps, torch-free harness, 2026-11-29
-// (benchmarks/results/README.md), decode against tensor-core kernel, K = 2880:
-//   E = 8, M = 64: 1.85 against 2.46 us     E = 32, M = 32: 2.25 against 2.54; M = 48: 2.63 / 2.59
-//   E = 64, M = 16: 2.30 against 2.61; M = 24: 2.72 / 2.64
-//   E = 128, M = 8: 2.32 against 2.65; M = 16: 3.03 / 2.76
-// and, before the decode kernel split tokens over its grid, 4.25 against 5.12 us for the
-// tensor-core kernel on DeepSeek-V3 (K = 7168, E = 256) at M = 8.
+// kernel: always for M <= 4; up to M = 8 when K <= 2880; and for narrow routers (E < 128) while
+// the batch has at most 1024 logits (M x E). Past 1024 logits the tensor-core kernel's cluster
+// handoff costs less than the decode kernel's re-reads; wide and long routers (E >= 128,
+// K > 2880) at M = 5-8 took 8 tokens of x per CTA for more than the handoff. Cold H200 sweeps,
+// 2026-11-29 (benchmarks/results/README.md), decode against tensor-core kernel, us:
+//   K = 2880 (torch-free harness): E = 8, M = 64: 1.85 / 2.46; E = 32, M = 32: 2.25 / 2.54,
+//     M = 48: 2.63 / 2.59; E = 64, M = 16: 2.30 / 2.61, M = 24: 2.72 / 2.64; E = 128, M = 8:
+//     2.33 / 2.65, M = 16: 3.05 / 2.74
+//   Mixtral (K = 4096, E = 8; benchmarks/router_gemm.py --tune): M = 32: 2.09 / 2.76, M = 64:
+//     2.34 / 2.78
+//   DeepSeek-V3 (K = 7168, E = 256), M = 8, before the decode kernel split tokens: 5.12 / 4.25.
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 

@@ -205,8 +205,8 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
 
 bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
   if (a.M > kSmallMaxM) return false;
-  return a.M <= 4 || (a.M <= 8 && (a.E < 128 || a.K <= 2880)) ||
-         (a.K <= 2880 && static_cast<long long>(a.M) * a.E <= 1024);
+  return a.M <= 4 || (a.M <= 8 && a.K <= 2880) ||
+         (a.E < 128 && static_cast<long long>(a.M) * a.E <= 1024);
 }
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
