@@ -37,8 +37,8 @@ constexpr int kSmallMaxM = 64;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
 // kernel: always for M <= 4; up to M = 8 when K <= 2880; and for narrow routers (E < 128) while
 // the batch has at most 1024 logits (M x E). Past 1024 logits the tensor-core kernel's cluster
-// handoff costs less than the decode kernel's re-reads; wide and long routers (E >= 128,
-// K > 2880) at M = 5-8 took 8 tokens of x per CTA for more than the handoff. Cold H200 sweeps,
+// handoff costs less than the decode kernel's re-reads of x and weights; for wide and long
+// routers (E >= 128, K > 2880) the tensor-core kernel already wins at M = 8. Cold H200 sweeps,
 // 2026-11-29 (benchmarks/results/README.md), decode against tensor-core kernel, us:
 //   K = 2880 (torch-free harness): E = 8, M = 64: 1.85 / 2.46; E = 32, M = 32: 2.25 / 2.54,
 //     M = 48: 2.63 / 2.59; E = 64, M = 16: 2.30 / 2.61, M = 24: 2.72 / 2.64; E = 128, M = 8:

@@ -84,9 +84,8 @@ RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGem
   // K < 2560: too few k32 blocks per warp), then coarsen one step at a time, in the order that
   // measured best, until the grid holds at most 256 CTAs: two token tiles, two expert tiles,
   // clusters of 4, four token tiles. Within 0.14 us of the best configuration on all 28 swept
-  // (shape, M >= 8) cells; examples, best against this rule's pick where they differ: Llama-4
-  // (K = 5120, E = 128) at M = 128, 5.06 us (this rule); DeepSeek-V3 (K = 7168, E = 256) at M = 64,
-  // 5.95 with four token tiles against 6.09 (this rule). Fields the caller set are kept.
+  // (shape, M >= 8) cells; the worst, DeepSeek-V3 (K = 7168, E = 256) at M = 64: 6.09 us against
+  // 5.95 with four token tiles. Fields the caller set are kept.
   constexpr int kMaxCtas = 256;  // two per SM on a 132-SM H100/H200
   const RouterGemmSm90Config fixed = c;
   if (c.cluster == 0) c.cluster = a.K >= 2560 ? 8 : 4;

@@ -216,11 +216,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // The cluster's outputs are numbered in accumulator-fragment order (fragment_output below) and
   // split evenly between its CTAs: rank r owns [r * kPerRank, (r + 1) * kPerRank). Every warp of
   // every CTA pushes its partial sums straight into the owner's inbox (inbox[K slice][offset]), one
-  // 16-byte message per lane and tile: a lane's four accumulators are neighbours in this order. (One
-  // 4-byte message per accumulator cost 0.2 us more at E = 128, M = 128 on an H200, 0.8 us at
-  // M = 256: the handoff is bound by message count.) Once its inbox is
-  // full, each owner adds it up in slot order: no remote reads, and the same summation order on
-  // every run.
+  // 16-byte message per lane and tile: a lane's four accumulators are neighbours in this order.
+  // (One 4-byte message per accumulator cost 0.2 us more at E = 128, M = 128 on an H200, 0.8 us
+  // at M = 256: the handoff is bound by message count.) Once its inbox is full, each owner adds it
+  // up in slot order: no remote reads, and the same summation order on every run.
   static_assert(kTileOut % (4 * kCluster) == 0, "every CTA owns as many whole fragments");
   constexpr int kPerRank = kTileOut / kCluster;
   constexpr int kSlices = kCluster * kWarps;  // K slices, one per warp of the cluster
