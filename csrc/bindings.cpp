@@ -18,9 +18,9 @@ namespace {
 
 // cuBLAS beats the Hopper kernels once a call holds more than about 160M multiply-adds: measured
 // on an H200 with cold weights (benchmarks/results/*_tune*), every row below it wins with the
-// tile heuristic of router_gemm_sm90.cu (DeepSeek-V3 fp32 logits at M = 64, 117M: 6.9 against
-// 7.8 us; Llama-4 at M = 256, 168M: a 3% lead, too thin to count on; DeepSeek-V3 at M = 128, 235M,
-// and MiniMax-M2 at M = 256, 201M: cuBLAS ahead). router_gemm hands such calls to cuBLAS inside
+// tile heuristic of router_gemm_sm90.cu (DeepSeek-V3 fp32 logits at M = 64, 117M: 6.5 against
+// 7.9 us; Llama-4 at M = 256, 168M: 7.5 against 7.1-8.0, within cuBLAS's own run-to-run spread;
+// DeepSeek-V3 at M = 128, 235M, and MiniMax-M2 at M = 256, 201M: cuBLAS ahead). router_gemm hands such calls to cuBLAS inside
 // the op, so the choice is made per call even under torch.compile and CUDA graphs.
 constexpr int64_t kCublasCrossoverMacs = 160'000'000;
 

@@ -4,9 +4,10 @@ import torch
 
 
 def realistic_activations(M, K, generator, device="cuda", outliers=8, outlier_scale=20.0):
-    """Hidden states as routers see them: normal, with a few large outlier channels."""
-    x = torch.randn(M, K, generator=generator, device="cpu")
-    channels = torch.randperm(K, generator=generator)[:outliers]
+    """Hidden states as routers see them: normal, with a few large outlier channels. Drawn on the
+    generator's device (a CUDA generator keeps large batches off the CPU)."""
+    x = torch.randn(M, K, generator=generator, device=generator.device)
+    channels = torch.randperm(K, generator=generator, device=generator.device)[:outliers]
     x[:, channels] *= outlier_scale
     return x.to(device=device, dtype=torch.bfloat16)
 

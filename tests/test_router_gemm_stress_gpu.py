@@ -21,14 +21,6 @@ def _memory_hog(stream, big_a, big_b, rounds):
             big_b.add_(1.0)
 
 
-def _activations_on_gpu(calls, M, K, gpu_generator, generator, outliers=8, outlier_scale=20.0):
-    """realistic_activations for `calls` batches at once, drawn on the GPU (the CPU's generator
-    took longer than the router calls themselves at M = 128)."""
-    x = torch.randn(calls, M, K, device="cuda", generator=gpu_generator)
-    x[:, :, torch.randperm(K, generator=generator)[:outliers]] *= outlier_scale
-    return x.to(torch.bfloat16)
-
-
 @pytest.mark.parametrize("M,E,K,kernel", [(4, 128, 2880, "small_m"), (32, 32, 2880, "small_m"),
                                           (128, 128, 2880, "sm90")])
 def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
@@ -42,7 +34,7 @@ def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
     big_b = torch.zeros_like(big_a)
     mismatches = 0
     for batch in range(BATCHES):
-        xs = _activations_on_gpu(CALLS_PER_BATCH, M, K, gpu_generator, generator)
+        xs = realistic_activations(CALLS_PER_BATCH * M, K, gpu_generator).view(CALLS_PER_BATCH, M, K)
         pdl = batch % 2 == 1
         torch.cuda.synchronize()
         _memory_hog(side, big_a, big_b, rounds=6)
