@@ -77,8 +77,16 @@ def test_pdl_chain_in_a_cuda_graph_matches_serial(M):
     with torch.cuda.graph(graph):
         for i in range(iterations):
             chain(i, True)
-    expected = torch.stack([ops.router_gemm(ops.router_gemm(sources[i] * 2.0, w1, b1), w2, b2)
-                            for i in range(iterations)])
+    def serial(i):
+        # pdl=True picks the same kernels as the chain (dispatch may choose another kernel with
+        # PDL); the synchronisations keep every launch from overlapping any other.
+        first = ops.router_gemm(sources[i] * 2.0, w1, b1, pdl=True)
+        torch.cuda.synchronize()
+        second = ops.router_gemm(first, w2, b2, pdl=True)
+        torch.cuda.synchronize()
+        return second
+
+    expected = torch.stack([serial(i) for i in range(iterations)])
     for _ in range(5):
         results.fill_(float("nan"))
         graph.replay()

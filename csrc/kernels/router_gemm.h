@@ -35,22 +35,24 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
 constexpr int kSmallMaxM = 64;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
-// kernel: always for M <= 4; up to M = 8 when K <= 2880; and for narrow routers (E < 128) while
-// the batch has at most 1024 logits (M x E). Past 1024 logits the tensor-core kernel's cluster
-// handoff costs less than the decode kernel's re-reads of x and weights; for wide and long
-// routers (E >= 128, K > 2880) the tensor-core kernel already wins at M = 8. Cold H200 sweeps,
-// 2026-11-29 (benchmarks/results/README.md), decode against tensor-core kernel, us:
-//   K = 2880 (torch-free harness): E = 8, M = 64: 1.85 / 2.46; E = 32, M = 32: 2.25 / 2.54,
-//     M = 48: 2.63 / 2.59; E = 64, M = 16: 2.30 / 2.61, M = 24: 2.72 / 2.64; E = 128, M = 8:
-//     2.33 / 2.65, M = 16: 3.05 / 2.74
-//   Mixtral (K = 4096, E = 8; benchmarks/router_gemm.py --tune): M = 32: 2.09 / 2.76, M = 64:
-//     2.34 / 2.78
-//   DeepSeek-V3 (K = 7168, E = 256), M = 8, before the decode kernel split tokens: 5.12 / 4.25.
+// kernel: always for M <= 4; up to 1024 logits (M x E) unless the router is both wide and long
+// (E >= 128 and K > 5120); and up to 2048 logits for K <= 3072 without PDL. Past those the
+// tensor-core kernel's cluster handoff costs less than the decode kernel's re-reads of x and
+// weights and its CUDA-core FMAs. PDL moves the line: the tensor-core kernel gains 0.15-0.2 us
+// from it and the decode kernel nothing. Cold H200 sweeps, 2026-11-29 (torch-free harness;
+// benchmarks/results/README.md), decode against tensor-core kernel, us, PDL off (on):
+//   K = 2880: E = 32, M = 64: 2.59 / 2.67 (2.62 / 2.44); E = 64, M = 32: 2.63 / 2.70; E = 128,
+//     M = 8: 2.24 / 2.65 (2.24 / 2.44), M = 16: 2.65 / 2.75 (2.71 / 2.55), M = 24: 4.19 / 2.88
+//   K = 3072, E = 256, M = 8: 2.73 / 2.88 (2.84 / 2.69); K = 4096, E = 128, M = 16: 2.86 / 2.80
+//   K = 5120, E = 128, M = 8: 3.09 / 3.44 (3.13 / 3.27), M = 16: 3.91 / 3.57
+//   K = 7168, E = 256, M = 4: 3.44 / 3.92, M = 8: 4.17 / 3.98
+//   Mixtral (K = 4096, E = 8; benchmarks/router_gemm.py --tune): M = 64: 2.34 / 2.78
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 
-// experts_per_cta: 1, 2 or 4; 0 picks the measured best (1). tokens_per_cta: 1, 2, 4 or 8 (the
-// grid's second dimension splits the tokens); 0 picks by E and M.
+// experts_per_cta: 1, 2 or 4; tokens_per_cta: 1, 2, 4 or 8 (the grid's second dimension splits the
+// tokens). 0 picks by E and M: 2 x 4 from 768 logits (M >= 4), else 1 x 2 (more tokens per CTA
+// while the grid would exceed 384 CTAs).
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta,
                                        int tokens_per_cta);
 

@@ -1,15 +1,15 @@
 // The decode-size router GEMM (M <= 64): one CTA per group of experts and group of tokens, whole K
 // per CTA, CUDA-core FMAs, and no communication between CTAs at all.
 //
-// Why a second kernel. For small batches (up to about 1024 logits) the tensor-core kernel
+// Why a second kernel. For small batches (up to about 1000-2000 logits) the tensor-core kernel
 // (router_gemm_sm90.cuh) pays 0.45 us or more on an H200 for handing its K slices' partial sums
 // between CTAs (benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
-// __syncthreads, and store. E CTAs (one expert each by default) spread the weight over E SMs,
-// which keeps each SM's share small (2 x 2880 bytes per expert), and each group of 1-8
-// tokens gets its own row of such CTAs (auto_tokens_per_cta). Summation order is fixed:
-// bitwise deterministic.
+// __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens; 2 x 4 from 768 logits) spread
+// the weight over many SMs, which keeps each SM's share small (2 x 2880 bytes per expert), and
+// each group of tokens gets its own row of such CTAs (launch_router_gemm_small_m picks the tile).
+// Summation order is fixed: bitwise deterministic.
 //
 // PDL: weights and bias are read before griddepcontrol.wait, x after it, nothing is written before
 // it, and launch_dependents fires after all of the CTA's output stores (router_gemm_sm90.cuh
@@ -42,6 +42,44 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc)
   return acc;
 }
 
+// Sums each of the N values of `v` over the warp's 32 lanes and returns one of those sums: lane l
+// gets output l / (32 / N). Each of the first log2(N) steps pairs lanes `offset` apart; one keeps
+// the lower half of its values, the other the upper half, and each adds the half its partner sent:
+// N / 2 shuffles halve the values per lane. Then a plain butterfly over the 32 / N lanes that share
+// an output. N - 1 + log2(32 / N) shuffles in all instead of 5N for N separate butterflies: at
+// 8 outputs 9 instead of 40, at 32 outputs 31 instead of 160. Fixed order: bitwise deterministic.
+// H200, cold, K = 2880 (2026-11-29, torch-free harness; benchmarks/results/README.md): 2 experts x
+// 4 tokens per CTA, E = 128, M = 16: 2.66 us against 2.77 with separate butterflies. Below 8
+// outputs separate butterflies were 0.05-0.08 us faster (the same depth of five shuffles, and no
+// lane-dependent selects), so the kernel uses this from 8 outputs up.
+// One halving step per level (template recursion: nested unrolled loops whose inner trip count
+// depends on the outer index left the N = 32 case in local memory).
+template <int N, int kHalf = N / 2>
+__device__ __forceinline__ void fold_halves(float (&v)[N], int lane) {
+  if constexpr (kHalf >= 1) {
+    constexpr int kOffset = 32 * kHalf / N;
+    const bool upper = lane & kOffset;
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      const float send = upper ? v[i] : v[i + kHalf];
+      const float keep = upper ? v[i + kHalf] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kOffset);
+    }
+    fold_halves<N, kHalf / 2>(v, lane);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "a power of two up to 32");
+  fold_halves(v, lane);
+  float sum = v[0];
+#pragma unroll
+  for (int offset = 16 / N; offset > 0; offset /= 2)
+    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  return sum;
+}
+
 // Grid: (ceil(E / kExperts), ceil(M / kTokens)) CTAs of kThreads; CTA (i, j) owns experts
 // [i * kExperts, ...) of tokens [j * kTokens, ...). Thread t reads 16-byte chunk
 // c = pass + j * kThreads + t of each row (consecutive threads, consecutive chunks: coalesced).
@@ -52,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
                                int E, int K, bool pdl) {
   constexpr int kOutputs = kExperts * kTokens;
-  static_assert(kOutputs <= kThreads, "one thread per output in the epilogue");
+  static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
   __shared__ float warp_sums[kWarps][kOutputs];
 
   const int e0 = blockIdx.x * kExperts;
@@ -68,11 +106,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool stores = t < kOutputs && my_e < E && my_m < M;
   const float my_bias = (stores && bias != nullptr) ? __bfloat162float(bias[my_e]) : 0.f;
 
-  float acc[kExperts][kTokens];
+  float acc[kOutputs];  // acc[e * kTokens + m]: expert e0 + e, token m0 + m
 #pragma unroll
-  for (int e = 0; e < kExperts; ++e)
-#pragma unroll
-    for (int m = 0; m < kTokens; ++m) acc[e][m] = 0.f;
+  for (int i = 0; i < kOutputs; ++i) acc[i] = 0.f;
 
   for (int pass = 0; pass < num_chunks; pass += kThreads * kChunksPerThread) {
     uint4 w[kChunksPerThread][kExperts];
@@ -106,18 +142,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < kExperts; ++e)
 #pragma unroll
-        for (int m = 0; m < kTokens; ++m) acc[e][m] = dot8(w[j][e], xv[j][m], acc[e][m]);
+        for (int m = 0; m < kTokens; ++m)
+          acc[e * kTokens + m] = dot8(w[j][e], xv[j][m], acc[e * kTokens + m]);
   }
 
+  const int lane = t % 32;
+  if constexpr (kOutputs >= 8) {
+    const float warp_sum = warp_reduce_scatter(acc, lane);
+    if (lane % (32 / kOutputs) == 0) warp_sums[t / 32][lane / (32 / kOutputs)] = warp_sum;
+  } else {  // one butterfly per output (see warp_reduce_scatter for why not below 8)
 #pragma unroll
-  for (int e = 0; e < kExperts; ++e)
-#pragma unroll
-    for (int m = 0; m < kTokens; ++m) {
-      float v = acc[e][m];
+    for (int i = 0; i < kOutputs; ++i) {
+      float v = acc[i];
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-      if (t % 32 == 0) warp_sums[t / 32][e * kTokens + m] = v;
+      if (lane == 0) warp_sums[t / 32][i] = v;
     }
+  }
   __syncthreads();
   if (stores) {
     float sum = 0.f;
@@ -205,17 +246,25 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& a) {
 
 bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
   if (a.M > kSmallMaxM) return false;
-  return a.M <= 4 || (a.M <= 8 && a.K <= 2880) ||
-         (a.E < 128 && static_cast<long long>(a.M) * a.E <= 1024);
+  const long long logits = static_cast<long long>(a.M) * a.E;
+  if (a.M <= 4) return true;
+  if (logits <= 1024) return a.K <= 5120 || a.E < 128;
+  return logits <= 2048 && a.K <= 3072 && !a.pdl;
 }
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
                                        int tokens_per_cta) {
-  // One expert per CTA: the most CTAs, each with the least to load, was the fastest or within
-  // 0.03 us of it at every M <= 8 and E = 32 and 128 in the H200 sweeps of 2026-11-29
-  // (`benchmarks/router_gemm.py --tune`; 4 experts per CTA at M = 1 was 0.1 us slower).
-  if (experts_per_cta == 0) experts_per_cta = 1;
-  if (tokens_per_cta == 0) tokens_per_cta = auto_tokens_per_cta(a, experts_per_cta);
+  // Square-ish CTA tiles (2 experts x 4 tokens) from 768 logits on: each CTA loads 6 rows where
+  // 1 x 8 would load 9, and the grid stays at <= 256 CTAs up to the 2048 logits that dispatch
+  // gives this kernel. Below 768 logits one expert x 2 tokens per CTA (more CTAs, each with less
+  // to load) was best or within 0.03 us of it. Cold H200 sweeps, 2026-11-29 (torch-free harness;
+  // benchmarks/results/README.md), us, 2 x 4 against the previous default of one expert per CTA:
+  // K = 2880: E = 32, M = 32: 2.13 / 2.29; E = 64, M = 12: 2.09 / 2.19; E = 128, M = 8: 2.24 /
+  // 2.33; E = 256, M = 4: 2.31 / 2.38. K = 2048, E = 128, M = 8: 2.14 / 2.31; K = 5120: 3.09 / 3.26.
+  const bool square = a.M >= 4 && static_cast<long long>(a.M) * a.E >= 768;
+  if (experts_per_cta == 0) experts_per_cta = square && tokens_per_cta == 0 ? 2 : 1;
+  if (tokens_per_cta == 0)
+    tokens_per_cta = square && experts_per_cta == 2 ? 4 : auto_tokens_per_cta(a, experts_per_cta);
   if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta, tokens_per_cta);
   return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta);
 }
