@@ -5,7 +5,7 @@
 // (router_gemm_sm90.cuh) pays 0.45 us or more on an H200 for handing its K slices' partial sums
 // between CTAs (benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
-// each (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
+// each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
 // __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens; 2 x 4 from 768 logits) spread
 // the weight over many SMs, which keeps each SM's share small (2 x 2880 bytes per expert), and
 // each group of tokens gets its own row of such CTAs (launch_router_gemm_small_m picks the tile).
@@ -24,9 +24,15 @@
 namespace moegate {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass: 4096 k per pass
+constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass
+// CTA size: 256 threads cover K <= 4096 in one pass (one trip to memory); longer rows get 512, so
+// that K <= 8192 still takes one pass. H200, cold (2026-11-29, torch-free harness;
+// benchmarks/results/README.md): DeepSeek-V3 (K = 7168, E = 256), M = 1: 2.62 us with 512 threads
+// against 2.83 with 256 (two passes), M = 4: 3.25 against 3.44; at K = 2880 512 threads were
+// 0.03-0.3 us slower than 256, and 384 and 128 were no faster.
+constexpr int kShortRowThreads = 256;
+constexpr int kLongRowThreads = 512;
+constexpr int kShortRowMaxK = kShortRowThreads * kChunksPerThread * 8;
 constexpr int kMaxTokensPerCta = 8;  // the largest token group launch_tokens instantiates
 
 __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
@@ -83,12 +89,13 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
 // Grid: (ceil(E / kExperts), ceil(M / kTokens)) CTAs of kThreads; CTA (i, j) owns experts
 // [i * kExperts, ...) of tokens [j * kTokens, ...). Thread t reads 16-byte chunk
 // c = pass + j * kThreads + t of each row (consecutive threads, consecutive chunks: coalesced).
-template <int kExperts, int kTokens, typename Out>
+template <int kThreads, int kExperts, int kTokens, typename Out>
 __global__ void __launch_bounds__(kThreads, 1)
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
                                const __nv_bfloat16* __restrict__ weight,
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
                                int E, int K, bool pdl) {
+  constexpr int kWarps = kThreads / 32;
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
   __shared__ float warp_sums[kWarps][kOutputs];
@@ -170,8 +177,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   sm90::trigger_dependents();
 }
 
-template <int kExperts, int kTokens, typename Out>
-cudaError_t launch_typed(const RouterGemmArgs& a) {
+template <int kThreads, int kExperts, int kTokens, typename Out>
+cudaError_t launch_threads(const RouterGemmArgs& a) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3((a.E + kExperts - 1) / kExperts, (a.M + kTokens - 1) / kTokens, 1);
   config.blockDim = dim3(kThreads, 1, 1);
@@ -181,11 +188,21 @@ cudaError_t launch_typed(const RouterGemmArgs& a) {
   pdl.val.programmaticStreamSerializationAllowed = 1;
   config.attrs = &pdl;
   config.numAttrs = a.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, router_gemm_small_m_kernel<kExperts, kTokens, Out>,
+  return cudaLaunchKernelEx(&config, router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out>,
                             static_cast<const __nv_bfloat16*>(a.x),
                             static_cast<const __nv_bfloat16*>(a.weight),
                             static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
                             a.M, a.E, a.K, a.pdl);
+}
+
+template <int kExperts, int kTokens, typename Out>
+cudaError_t launch_typed(const RouterGemmArgs& a) {
+  // 4 x 8 tiles need more than the 128 registers a thread of a 512-thread CTA may have (ptxas
+  // spilled): they keep 256 threads and take two passes over long rows.
+  if constexpr (kExperts * kTokens <= 16) {
+    if (a.K > kShortRowMaxK) return launch_threads<kLongRowThreads, kExperts, kTokens, Out>(a);
+  }
+  return launch_threads<kShortRowThreads, kExperts, kTokens, Out>(a);
 }
 
 template <int kExperts, typename Out>
