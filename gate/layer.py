@@ -27,7 +27,7 @@ class GateLinear(nn.Module):
             It pays only next to kernels that trigger their dependents early: between ordinary
             PyTorch kernels a layer measured 0.5-0.9 us slower with it on an H200
             (benchmarks/results/README.md, the chain rows). It can also pick the other Hopper
-            kernel (from 1025 to 2048 logits per call), so logits may differ in the last bits
+            kernel (1025 to 2048 logits per call, K <= 3072), so logits may differ in the last bits
             between ``pdl=True`` and ``pdl=False``; each setting is deterministic on its own.
 
     Forward takes x of shape [..., K] and returns [..., E]. The backend (``"moegate"``, ``"cublas"``
