@@ -28,8 +28,9 @@ constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass
 // CTA size: 256 threads cover K <= 4096 in one pass (one trip to memory); longer rows get 512, so
 // that K <= 8192 still takes one pass. H200, cold (2026-11-29, torch-free harness;
 // benchmarks/results/README.md): DeepSeek-V3 (K = 7168, E = 256), M = 1: 2.62 us with 512 threads
-// against 2.83 with 256 (two passes), M = 4: 3.25 against 3.44; at K = 2880 512 threads were
-// 0.03-0.3 us slower than 256, and 384 and 128 were no faster.
+// against 2.83 with 256 (two passes), M = 4: 3.25 against 3.44. At K = 2880 (one pass either
+// way) 512 threads were 0.03-0.3 us slower than 256 where the grid fit in one wave, and 384 and
+// 128 threads were no faster.
 constexpr int kShortRowThreads = 256;
 constexpr int kLongRowThreads = 512;
 constexpr int kShortRowMaxK = kShortRowThreads * kChunksPerThread * 8;
