@@ -20,8 +20,9 @@ namespace {
 // on an H200 with cold weights (benchmarks/results/*_tune*), every row below it wins with the
 // tile heuristic of router_gemm_sm90.cu (DeepSeek-V3 fp32 logits at M = 64, 117M: 6.5 against
 // 7.9 us; Llama-4 at M = 256, 168M: 7.5 against 7.1-8.0, within cuBLAS's own run-to-run spread;
-// DeepSeek-V3 at M = 128, 235M, and MiniMax-M2 at M = 256, 201M: cuBLAS ahead). router_gemm hands such calls to cuBLAS inside
-// the op, so the choice is made per call even under torch.compile and CUDA graphs.
+// DeepSeek-V3 at M = 128, 235M, and MiniMax-M2 at M = 256, 201M: cuBLAS ahead). router_gemm
+// hands such calls to cuBLAS inside the op, so the choice is made per call even under
+// torch.compile and CUDA graphs.
 constexpr int64_t kCublasCrossoverMacs = 160'000'000;
 
 // Numbers in error messages go through std::to_string, never an ostream: on the H200 image every
@@ -283,7 +284,8 @@ TORCH_LIBRARY(moegate, m) {
         "bool pdl=False, int expert_tiles=0, int token_tiles=0, int cluster=0) -> Tensor");
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int experts_per_cta=0, int tokens_per_cta=0) -> Tensor");
-  m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None, bool pdl=False) -> int");
+  m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None, "
+        "bool pdl=False) -> int");
   m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids) "
         "-> Tensor");
 }

@@ -5,8 +5,8 @@
 // (router_gemm_sm90.cuh) pays 0.45 us or more on an H200 for handing its K slices' partial sums
 // between CTAs (benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
-// each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce through warp shuffles and one
-// __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens; 2 x 4 from 768 logits) spread
+// each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce
+// through warp shuffles and one __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens; 2 x 4 from 768 logits) spread
 // the weight over many SMs, which keeps each SM's share small (2 x 2880 bytes per expert), and
 // each group of tokens gets its own row of such CTAs (launch_router_gemm_small_m picks the tile).
 // Summation order is fixed: bitwise deterministic.
@@ -187,10 +187,15 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
   sm90::trigger_dependents();
 }
 
+template <int kExperts, int kTokens>
+dim3 grid_for(const RouterGemmArgs& a) {
+  return dim3((a.E + kExperts - 1) / kExperts, (a.M + kTokens - 1) / kTokens, 1);
+}
+
 template <int kThreads, int kExperts, int kTokens, typename Out>
 cudaError_t launch_threads(const RouterGemmArgs& a) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((a.E + kExperts - 1) / kExperts, (a.M + kTokens - 1) / kTokens, 1);
+  config.gridDim = grid_for<kExperts, kTokens>(a);
   config.blockDim = dim3(kThreads, 1, 1);
   config.stream = a.stream;
   cudaLaunchAttribute pdl;
@@ -210,8 +215,8 @@ cudaError_t launch_typed(const RouterGemmArgs& a) {
   // 4 x 8 tiles need more than the 128 registers a thread of a 512-thread CTA may have (ptxas
   // spilled): they keep 256 threads and take two passes over long rows.
   if constexpr (kExperts * kTokens <= 16) {
-    const long long ctas = static_cast<long long>((a.E + kExperts - 1) / kExperts) *
-                           ((a.M + kTokens - 1) / kTokens);
+    const dim3 grid = grid_for<kExperts, kTokens>(a);
+    const long long ctas = static_cast<long long>(grid.x) * grid.y;
     if (a.K > kShortRowMaxK && ctas <= kWaveSms * long_row_ctas_per_sm(kExperts * kTokens))
       return launch_threads<kLongRowThreads, kExperts, kTokens, Out>(a);
   }
