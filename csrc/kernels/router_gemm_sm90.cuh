@@ -17,9 +17,11 @@
 // consecutive k16 MMAs; the permutation is identical for both operands.
 //
 // Programmatic dependent launch (PDL), when the launch asks for it:
-//  * weight and bias are loaded BEFORE griddepcontrol.wait: they are parameters no kernel writes
-//    while routers run, so this overlaps their HBM latency with the previous kernel's tail;
-//  * x is loaded only AFTER the wait: the previous kernel produces it;
+//  * weight loads may be issued BEFORE griddepcontrol.wait: the weight is a parameter no kernel
+//    writes while routers run, so its HBM latency can overlap the previous kernel's tail (in the
+//    SASS, each thread's first weight load is; grid_dependency_wait says why not all of them);
+//  * x is loaded only AFTER the wait: the previous kernel produces it; the bias after x (see
+//    load_bias_bits: issued before the rows, it delayed them);
 //  * nothing is written to global memory before the wait: our output buffer may reuse memory the
 //    previous kernel is still reading;
 //  * launch_dependents fires only after all of this CTA's output stores (a CTA barrier first).
@@ -46,15 +48,19 @@ constexpr int kWarps = 4;           // warps per CTA, each on its own K slice (8
 constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
-// griddepcontrol.wait, pinned below the weight loads. The wait has no operands, so ptxas hoisted
-// it above them (seen in the SASS), serialising the weight fetch behind the previous kernel.
-// Branching on `token`, a value folded from the loaded weights, pins it: both branches wait, so the
-// token's value never matters. Kernels call this only when launched with PDL; without PDL the wait
-// is a no-op and the dependency would only delay the activation loads.
-__device__ __forceinline__ void grid_dependency_wait_after(uint32_t token) {
+// griddepcontrol.wait when the launch asked for PDL (`pdl`), placed in the source after the first
+// weight loads. ptxas issues only the first of a thread's weight loads before it (SASS, CUDA 13.0)
+// and the rest right after it, together with the activation loads. Pinning every weight load above
+// the wait takes a data dependency on the loaded values (as this kernel did), and that makes the
+// warp wait for its weights to arrive before it may issue its activation loads: two memory trips in
+// a row. H200, cold weights, back-to-back PDL calls, torch-free harness, pinned / not, us
+// (benchmarks/results/README.md): decode kernel, K = 2880, E = 32, M = 1: 1.68 / 1.50; E = 128,
+// M = 8: 2.18 / 1.97. The predicated branch sits inside the asm so that the wait stays one
+// instruction sequence after the loads whether or not PDL is on.
+__device__ __forceinline__ void grid_dependency_wait(bool pdl) {
   asm volatile(
-      "{\n .reg .pred p;\n setp.ne.u32 p, %0, 0;\n"
-      " @p griddepcontrol.wait;\n @!p griddepcontrol.wait;\n}\n" ::"r"(token)
+      "{\n .reg .pred p;\n setp.eq.u32 p, %0, 0;\n @p bra.uni SKIP_GRID_WAIT_%=;\n"
+      " griddepcontrol.wait;\n SKIP_GRID_WAIT_%=:\n}\n" ::"r"(static_cast<uint32_t>(pdl))
       : "memory");
 }
 
@@ -189,6 +195,21 @@ __device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// One bias element as raw bits (0 when there is none), widened only where it is added, so that no
+// instruction waits for it before the epilogue. Both kernels issue it after their first weight and
+// activation loads: every CTA reads the same one or two bias lines, and issued before the rows
+// (as it was), that read held them up. H200, cold weights and bias, PDL off, torch-free harness
+// (benchmarks/results/README.md), bias first / after the rows, us: decode kernel, K = 2880,
+// E = 32, M = 1: 2.29 / 2.00; E = 128, M = 8: 2.72 / 2.52; tensor-core kernel, E = 128, M = 32:
+// 3.36 / 3.25. After the rows, a cold bias costs what no bias costs.
+__device__ __forceinline__ unsigned short load_bias_bits(const __nv_bfloat16* bias, int e,
+                                                         bool ok) {
+  return ok && bias != nullptr ? __bfloat16_as_ushort(bias[e]) : 0;
+}
+__device__ __forceinline__ float bias_value(unsigned short bits) {
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
 // Where output number `idx` of a CTA's [16 kExpertTiles x 8 kTokenTiles] tile lives, in fragment
 // order: idx = ((i * kTokenTiles + j) * 32 + lane) * 4 + c is accumulator c of `lane` in MMA tile
 // (expert tile i, token tile j), which holds expert 16i + lane/4 (+8 for c >= 2) and token
@@ -316,15 +337,21 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
   // Final reduction (after the pushes below): kLanes neighbouring lanes share one output; lane
   // `sub` adds slices sub, sub + kLanes, ... and a butterfly over the kLanes lanes finishes the sum.
-  // Both orders are fixed, so the result is bitwise deterministic. Its bias is fetched here, with
-  // the weights before the dependency wait, so that no HBM trip is left after the MMAs.
+  // Both orders are fixed, so the result is bitwise deterministic.
   constexpr int kThreads = kWarps * 32;
   constexpr int kLanes = lanes_per_output(kThreads, kPerRank, kSlices);
   constexpr int kOutPerPass = kThreads / kLanes;
   constexpr int kPasses = (kPerRank + kOutPerPass - 1) / kOutPerPass;
   const int sub = static_cast<int>(threadIdx.x) % kLanes;
   const int out_begin = rank * kPerRank;
-  float bias_val[kPasses];
+
+  // First chunk: weights before the dependency wait, activations after it.
+  load_weights(block_begin);
+  grid_dependency_wait(pdl);
+  load_activations(block_begin);
+  // The bias of the outputs this thread will store: fetched now, behind the first chunk's rows
+  // (load_bias_bits), so that no HBM trip is left after the MMAs.
+  unsigned short bias_bits[kPasses];
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
     const int idx = out_begin + p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
@@ -332,20 +359,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     fragment_output<kTokenTiles>(idx, expert, token);
     const int e = e0 + expert;
     const bool owned = idx < out_begin + kPerRank;
-    bias_val[p] = (bias != nullptr && owned && e < E) ? __bfloat162float(bias[e]) : 0.f;
+    bias_bits[p] = load_bias_bits(bias, e, owned && e < E);
   }
-
-  // First chunk: weights before the dependency wait, activations after it.
-  load_weights(block_begin);
-  if (pdl) {
-    uint32_t token = 0;
-#pragma unroll
-    for (int b = 0; b < kBlocksPerChunk; ++b)
-#pragma unroll
-      for (int t = 0; t < kExpertTiles; ++t) token ^= w_frag[b][t][0].x ^ w_frag[b][t][1].x;
-    grid_dependency_wait_after(token);
-  }
-  load_activations(block_begin);
   multiply();
   for (int chunk = block_begin + kBlocksPerChunk; chunk < block_end; chunk += kBlocksPerChunk) {
     load_weights(chunk);
@@ -383,7 +398,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     fragment_output<kTokenTiles>(idx, expert, token);
     const int out_m = m0 + token, out_e = e0 + expert;
     if (sub == 0 && local < kPerRank && out_m < M && out_e < E)
-      out[static_cast<long long>(out_m) * E + out_e] = store_cast<Out>(sum + bias_val[p]);
+      out[static_cast<long long>(out_m) * E + out_e] =
+          store_cast<Out>(sum + bias_value(bias_bits[p]));
   }
   // After all of this CTA's output stores (see the PDL notes at the top).
   cta_barrier();

@@ -6,14 +6,15 @@
 // between CTAs (benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce
-// through warp shuffles and one __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens; 2 x 4 from 768 logits) spread
-// the weight over many SMs, which keeps each SM's share small (2 x 2880 bytes per expert), and
-// each group of tokens gets its own row of such CTAs (launch_router_gemm_small_m picks the tile).
+// through warp shuffles and one __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens;
+// 2 x 4 from 768 logits) spread the weight over many SMs, which keeps each SM's share small
+// (2 x 2880 bytes per expert), and each group of tokens gets its own row of such CTAs
+// (launch_router_gemm_small_m picks the tile).
 // Summation order is fixed: bitwise deterministic.
 //
-// PDL: weights and bias are read before griddepcontrol.wait, x after it, nothing is written before
-// it, and launch_dependents fires after all of the CTA's output stores (router_gemm_sm90.cuh
-// explains why each of these matters).
+// PDL: weight loads are issued before griddepcontrol.wait, x and then the bias after it, nothing is
+// written before it, and launch_dependents fires after all of the CTA's output stores
+// (router_gemm_sm90.cuh explains why each of these matters).
 #include <cuda_bf16.h>
 
 #include <cstdint>
@@ -118,10 +119,10 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
   const int num_chunks = K / 8;
   const int t = threadIdx.x;
 
-  // Epilogue mapping, known up front so the bias load joins the weight loads.
+  // Epilogue mapping: this thread stores output (my_e, my_m) if `stores`.
   const int my_e = e0 + t / kTokens, my_m = t % kTokens;
   const bool stores = t < kOutputs && my_e < E && my_m < M;
-  const float my_bias = (stores && bias != nullptr) ? __bfloat162float(bias[my_e]) : 0.f;
+  unsigned short bias_bits = 0;
 
   float acc[kOutputs];  // acc[e * kTokens + m]: expert e0 + e, token m0 + m
 #pragma unroll
@@ -138,14 +139,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
         w[j][e] = sm90::load_weight_16B(weight + static_cast<long long>(e0 + e) * K + 8 * chunk,
                            chunk < num_chunks && e0 + e < E);
     }
-    if (pass == 0 && pdl) {
-      uint32_t token = 0;
-#pragma unroll
-      for (int j = 0; j < kChunksPerThread; ++j)
-#pragma unroll
-        for (int e = 0; e < kExperts; ++e) token ^= w[j][e].x;
-      sm90::grid_dependency_wait_after(token);
-    }
+    if (pass == 0) sm90::grid_dependency_wait(pdl);
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j) {
       const int chunk = pass + j * kThreads + t;
@@ -154,6 +148,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
         xv[j][m] = sm90::load_activation_16B(x + static_cast<long long>(m) * K + 8 * chunk,
                             chunk < num_chunks && m < M);
     }
+    if (pass == 0) bias_bits = sm90::load_bias_bits(bias, my_e, stores);  // behind the rows
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j)
 #pragma unroll
@@ -181,7 +176,8 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
-    out[static_cast<long long>(my_m) * E + my_e] = sm90::store_cast<Out>(sum + my_bias);
+    out[static_cast<long long>(my_m) * E + my_e] =
+        sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits));
   }
   sm90::cta_barrier();  // every output store of the CTA precedes the trigger
   sm90::trigger_dependents();
