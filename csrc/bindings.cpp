@@ -221,11 +221,11 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
 }
 
 int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
-                          std::optional<at::ScalarType> out_dtype, bool pdl) {
+                          std::optional<at::ScalarType> out_dtype) {
   check_inputs(x, weight, std::nullopt);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  return static_cast<int64_t>(route_for(x, make_args(x, weight, std::nullopt, out_type, pdl)));
+  return static_cast<int64_t>(route_for(x, make_args(x, weight, std::nullopt, out_type, /*pdl=*/false)));
 }
 
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
@@ -284,8 +284,7 @@ TORCH_LIBRARY(moegate, m) {
         "bool pdl=False, int expert_tiles=0, int token_tiles=0, int cluster=0) -> Tensor");
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int experts_per_cta=0, int tokens_per_cta=0) -> Tensor");
-  m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None, "
-        "bool pdl=False) -> int");
+  m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None) -> int");
   m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids) "
         "-> Tensor");
 }

@@ -26,9 +26,7 @@ class GateLinear(nn.Module):
             the previous kernel's tail. Only for weights that no kernel writes right before the router.
             It pays only next to kernels that trigger their dependents early: between ordinary
             PyTorch kernels a layer measured 0.5-0.9 us slower with it on an H200
-            (benchmarks/results/README.md, the chain rows). It can also pick the other Hopper
-            kernel (1025 to 2048 logits per call, K <= 3072), so logits may differ in the last bits
-            between ``pdl=True`` and ``pdl=False``; each setting is deterministic on its own.
+            (benchmarks/results/README.md, the chain rows). The logits are the same bits either way.
 
     Forward takes x of shape [..., K] and returns [..., E]. The backend (``"moegate"``, ``"cublas"``
     or ``"torch"``, see ``gate.ops``) is decided when the layer is built or moved, not per call;

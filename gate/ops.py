@@ -239,15 +239,14 @@ def router_gemm_small_m(
 ROUTES = ("cublas", "small_m", "sm90", "simple")  # router_gemm_route's answers, by code
 
 
-def router_gemm_route(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None,
-                      pdl: bool = False) -> str:
+def router_gemm_route(x: torch.Tensor, weight: torch.Tensor,
+                      out_dtype: torch.dtype | None = None) -> str:
     """Which implementation ``router_gemm`` on the ``"moegate"`` backend runs for these inputs:
     ``"small_m"`` (decode kernel), ``"sm90"`` (tensor-core kernel), ``"cublas"`` (above the measured
-    crossover) or ``"simple"`` (the foundation kernel). Decided inside the op, per call; ``pdl``
-    matters because programmatic dependent launch favours the tensor-core kernel."""
+    crossover) or ``"simple"`` (the foundation kernel). Decided inside the op, per call, and the
+    same with or without ``pdl``."""
     _check_router_inputs(x, weight, None)
-    return ROUTES[torch.ops.moegate.router_gemm_route(x.contiguous(), weight.contiguous(), out_dtype,
-                                                      pdl)]
+    return ROUTES[torch.ops.moegate.router_gemm_route(x.contiguous(), weight.contiguous(), out_dtype)]
 
 
 def lora_expand_torch(

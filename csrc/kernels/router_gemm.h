@@ -35,16 +35,15 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
 constexpr int kSmallMaxM = 64;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
-// kernel: always for M <= 4; up to 1024 logits (M x E) unless the router is both wide and long
-// (E >= 128 and K > 5120); and up to 2048 logits for K <= 3072 without PDL. Past those the
-// tensor-core kernel's cluster handoff costs less than the decode kernel's re-reads of x and
-// weights and its CUDA-core FMAs. PDL moves the line: the tensor-core kernel gains 0.15-0.2 us
-// from it and the decode kernel nothing. Cold H200 sweeps, 2026-11-29 (torch-free harness;
-// benchmarks/results/README.md), decode against tensor-core kernel, us, PDL off (on):
-//   K = 2880: E = 32, M = 64: 2.59 / 2.67 (2.62 / 2.44); E = 64, M = 32: 2.63 / 2.70; E = 128,
-//     M = 8: 2.24 / 2.65 (2.24 / 2.44), M = 16: 2.65 / 2.75 (2.71 / 2.55), M = 24: 4.19 / 2.88
-//   K = 3072, E = 256, M = 8: 2.73 / 2.88 (2.84 / 2.69); K = 4096, E = 128, M = 16: 2.86 / 2.80
-//   K = 5120, E = 128, M = 8: 3.09 / 3.44 (3.13 / 3.27), M = 16: 3.91 / 3.57
+// kernel: always for M <= 4, and up to 1024 logits (M x E) unless the router is both wide and long
+// (E >= 128 and K > 5120). Past that the tensor-core kernel's cluster handoff costs less than the
+// decode kernel's re-reads of x and weights and its CUDA-core FMAs. The choice does not depend on
+// PDL, so pdl=True and pdl=False give the same bits. H200, cold, K = 2880, decode / tensor-core
+// kernel, us (benchmarks/router_gemm.py --tune, 2026-11-29; benchmarks/results/):
+//   E = 32, M = 32: 2.49 / 2.67 PDL off, 2.28 / 2.44 PDL on; M = 48: 2.91 / 2.71, 2.76 / 2.47
+//   E = 128, M = 8: 2.62 / 2.83, 2.36 / 2.55; M = 16: 3.09 / 2.95, 2.86 / 2.68
+// Earlier torch-free sweeps of other shapes, decode / tensor-core kernel, PDL off:
+//   K = 5120, E = 128, M = 8: 3.09 / 3.44, M = 16: 3.91 / 3.57
 //   K = 7168, E = 256, M = 4: 3.44 / 3.92, M = 8: 4.17 / 3.98
 //   Mixtral (K = 4096, E = 8; benchmarks/router_gemm.py --tune): M = 64: 2.34 / 2.78
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
