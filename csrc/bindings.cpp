@@ -225,7 +225,8 @@ int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
   check_inputs(x, weight, std::nullopt);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  return static_cast<int64_t>(route_for(x, make_args(x, weight, std::nullopt, out_type, /*pdl=*/false)));
+  const RouterGemmArgs args = make_args(x, weight, std::nullopt, out_type, /*pdl=*/false);
+  return static_cast<int64_t>(route_for(x, args));  // the same with or without PDL
 }
 
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.

@@ -286,8 +286,9 @@ cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_
                                        int tokens_per_cta) {
   // Square-ish CTA tiles (2 experts x 4 tokens) from 768 logits on: each CTA loads 6 rows where
   // 1 x 8 would load 9, and the grid stays at <= 256 CTAs up to 2048 logits. Below 768 logits one
-  // expert x 2 tokens per CTA (more CTAs, each with less to load) was best or within 0.03 us of it. Cold H200 sweeps, 2026-11-29 (torch-free harness;
-  // benchmarks/results/README.md), us, 2 x 4 against the previous default of one expert per CTA:
+  // expert x 2 tokens per CTA (more CTAs, each with less to load) was best or within 0.03 us of it.
+  // Cold H200 sweeps, 2026-11-29 (torch-free harness; benchmarks/results/README.md), us, 2 x 4
+  // against the previous default of one expert per CTA:
   // K = 2880: E = 32, M = 32: 2.13 / 2.29; E = 64, M = 12: 2.09 / 2.19; E = 128, M = 8: 2.24 /
   // 2.33; E = 256, M = 4: 2.31 / 2.38. K = 2048, E = 128, M = 8: 2.14 / 2.31; K = 5120: 3.09 / 3.26.
   const bool square = a.M >= 4 && static_cast<long long>(a.M) * a.E >= 768;
