@@ -19,7 +19,7 @@
 // Programmatic dependent launch (PDL), when the launch asks for it:
 //  * weight loads may be issued BEFORE griddepcontrol.wait: the weight is a parameter no kernel
 //    writes while routers run, so its HBM latency can overlap the previous kernel's tail (in the
-//    SASS, each thread's first weight load is; grid_dependency_wait says why not all of them);
+//    SASS, some or all of the first chunk's are; grid_dependency_wait says why not always all);
 //  * x is loaded only AFTER the wait: the previous kernel produces it; the bias after x (see
 //    load_bias_bits: issued before the rows, it delayed them);
 //  * nothing is written to global memory before the wait: our output buffer may reuse memory the
@@ -49,11 +49,13 @@ constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 thr
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
 // griddepcontrol.wait when the launch asked for PDL (`pdl`), placed in the source after the first
-// weight loads. ptxas issues only the first of a thread's weight loads before it (SASS, CUDA 13.0)
-// and the rest right after it, together with the activation loads. Pinning every weight load above
-// the wait takes a data dependency on the loaded values (as this kernel did), and that makes the
-// warp wait for its weights to arrive before it may issue its activation loads: two memory trips in
-// a row. H200, cold weights, back-to-back PDL calls, torch-free harness, pinned / not, us
+// weight loads. ptxas moves non-coherent loads across it freely: of a thread's first-chunk weight
+// loads it issues all, some or none before the wait, by kernel variant (SASS, CUDA 13.0: 2 of 8 in
+// the 16 x 8-tile, 8-CTA-cluster variant, 0 of 8 with two token tiles and clusters of 4, 0 or 1
+// of 2-4 in the decode kernel), and the rest after it with the activation loads. Pinning every weight load
+// above the wait takes a data dependency on the loaded values (as this kernel did), and that makes
+// the warp wait for its weights to arrive before it may issue its activation loads: two memory
+// trips in a row. H200, cold weights, back-to-back PDL calls, torch-free harness, pinned / not, us
 // (benchmarks/results/README.md): decode kernel, K = 2880, E = 32, M = 1: 1.68 / 1.50; E = 128,
 // M = 8: 2.18 / 1.97. The predicated branch sits inside the asm so that the wait stays one
 // instruction sequence after the loads whether or not PDL is on.
