@@ -1,0 +1,139 @@
+"""The PDL contract, checked in the machine code of every router-kernel instantiation (no GPU needed).
+
+Under programmatic dependent launch the router may start while the kernel before it still runs. So,
+in the compiled SASS and not only in the source: no activation load and no global store before
+griddepcontrol.wait (SASS ACQBULK), and griddepcontrol.launch_dependents (PREEXIT) only after the
+last output store, behind a CTA barrier. ptxas moves loads across the wait: an ``__ldg`` of x was
+once hoisted above it, and the weight loads move freely around it. So the order is checked where it
+is decided. Activation loads are the coherent ones (``ld.global``, SASS LDG without .CONSTANT);
+weights and bias use the non-coherent path, which may run before the wait.
+
+Needs nvcc, cuobjdump and nvdisasm (the last two from PyPI, in the test extras); skipped without
+them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The extension's nvcc flags (setup.py), compiled to a cubin for sm_90a.
+NVCC_FLAGS = ["-cubin", "-O3", "--expt-relaxed-constexpr", "-std=c++17",
+              "-gencode=arch=compute_90a,code=sm_90a", "-I" + os.path.join(ROOT, "csrc")]
+PDL_KERNELS = ["router_gemm_small_m.cu", "router_gemm_sm90.cu"]
+
+
+def _tool(name: str) -> str | None:
+    """A CUDA tool on PATH, or the copy a pip package (nvidia-cuda-cuobjdump) keeps in site-packages."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for prefix in {sys.prefix, sys.base_prefix}:
+        pattern = os.path.join(prefix, "lib", "python3*", "site-packages", "nvidia", "*", "bin", name)
+        for path in sorted(glob.glob(pattern)):
+            if os.access(path, os.X_OK):
+                return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def tools():
+    nvcc, cuobjdump, nvdisasm = _tool("nvcc"), _tool("cuobjdump"), _tool("nvdisasm")
+    if nvcc is None or cuobjdump is None or nvdisasm is None:
+        pytest.skip("needs nvcc, cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm)")
+    # cuobjdump -sass runs nvdisasm, which it looks up on PATH.
+    env = dict(os.environ, PATH=os.path.dirname(nvdisasm) + os.pathsep + os.environ.get("PATH", ""))
+    return nvcc, cuobjdump, env
+
+
+def compiled_functions(tools, source: str, out_dir) -> dict[str, list[str]]:
+    """Kernel name -> its SASS opcodes (predicates dropped), in program order."""
+    nvcc, cuobjdump, env = tools
+    cubin = os.path.join(str(out_dir), os.path.basename(source) + ".cubin")
+    subprocess.run([nvcc, *NVCC_FLAGS, "-o", cubin, source], check=True, capture_output=True)
+    sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True,
+                          env=env).stdout
+    opcode = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+    functions = {}
+    for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
+        name, body = chunk.split("\n", 1)
+        functions[name.strip()] = opcode.findall(body)
+    return functions
+
+
+def pdl_violations(ops: list[str]) -> list[str]:
+    """What breaks the PDL order in one kernel's opcodes (empty when it holds)."""
+    waits = [i for i, op in enumerate(ops) if op == "ACQBULK"]
+    if not waits:
+        return ["no griddepcontrol.wait (ACQBULK)"]
+    wait = waits[0]
+    problems = []
+    coherent_loads = [i for i, op in enumerate(ops) if op.startswith("LDG") and ".CONSTANT" not in op]
+    stores = [i for i, op in enumerate(ops) if op.startswith("STG")]
+    if not coherent_loads:
+        problems.append("no coherent (activation) load at all: x read through the non-coherent path?")
+    if any(i < wait for i in coherent_loads):
+        problems.append("an activation load before the wait")
+    if not stores:
+        problems.append("no global store")
+    elif any(i < wait for i in stores):
+        problems.append("a global store before the wait")
+    triggers = [i for i, op in enumerate(ops) if op == "PREEXIT"]
+    if not triggers:
+        problems.append("no griddepcontrol.launch_dependents (PREEXIT)")
+    elif stores:
+        last_store, first_trigger = max(stores), min(triggers)
+        if first_trigger < last_store:
+            problems.append("launch_dependents before an output store")
+        elif not any(op.startswith("BAR.SYNC") for op in ops[last_store:first_trigger]):
+            problems.append("no CTA barrier between the last store and launch_dependents")
+    return problems
+
+
+@pytest.mark.parametrize("kernel_file", PDL_KERNELS)
+def test_every_instantiation_keeps_the_pdl_order(tools, tmp_path, kernel_file):
+    functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", kernel_file), tmp_path)
+    kernels = {name: ops for name, ops in functions.items() if "router_gemm" in name}
+    assert len(kernels) >= 12, f"expected every tile instantiation, found {sorted(kernels)}"
+    broken = {name: pdl_violations(ops) for name, ops in kernels.items() if pdl_violations(ops)}
+    assert not broken, broken
+
+
+BROKEN_KERNELS = r"""
+#include <cuda_bf16.h>
+__global__ void nc_load_and_early_store(const __nv_bfloat16* __restrict__ x, float* out) {
+  const float f = __bfloat162float(__ldg(x + threadIdx.x));  // x through the non-coherent path
+  out[threadIdx.x] = 0.f;                                      // a store before the wait
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x + 32] = f;
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // no barrier before it
+}
+__global__ void early_activation_load(const float* x, float* out) {
+  const float f = x[threadIdx.x];  // a coherent load, before the wait
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = f * x[threadIdx.x + 32];
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+"""
+
+
+def test_the_check_catches_what_it_is_for(tools, tmp_path):
+    source = tmp_path / "broken.cu"
+    source.write_text(BROKEN_KERNELS)
+    functions = compiled_functions(tools, str(source), tmp_path)
+    first = pdl_violations(next(ops for name, ops in functions.items() if "nc_load" in name))
+    assert "a global store before the wait" in first
+    assert any("coherent" in p for p in first)
+    assert "no CTA barrier between the last store and launch_dependents" in first
+    second = next(ops for name, ops in functions.items() if "early_activation" in name)
+    assert pdl_violations(second) == ["an activation load before the wait"]
+    assert pdl_violations([op for op in second if op != "ACQBULK"]) == ["no griddepcontrol.wait (ACQBULK)"]
