@@ -50,15 +50,15 @@ constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first 
 
 // griddepcontrol.wait when the launch asked for PDL (`pdl`), placed in the source after the first
 // weight loads. ptxas moves non-coherent loads across it freely: of a thread's first-chunk weight
-// loads it issues all, some or none before the wait, by kernel variant (SASS, CUDA 13.0: 2 of 8 in
-// the 16 x 8-tile, 8-CTA-cluster variant, 0 of 8 with two token tiles and clusters of 4, 0 or 1
-// of 2-4 in the decode kernel), and the rest after it with the activation loads. Pinning every weight load
-// above the wait takes a data dependency on the loaded values (as this kernel did), and that makes
-// the warp wait for its weights to arrive before it may issue its activation loads: two memory
-// trips in a row. H200, cold weights, back-to-back PDL calls, torch-free harness, pinned / not, us
-// (benchmarks/results/README.md): decode kernel, K = 2880, E = 32, M = 1: 1.68 / 1.50; E = 128,
-// M = 8: 2.18 / 1.97. The predicated branch sits inside the asm so that the wait stays one
-// instruction sequence after the loads whether or not PDL is on.
+// loads it issues all, some or none before the wait, by kernel variant (SASS, CUDA 13.0: 2 of 8
+// in the 16 x 8-tile, 8-CTA-cluster variant, 0 of 8 with two token tiles and clusters of 4, 0 or
+// 1 of 2-4 in the decode kernel), and the rest after it with the activation loads. Pinning every
+// weight load above the wait takes a data dependency on the loaded values (as this kernel did),
+// and that makes the warp wait for its weights to arrive before it may issue its activation
+// loads: two memory trips in a row. H200, cold weights, back-to-back PDL calls, torch-free
+// harness, pinned / not, us (benchmarks/results/README.md): decode kernel, K = 2880, E = 32,
+// M = 1: 1.68 / 1.50; E = 128, M = 8: 2.18 / 1.97. The skip branch sits inside the asm: 0.02-0.03
+// us faster at M = 1 than a C++ `if (pdl)` around a bare wait, in the same harness runs.
 __device__ __forceinline__ void grid_dependency_wait(bool pdl) {
   asm volatile(
       "{\n .reg .pred p;\n setp.eq.u32 p, %0, 0;\n @p bra.uni SKIP_GRID_WAIT_%=;\n"
