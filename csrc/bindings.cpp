@@ -190,9 +190,9 @@ Route route_for(const at::Tensor& x, const RouterGemmArgs& a) {
   if (is_hopper(x)) {
     // The kernels' checks include shape, dtype and 16-byte alignment of x and weight.
     const bool small_m_ok = router_gemm_small_m_unsupported(a) == nullptr;
-    const bool sm90_ok = router_gemm_sm90_unsupported(a) == nullptr;
-    if (small_m_ok && (router_gemm_small_m_preferred(a) || !sm90_ok)) return Route::kSmallM;
-    if (sm90_ok) return Route::kSm90;
+    if (small_m_ok && router_gemm_small_m_preferred(a)) return Route::kSmallM;
+    if (router_gemm_sm90_unsupported(a) == nullptr) return Route::kSm90;
+    if (small_m_ok) return Route::kSmallM;
   }
   return Route::kSimple;
 }

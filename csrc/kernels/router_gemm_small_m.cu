@@ -189,9 +189,9 @@ dim3 grid_for(const RouterGemmArgs& a) {
 }
 
 template <int kThreads, int kExperts, int kTokens, typename Out>
-cudaError_t launch_threads(const RouterGemmArgs& a) {
+cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = grid_for<kExperts, kTokens>(a);
+  config.gridDim = grid;
   config.blockDim = dim3(kThreads, 1, 1);
   config.stream = a.stream;
   cudaLaunchAttribute pdl;
@@ -208,15 +208,15 @@ cudaError_t launch_threads(const RouterGemmArgs& a) {
 
 template <int kExperts, int kTokens, typename Out>
 cudaError_t launch_typed(const RouterGemmArgs& a) {
+  const dim3 grid = grid_for<kExperts, kTokens>(a);
   // 4 x 8 tiles need more than the 128 registers a thread of a 512-thread CTA may have (ptxas
   // spilled): they keep 256 threads and take two passes over long rows.
   if constexpr (kExperts * kTokens <= 16) {
-    const dim3 grid = grid_for<kExperts, kTokens>(a);
     const long long ctas = static_cast<long long>(grid.x) * grid.y;
     if (a.K > kShortRowMaxK && ctas <= kWaveSms * long_row_ctas_per_sm(kExperts * kTokens))
-      return launch_threads<kLongRowThreads, kExperts, kTokens, Out>(a);
+      return launch_threads<kLongRowThreads, kExperts, kTokens, Out>(a, grid);
   }
-  return launch_threads<kShortRowThreads, kExperts, kTokens, Out>(a);
+  return launch_threads<kShortRowThreads, kExperts, kTokens, Out>(a, grid);
 }
 
 template <int kExperts, typename Out>
