@@ -3,10 +3,12 @@
 Under programmatic dependent launch the router may start while the kernel before it still runs. So,
 in the compiled SASS and not only in the source: no activation load and no global store before
 griddepcontrol.wait (SASS ACQBULK), and griddepcontrol.launch_dependents (PREEXIT) only after the
-last output store, behind a CTA barrier. ptxas moves loads across the wait: an ``__ldg`` of x was
-once hoisted above it, and the weight loads move freely around it. So the order is checked where it
-is decided. Activation loads are the coherent ones (``ld.global``, SASS LDG without .CONSTANT);
-weights and bias use the non-coherent path, which may run before the wait.
+last output store, behind a CTA barrier. And the point of PDL for a router: every weight load
+that the kernel issues before its first activation load is issued before the wait, so that the
+weights' HBM latency overlaps the previous kernel. ptxas moves loads across the wait: an ``__ldg``
+of x was once hoisted above it, and non-coherent weight loads (``ld.global.nc``) moved freely
+around it. So the order is checked where it is decided. In SASS, weights are LDG.E.NA
+(``ld.global.L1::no_allocate``), activations plain coherent LDG, the bias LDG...CONSTANT.
 
 Needs nvcc, cuobjdump and nvdisasm (the last two from PyPI, in the test extras); skipped without
 them.
@@ -76,12 +78,18 @@ def pdl_violations(ops: list[str]) -> list[str]:
         return ["no griddepcontrol.wait (ACQBULK)"]
     wait = waits[0]
     problems = []
-    coherent_loads = [i for i, op in enumerate(ops) if op.startswith("LDG") and ".CONSTANT" not in op]
+    loads = [(i, op) for i, op in enumerate(ops) if op.startswith("LDG")]
+    weight_loads = [i for i, op in loads if ".NA" in op]
+    activation_loads = [i for i, op in loads if ".NA" not in op and ".CONSTANT" not in op]
     stores = [i for i, op in enumerate(ops) if op.startswith("STG")]
-    if not coherent_loads:
+    if not activation_loads:
         problems.append("no coherent (activation) load at all: x read through the non-coherent path?")
-    if any(i < wait for i in coherent_loads):
+    elif any(i < wait for i in activation_loads):
         problems.append("an activation load before the wait")
+    elif any(wait < i < activation_loads[0] for i in weight_loads):
+        problems.append("a first-chunk weight load after the wait")
+    if not any(i < wait for i in weight_loads):
+        problems.append("no weight load (LDG.E.NA) before the wait")
     if not stores:
         problems.append("no global store")
     elif any(i < wait for i in stores):
@@ -109,6 +117,11 @@ def test_every_instantiation_keeps_the_pdl_order(tools, tmp_path, kernel_file):
 
 BROKEN_KERNELS = r"""
 #include <cuda_bf16.h>
+__device__ float weight_load(const float* p) {  // as the kernels load weights: LDG.E.NA
+  float v;
+  asm volatile("ld.global.L1::no_allocate.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
 __global__ void nc_load_and_early_store(const __nv_bfloat16* __restrict__ x, float* out) {
   const float f = __bfloat162float(__ldg(x + threadIdx.x));  // x through the non-coherent path
   out[threadIdx.x] = 0.f;                                      // a store before the wait
@@ -116,10 +129,19 @@ __global__ void nc_load_and_early_store(const __nv_bfloat16* __restrict__ x, flo
   out[threadIdx.x + 32] = f;
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // no barrier before it
 }
-__global__ void early_activation_load(const float* x, float* out) {
+__global__ void early_activation_load(const float* w, const float* x, float* out) {
+  const float a = weight_load(w + threadIdx.x);
   const float f = x[threadIdx.x];  // a coherent load, before the wait
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  out[threadIdx.x] = f * x[threadIdx.x + 32];
+  out[threadIdx.x] = a * f * x[threadIdx.x + 32];
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__global__ void weight_load_after_wait(const float* w, const float* x, float* out) {
+  const float a = weight_load(w + threadIdx.x);
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const float b = weight_load(w + threadIdx.x + 32);  // could have been in flight already
+  out[threadIdx.x] = a * b * x[threadIdx.x];
   __syncthreads();
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
@@ -137,3 +159,7 @@ def test_the_check_catches_what_it_is_for(tools, tmp_path):
     second = next(ops for name, ops in functions.items() if "early_activation" in name)
     assert pdl_violations(second) == ["an activation load before the wait"]
     assert pdl_violations([op for op in second if op != "ACQBULK"]) == ["no griddepcontrol.wait (ACQBULK)"]
+    third = next(ops for name, ops in functions.items() if "weight_load_after" in name)
+    assert pdl_violations(third) == ["a first-chunk weight load after the wait"]
+    no_weights_first = [op for op in third if ".NA" not in op]
+    assert pdl_violations(no_weights_first) == ["no weight load (LDG.E.NA) before the wait"]

@@ -19,7 +19,7 @@
 // Programmatic dependent launch (PDL), when the launch asks for it:
 //  * weight loads may be issued BEFORE griddepcontrol.wait: the weight is a parameter no kernel
 //    writes while routers run, so its HBM latency can overlap the previous kernel's tail (in the
-//    SASS, some or all of the first chunk's are; grid_dependency_wait says why not always all);
+//    SASS every first-chunk weight load is; load_weight_16B says why they are coherent loads);
 //  * x is loaded only AFTER the wait: the previous kernel produces it; the bias after x (see
 //    load_bias_bits: issued before the rows, it delayed them);
 //  * nothing is written to global memory before the wait: our output buffer may reuse memory the
@@ -49,16 +49,14 @@ constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 thr
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
 // griddepcontrol.wait when the launch asked for PDL (`pdl`), placed in the source after the first
-// weight loads. ptxas moves non-coherent loads across it freely: of a thread's first-chunk weight
-// loads it issues all, some or none before the wait, by kernel variant (SASS, CUDA 13.0: 2 of 8
-// in the 16 x 8-tile, 8-CTA-cluster variant, 0 of 8 with two token tiles and clusters of 4, 0 or
-// 1 of 2-4 in the decode kernel), and the rest after it with the activation loads. Pinning every
-// weight load above the wait takes a data dependency on the loaded values (as this kernel did),
-// and that makes the warp wait for its weights to arrive before it may issue its activation
-// loads: two memory trips in a row. H200, cold weights, back-to-back PDL calls, torch-free
-// harness, pinned / not, us (benchmarks/results/README.md): decode kernel, K = 2880, E = 32,
-// M = 1: 1.68 / 1.50; E = 128, M = 8: 2.18 / 1.97. The skip branch sits inside the asm: 0.02-0.03
-// us faster at M = 1 than a C++ `if (pdl)` around a bare wait, in the same harness runs.
+// weight loads. It needs no data dependency on them: the weights are coherent loads
+// (load_weight_16B), which ptxas keeps on their side of the wait, so every first-chunk weight load
+// is in flight before it in every instantiation (tests/test_kernel_sass.py checks the SASS). A data
+// dependency (as this kernel once had) would make each warp wait for its weights to ARRIVE before
+// it may issue its activation loads: two memory trips in a row (H200, cold, back-to-back PDL calls,
+// decode kernel, K = 2880, E = 32, M = 1: 1.68 us pinned / 1.50 not; benchmarks/results/README.md).
+// The skip branch sits inside the asm: 0.02-0.03 us faster at M = 1 than a C++ `if (pdl)` around a
+// bare wait, in the same harness runs.
 __device__ __forceinline__ void grid_dependency_wait(bool pdl) {
   asm volatile(
       "{\n .reg .pred p;\n setp.eq.u32 p, %0, 0;\n @p bra.uni SKIP_GRID_WAIT_%=;\n"
@@ -141,13 +139,22 @@ __device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;" :
 // straight-line block: with `if (valid) load` every load sat in its own branch and ptxas interleaved
 // them with the MMAs, paying one memory round trip per k block instead of one in all (seen in SASS).
 //
-// Weights use the non-coherent path (ld.global.nc): they are read-only while routers run.
+// Weights use coherent loads that skip L1 (ld.global.L1::no_allocate; SASS LDG.E.NA): every row is
+// read once per CTA, and ptxas keeps coherent loads where the source puts them, before
+// griddepcontrol.wait. The non-coherent path (ld.global.nc), which this kernel used before, lets
+// ptxas move the loads across the wait: of a thread's first-chunk weight loads it issued all, some
+// or none before it (SASS, CUDA 13.0: 0 of 8 in the tensor-core kernel with two token tiles,
+// 0-1 of 2-4 in the decode kernel). H200, cold, K = 2880, torch-free harness, the same call
+// sequence for both builds (benchmarks/results/README.md), us, non-coherent / coherent:
+// decode kernel, PDL on: E = 32, M = 1: 1.81 / 1.55; M = 32: 2.23 / 1.98; E = 128, M = 8:
+// 2.31 / 2.04. PDL off: E = 32, M = 1: 1.63 / 1.64; M = 32: 2.46 / 2.26; E = 128, M = 8:
+// 2.53 / 2.33.
 __device__ __forceinline__ uint4 load_weight_16B(const __nv_bfloat16* ptr, bool valid) {
   uint4 v;
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
       " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      " @p ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(ptr), "r"(static_cast<int>(valid)));
   return v;
