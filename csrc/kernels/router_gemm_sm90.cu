@@ -77,28 +77,38 @@ const char* router_gemm_sm90_unsupported(const RouterGemmArgs& a) {
 }
 
 RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  // From cold-weight tile sweeps on an H200 over five router shapes (K 2048-7168, E 32-256,
-  // M 8-256; benchmarks/results/README.md): the finest grid wins until it holds more than about two
-  // CTAs per SM; past that, re-reading weights and activations from L2 costs more than the
-  // parallelism gives. So: one 16-expert x 8-token tile per warp, clusters of 8 (of 4 when
-  // K < 2560: too few k32 blocks per warp), then coarsen one step at a time, in the order that
-  // measured best, until the grid holds at most 256 CTAs: two token tiles, two expert tiles,
-  // clusters of 4, four token tiles. Within 0.14 us of the best configuration on all 28 swept
-  // (shape, M >= 8) cells; the worst, DeepSeek-V3 (K = 7168, E = 256) at M = 64: 6.09 us against
-  // 5.95 with four token tiles. Fields the caller set are kept.
-  constexpr int kMaxCtas = 256;  // two per SM on a 132-SM H100/H200
+  // From cold-weight tile sweeps on an H200 (2026-11-29, coherent weight loads; benchmarks/results/
+  // README.md): seven router shapes (K 2048-7168, E 8-256) at M = 16-256, every configuration, PDL
+  // on and off. Start from the finest grid: one 16-expert x 8-token tile per warp, clusters of 8
+  // (of 4 when K < 2560: too few k32 blocks per warp). Past one CTA per SM (128), two token tiles;
+  // past two CTAs per SM (256), coarsen in the order that measured best: four token tiles,
+  // clusters of 4, two expert tiles. A token step that would pad the batch (M = 24 in 16-token
+  // tiles, M = 48 in 32-token ones) is skipped while the grid can fit without it. Summed over the
+  // 112 swept cells this rule is 5.7 us slower than the best configuration of each (13.0 us for
+  // the rule before it: finest grid up to 256 CTAs, then two token tiles, two expert tiles,
+  // clusters of 4, four token tiles); on a second sweep (M = 8-64, four shapes) 1.8 us against
+  // 3.0. Worst cells: MiniMax-M2 (E = 256, K = 3072) at M = 256, 9.30 us against 8.62 with a
+  // 512-CTA grid; M = 48, 4.31 against 3.92. Fields the caller set are kept.
+  constexpr int kOneWaveCtas = 128;  // one CTA per SM of a 132-SM H100/H200
+  constexpr int kMaxCtas = 256;      // two per SM
   const RouterGemmSm90Config fixed = c;
   if (c.cluster == 0) c.cluster = a.K >= 2560 ? 8 : 4;
   if (c.token_tiles == 0) c.token_tiles = 1;
   if (c.expert_tiles == 0) c.expert_tiles = 1;
-  auto fits = [&] {
+  auto ctas = [&] {
     return c.cluster * ((a.E + 16 * c.expert_tiles - 1) / (16 * c.expert_tiles)) *
-               ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles)) <= kMaxCtas;
+           ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles));
   };
-  if (!fits() && fixed.token_tiles == 0) c.token_tiles = 2;
-  if (!fits() && fixed.expert_tiles == 0) c.expert_tiles = 2;
-  if (!fits() && fixed.cluster == 0) c.cluster = 4;
-  if (!fits() && fixed.token_tiles == 0) c.token_tiles = 4;
+  auto pads = [&](int token_tiles) {  // more padded token rows with `token_tiles` than now?
+    const int now = 8 * c.token_tiles, then = 8 * token_tiles;
+    return (a.M + then - 1) / then * then > (a.M + now - 1) / now * now;
+  };
+  const bool tokens_free = fixed.token_tiles == 0;
+  if (tokens_free && ctas() > kOneWaveCtas && !(pads(2) && ctas() <= kMaxCtas)) c.token_tiles = 2;
+  if (tokens_free && ctas() > kMaxCtas && !pads(4)) c.token_tiles = 4;
+  if (fixed.cluster == 0 && ctas() > kMaxCtas) c.cluster = 4;
+  if (fixed.expert_tiles == 0 && ctas() > kMaxCtas) c.expert_tiles = 2;
+  if (tokens_free && ctas() > kMaxCtas) c.token_tiles = 4;  // the padding step after all
   return c;
 }
 
