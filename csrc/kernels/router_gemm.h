@@ -50,8 +50,8 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 
 // experts_per_cta: 1, 2 or 4; tokens_per_cta: 1, 2, 4 or 8 (the grid's second dimension splits the
-// tokens). 0 picks by E and M: 2 x 4 from 768 logits (M >= 4), else 1 x 2 (more tokens per CTA
-// while the grid would exceed 384 CTAs).
+// tokens). 0 picks by E and M: 2 x 2 from 512 logits and 2 x 4 from 768 (M >= 4), else 1 x 2 (more
+// tokens per CTA while the grid would exceed 384 CTAs).
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta,
                                        int tokens_per_cta);
 

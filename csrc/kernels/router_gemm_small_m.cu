@@ -284,17 +284,24 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
                                        int tokens_per_cta) {
-  // Square-ish CTA tiles (2 experts x 4 tokens) from 768 logits on: each CTA loads 6 rows where
-  // 1 x 8 would load 9, and the grid stays at <= 256 CTAs up to 2048 logits. Below 768 logits one
-  // expert x 2 tokens per CTA (more CTAs, each with less to load) was best or within 0.03 us of it.
-  // Cold H200 sweeps, 2026-11-29 (torch-free harness; benchmarks/results/README.md), us, 2 x 4
-  // against the previous default of one expert per CTA:
-  // K = 2880: E = 32, M = 32: 2.13 / 2.29; E = 64, M = 12: 2.09 / 2.19; E = 128, M = 8: 2.24 /
-  // 2.33; E = 256, M = 4: 2.31 / 2.38. K = 2048, E = 128, M = 8: 2.14 / 2.31; K = 5120: 3.09 / 3.26.
-  const bool square = a.M >= 4 && static_cast<long long>(a.M) * a.E >= 768;
+  // Square-ish CTA tiles from 512 logits on (M >= 4): 2 experts x 2 tokens, and 2 x 4 from 768.
+  // Each CTA loads 4 or 6 rows where 1 x 4 or 1 x 8 would load 5 or 9, the grid stays at <= 256
+  // CTAs up to 1024 (2 x 2) or 2048 logits (2 x 4), and fewer CTAs share each 32-byte sector of
+  // the output (with one expert per CTA, 16 CTAs write parts of one sector of bf16 logits). Below
+  // 512 logits one expert x 2 tokens per CTA (more CTAs, each with less to load) was best or
+  // within 0.03 us of it. Cold H200, torch-free harness (2026-11-29; benchmarks/results/README.md),
+  // K = 2880, us:
+  //   2 x 4 against 1 x auto: E = 32, M = 32: 2.13 / 2.29; E = 64, M = 12: 2.09 / 2.19; E = 128,
+  //   M = 8: 2.24 / 2.33; E = 256, M = 4: 2.31 / 2.38 (K = 2048, E = 128, M = 8: 2.14 / 2.31).
+  //   2 x 2 against 1 x 2 and 2 x 4 at 512 logits, bf16, PDL off (on): E = 128, M = 4: 2.19 /
+  //   2.32 / 2.27 (1.86 / 1.88 / 1.98); E = 32, M = 16: 2.05 / 2.08 / 2.14 (1.78 / 1.84 / 1.88).
+  const long long logits = static_cast<long long>(a.M) * a.E;
+  const int square_tokens = a.M < 4 || logits < 512 ? 0 : logits < 768 ? 2 : 4;
+  const bool square = square_tokens != 0;
   if (experts_per_cta == 0) experts_per_cta = square && tokens_per_cta == 0 ? 2 : 1;
   if (tokens_per_cta == 0)
-    tokens_per_cta = square && experts_per_cta == 2 ? 4 : auto_tokens_per_cta(a, experts_per_cta);
+    tokens_per_cta = square && experts_per_cta == 2 ? square_tokens
+                                                    : auto_tokens_per_cta(a, experts_per_cta);
   if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta, tokens_per_cta);
   return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta);
 }
