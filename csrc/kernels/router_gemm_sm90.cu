@@ -9,12 +9,17 @@
 namespace moegate {
 namespace {
 
+// Grid of the kernel (router_gemm_sm90_kernel): (cluster, expert tiles, token tiles).
+dim3 grid_for(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
+  return dim3(c.cluster, sm90::ceil_div(a.E, 16 * c.expert_tiles),
+              sm90::ceil_div(a.M, 8 * c.token_tiles));
+}
+
 template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
 cudaError_t launch_tiles(const RouterGemmArgs& a) {
   auto kernel = sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out>;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(kCluster, (a.E + 16 * kExpertTiles - 1) / (16 * kExpertTiles),
-                        (a.M + 8 * kTokenTiles - 1) / (8 * kTokenTiles));
+  config.gridDim = grid_for(a, RouterGemmSm90Config{kExpertTiles, kTokenTiles, kCluster});
   config.blockDim = dim3(sm90::kWarps * 32, 1, 1);
   config.dynamicSmemBytes = 0;
   config.stream = a.stream;
@@ -96,13 +101,13 @@ RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGem
   if (c.token_tiles == 0) c.token_tiles = 1;
   if (c.expert_tiles == 0) c.expert_tiles = 1;
   auto ctas = [&] {
-    return c.cluster * ((a.E + 16 * c.expert_tiles - 1) / (16 * c.expert_tiles)) *
-           ((a.M + 8 * c.token_tiles - 1) / (8 * c.token_tiles));
+    const dim3 grid = grid_for(a, c);
+    return static_cast<int>(grid.x * grid.y * grid.z);
   };
-  auto pads = [&](int token_tiles) {  // more padded token rows with `token_tiles` than now?
-    const int now = 8 * c.token_tiles, then = 8 * token_tiles;
-    return (a.M + then - 1) / then * then > (a.M + now - 1) / now * now;
+  auto padded_rows = [&](int token_tiles) {
+    return sm90::ceil_div(a.M, 8 * token_tiles) * 8 * token_tiles;
   };
+  auto pads = [&](int tiles) { return padded_rows(tiles) > padded_rows(c.token_tiles); };
   const bool tokens_free = fixed.token_tiles == 0;
   if (tokens_free && ctas() > kOneWaveCtas && !(pads(2) && ctas() <= kMaxCtas)) c.token_tiles = 2;
   if (tokens_free && ctas() > kMaxCtas && !pads(4)) c.token_tiles = 4;

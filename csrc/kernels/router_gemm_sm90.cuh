@@ -48,6 +48,8 @@ constexpr int kWarps = 4;           // warps per CTA, each on its own K slice (8
 constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
 // griddepcontrol.wait when the launch asked for PDL (`pdl`), placed in the source after the first
 // weight loads. It needs no data dependency on them: the weights are coherent loads
 // (load_weight_16B), which ptxas keeps on their side of the wait, so every first-chunk weight load

@@ -7,8 +7,8 @@
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce
 // through warp shuffles and one __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens;
-// 2 x 4 from 768 logits) spread the weight over many SMs, which keeps each SM's share small
-// (2 x 2880 bytes per expert), and each group of tokens gets its own row of such CTAs
+// 2 x 2 from 512 logits, 2 x 4 from 768) spread the weight over many SMs, which keeps each SM's
+// share small (2 x 2880 bytes per expert), and each group of tokens gets its own row of such CTAs
 // (launch_router_gemm_small_m picks the tile).
 // Summation order is fixed: bitwise deterministic.
 //
@@ -185,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
 
 template <int kExperts, int kTokens>
 dim3 grid_for(const RouterGemmArgs& a) {
-  return dim3((a.E + kExperts - 1) / kExperts, (a.M + kTokens - 1) / kTokens, 1);
+  return dim3(sm90::ceil_div(a.E, kExperts), sm90::ceil_div(a.M, kTokens), 1);
 }
 
 template <int kThreads, int kExperts, int kTokens, typename Out>
@@ -251,10 +251,10 @@ int auto_tokens_per_cta(const RouterGemmArgs& a, int experts_per_cta) {
   constexpr int kMaxCtas = 384;
   int all = 1;
   while (all < a.M) all *= 2;
-  const int expert_ctas = (a.E + experts_per_cta - 1) / experts_per_cta;
+  const int expert_ctas = sm90::ceil_div(a.E, experts_per_cta);
   int tokens = all < 2 ? all : 2;
   while (tokens < all && tokens < kMaxTokensPerCta &&
-         expert_ctas * ((a.M + tokens - 1) / tokens) > kMaxCtas)
+         expert_ctas * sm90::ceil_div(a.M, tokens) > kMaxCtas)
     tokens *= 2;
   return tokens;
 }
@@ -296,12 +296,12 @@ cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_
   //   2 x 2 against 1 x 2 and 2 x 4 at 512 logits, bf16, PDL off (on): E = 128, M = 4: 2.19 /
   //   2.32 / 2.27 (1.86 / 1.88 / 1.98); E = 32, M = 16: 2.05 / 2.08 / 2.14 (1.78 / 1.84 / 1.88).
   const long long logits = static_cast<long long>(a.M) * a.E;
-  const int square_tokens = a.M < 4 || logits < 512 ? 0 : logits < 768 ? 2 : 4;
-  const bool square = square_tokens != 0;
-  if (experts_per_cta == 0) experts_per_cta = square && tokens_per_cta == 0 ? 2 : 1;
+  const int square_tokens = a.M < 4 || logits < 512 ? 0 : logits < 768 ? 2 : 4;  // 0: 1 x auto
+  if (experts_per_cta == 0) experts_per_cta = square_tokens > 0 && tokens_per_cta == 0 ? 2 : 1;
   if (tokens_per_cta == 0)
-    tokens_per_cta = square && experts_per_cta == 2 ? square_tokens
-                                                    : auto_tokens_per_cta(a, experts_per_cta);
+    tokens_per_cta = square_tokens > 0 && experts_per_cta == 2
+                         ? square_tokens
+                         : auto_tokens_per_cta(a, experts_per_cta);
   if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta, tokens_per_cta);
   return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta);
 }
