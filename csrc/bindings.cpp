@@ -229,6 +229,82 @@ int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
   return static_cast<int64_t>(route_for(x, args));  // the same with or without PDL
 }
 
+// Autograd for the four router ops: logits = x W^T + b, so dx = g W, dW = g^T x and
+// db = sum_m g, each product taken in g's dtype and cast to its input's dtype. These are the
+// products F.linear's backward takes, in the same layouts, so the gradients are the PyTorch
+// path's (gate.ops.router_gemm_torch: F.linear, after .to() where out_dtype is wider) and a
+// GateLinear trains the same on every backend. (Without this, PyTorch's fallback warned and left x, weight
+// and bias without gradients on the GPU.) C++, not torch.library.register_autograd: a Python
+// autograd kernel runs on every call outside inference_mode, no_grad included, and a decode-size
+// router's cost is host time.
+torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContext* ctx,
+                                                 const at::Tensor& grad, size_t num_inputs) {
+  const torch::autograd::variable_list saved = ctx->get_saved_variables();
+  const at::Tensor& x = saved[0];
+  const at::Tensor& weight = saved[1];
+  const at::ScalarType type = grad.scalar_type();
+  // Gradients by argument position, none for out_dtype and the launch options; needs_input_grad
+  // counts tensor arguments only, so an absent bias has no index.
+  torch::autograd::variable_list grads(num_inputs);
+  if (ctx->needs_input_grad(0)) grads[0] = at::mm(grad, weight.to(type)).to(x.scalar_type());
+  if (ctx->needs_input_grad(1)) grads[1] = at::mm(grad.t(), x.to(type)).to(weight.scalar_type());
+  if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2))
+    grads[2] = grad.sum(0).to(weight.scalar_type());
+  return grads;
+}
+
+// kOp names the op; Options are its arguments after out_dtype (pdl, tile choices).
+template <const char* kOp, typename... Options>
+class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<kOp, Options...>> {
+ public:
+  // The Autograd-key kernel. Where nothing will need a gradient (no_grad, or no input requiring
+  // one) it goes straight to the kernel, as cheap as before autograd was registered. Host time
+  // per eager call on the H200 machine (benchmarks/probes/host_overhead.py, M = 1, E = 128):
+  // 7.7 us under no_grad (7.9 before; 7.5 under inference_mode), where building the node anyway
+  // cost 2.3-2.7 us more.
+  static at::Tensor call(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias,
+                         std::optional<at::ScalarType> out_dtype, Options... options) {
+    const bool tracked = at::GradMode::is_enabled() &&
+                         (x.requires_grad() || weight.requires_grad() ||
+                          (bias.has_value() && bias->requires_grad()));
+    if (!tracked) return below_autograd(x, weight, bias, out_dtype, options...);
+    return RouterGemmFunction::apply(x, weight, bias, out_dtype, options...);
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            std::optional<at::ScalarType> out_dtype, Options... options) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["bias"] = bias.has_value();
+    return below_autograd(x, weight, bias, out_dtype, options...);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return router_gemm_grads(ctx, grads[0], 4 + sizeof...(Options));
+  }
+
+ private:
+  // The op through the dispatcher, below autograd: the CUDA kernel, or the fake one while tracing.
+  static at::Tensor below_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   std::optional<at::ScalarType> out_dtype, Options... options) {
+    using Signature = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, std::optional<at::ScalarType>,
+                                 Options...);
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(kOp, "").template typed<Signature>();
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, weight, bias, out_dtype, options...);
+  }
+};
+
+constexpr char kRouterGemm[] = "moegate::router_gemm";
+constexpr char kRouterGemmSimple[] = "moegate::router_gemm_simple";
+constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
+constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
+
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
 at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
                        const at::Tensor& scaling, const at::Tensor& slot_ids) {
@@ -297,6 +373,16 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("router_gemm_small_m", &moegate::router_gemm_small_m);
   m.impl("router_gemm_route", &moegate::router_gemm_route);
   m.impl("lora_expand", &moegate::lora_expand);
+}
+
+TORCH_LIBRARY_IMPL(moegate, Autograd, m) {
+  using moegate::RouterGemmFunction;
+  m.impl("router_gemm", &RouterGemmFunction<moegate::kRouterGemm, bool>::call);
+  m.impl("router_gemm_simple", &RouterGemmFunction<moegate::kRouterGemmSimple>::call);
+  m.impl("router_gemm_sm90",
+         &RouterGemmFunction<moegate::kRouterGemmSm90, bool, int64_t, int64_t, int64_t>::call);
+  m.impl("router_gemm_small_m",
+         &RouterGemmFunction<moegate::kRouterGemmSmallM, bool, int64_t, int64_t>::call);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

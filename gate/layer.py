@@ -28,9 +28,10 @@ class GateLinear(nn.Module):
             PyTorch kernels a layer measured 0.5-0.9 us slower with it on an H200
             (benchmarks/results/README.md, the chain rows). The logits are the same bits either way.
 
-    Forward takes x of shape [..., K] and returns [..., E]. The backend (``"moegate"``, ``"cublas"``
-    or ``"torch"``, see ``gate.ops``) is decided when the layer is built or moved, not per call;
-    ``backend_for(x)`` says which one an input gets.
+    Forward takes x of shape [..., K] and returns [..., E]. It is differentiable on every backend,
+    with the gradients F.linear gives (bit for bit on the same device). The backend
+    (``"moegate"``, ``"cublas"`` or ``"torch"``, see ``gate.ops``) is decided when the layer is
+    built or moved, not per call; ``backend_for(x)`` says which one an input gets.
     """
 
     def __init__(

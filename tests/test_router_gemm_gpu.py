@@ -236,6 +236,77 @@ def test_compile_fullgraph_through_the_op():
         assert torch.equal(compiled(x), layer(x))
 
 
+# One case per implementation behind router_gemm (router_gemm_route): the gradients do not depend
+# on which one ran the forward.
+GRAD_CASES = [
+    (1, 2880, 128, torch.bfloat16, None),  # small_m
+    (8, 2880, 32, torch.bfloat16, torch.float32),  # small_m, fp32 logits
+    (48, 2880, 32, torch.bfloat16, None),  # sm90
+    (64, 7168, 256, torch.bfloat16, torch.float32),  # sm90, fp32 logits
+    (300, 2880, 32, torch.bfloat16, None),  # cublas
+    (16, 2884, 128, torch.bfloat16, None),  # simple
+    (16, 2880, 128, torch.float32, None),  # simple, fp32 everything
+]
+
+
+@pytest.mark.parametrize("M,K,E,dtype,out_dtype", GRAD_CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_are_the_torch_paths_bit_for_bit(M, K, E, dtype, out_dtype, bias):
+    generator = torch.Generator().manual_seed(M + K + E + bias)
+    layer = GateLinear(K, E, bias=bias, dtype=dtype, device="cuda", out_dtype=out_dtype)
+    assert layer.backend_for() == "moegate"
+    x = realistic_activations(M, K, generator).to(dtype)
+    grad_out = torch.randn(M, E, generator=generator).to("cuda", out_dtype or dtype)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+
+    def gradients(backend):
+        x_leaf = x.clone().requires_grad_()
+        out = ops.router_gemm(x_leaf, layer.weight, layer.bias, out_dtype, backend=backend)
+        return torch.autograd.grad(out, [x_leaf, *params], grad_out)
+
+    for name, ours, torch_path in zip(("x", "weight", "bias"), gradients("moegate"),
+                                      gradients("torch")):
+        assert ours.dtype == torch_path.dtype and ours.shape == torch_path.shape, name
+        assert torch.equal(ours, torch_path), name
+
+
+@pytest.mark.parametrize("op,kwargs", [
+    (ops.router_gemm_small_m, {"pdl": True, "experts_per_cta": 2, "tokens_per_cta": 4}),
+    (ops.router_gemm_sm90, {"pdl": True, "expert_tiles": 2, "token_tiles": 1, "cluster": 4}),
+    (ops.router_gemm_simple, {}),
+])
+def test_every_kernel_op_has_gradients(op, kwargs):
+    generator = torch.Generator().manual_seed(21)
+    weight, bias = router_weights(64, 2880, generator)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    x = realistic_activations(24, 2880, generator).requires_grad_()
+    grad_out = torch.randn(24, 64, generator=generator).to("cuda", torch.float32)
+    ours = torch.autograd.grad(op(x, weight, bias, torch.float32, **kwargs), [x, weight, bias],
+                               grad_out)
+    reference = torch.autograd.grad(ops.router_gemm_torch(x, weight, bias, torch.float32),
+                                    [x, weight, bias], grad_out)
+    for name, a, b in zip(("x", "weight", "bias"), ours, reference):
+        assert torch.equal(a, b), name
+
+
+def test_gate_linear_trains_under_torch_compile_like_eager():
+    generator = torch.Generator().manual_seed(22)
+    layer = GateLinear(2880, 32, dtype=torch.bfloat16, device="cuda")
+    compiled = torch.compile(layer, fullgraph=True)
+    x = realistic_activations(4, 2880, generator)
+    grad_out = torch.randn(4, 32, generator=generator).to("cuda", torch.bfloat16)
+    results = []
+    for module in (layer, compiled):
+        x_leaf = x.clone().requires_grad_()
+        results.append(torch.autograd.grad(module(x_leaf), [x_leaf, layer.weight, layer.bias],
+                                           grad_out))
+    for name, eager, traced in zip(("x", "weight", "bias"), *results):
+        assert torch.equal(eager, traced), name
+    with torch.no_grad():
+        assert not layer(x).requires_grad
+
+
 def test_gate_linear_uses_the_kernel_and_matches_reference():
     generator = torch.Generator().manual_seed(14)
     layer = GateLinear(2880, 32, dtype=torch.bfloat16).cuda()
