@@ -76,6 +76,29 @@ def test_bitwise_equal_to_nn_linear_on_cpu():
     assert torch.equal(layer(x), linear(x))
 
 
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_gradients_on_cpu_are_nn_linears(out_dtype):
+    """The GPU tests hold the kernels' gradients to this same path (test_router_gemm_gpu.py)."""
+    linear = nn.Linear(360, 32, dtype=torch.bfloat16)
+    layer = GateLinear.from_linear(linear, out_dtype=out_dtype)
+    x = torch.randn(9, 360).to(torch.bfloat16)
+    grad_out = torch.randn(9, 32).to(out_dtype or torch.bfloat16)
+    wide = out_dtype or torch.bfloat16
+    reference = nn.Linear(360, 32, dtype=wide)
+    results = []
+    for module in (layer, lambda x: reference(x.to(wide))):
+        with torch.no_grad():
+            reference.weight.copy_(linear.weight)
+            reference.bias.copy_(linear.bias)
+        x_leaf = x.clone().requires_grad_()
+        params = [layer.weight, layer.bias] if module is layer else [reference.weight, reference.bias]
+        results.append(torch.autograd.grad(module(x_leaf), [x_leaf, *params], grad_out))
+    for name, ours, theirs in zip(("x", "weight", "bias"), *results):
+        assert ours.dtype == x.dtype and torch.equal(ours, theirs.to(x.dtype)), name
+    with torch.no_grad():
+        assert not layer(x).requires_grad
+
+
 def test_state_dict_round_trip_with_nn_linear():
     linear = nn.Linear(48, 8)
     layer = GateLinear(48, 8)
