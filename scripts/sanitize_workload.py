@@ -33,8 +33,8 @@ def main():
             for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
                 check(ops.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
         if M <= ops.SMALL_M_MAX_M:
-            for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (2, 4, False),
-                                                         (4, 8, False), (0, 0, True)):
+            for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (2, 2, True),
+                                                         (2, 4, False), (4, 8, False), (0, 0, True)):
                 check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta),
                       x, w, b)
         if ops.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check
