@@ -300,6 +300,84 @@ class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<k
   }
 };
 
+// Autograd for lora_expand: the products autograd takes through gate.ops.lora_expand_torch, in
+// the same layouts, so the two paths give the same gradients bit for bit (a GateLinearWithLoRA
+// passes gradients to x and the base gate on the GPU as on the CPU). With d = per-token delta
+// gradients (grad where the token has a valid slot, else 0, in fp32) scattered into their slots'
+// rows of P [S, M, E], and B' = scaling * B: dlogits = grad, dxa = P B' (token m's slot block only),
+// dB' = (xa_s^T P_s)^T, dB = scaling * dB', dscaling = sum(dB' * B).
+class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> {
+ public:
+  static at::Tensor call(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+                         const at::Tensor& scaling, const at::Tensor& slot_ids) {
+    const bool tracked = at::GradMode::is_enabled() &&
+                         (logits.requires_grad() || xa.requires_grad() || lora_b.requires_grad() ||
+                          scaling.requires_grad());
+    if (!tracked) return below_autograd(logits, xa, lora_b, scaling, slot_ids);
+    return LoraExpandFunction::apply(logits, xa, lora_b, scaling, slot_ids);
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& xa, const at::Tensor& lora_b,
+                            const at::Tensor& scaling, const at::Tensor& slot_ids) {
+    ctx->save_for_backward({xa, lora_b, scaling, slot_ids});
+    return below_autograd(logits, xa, lora_b, scaling, slot_ids);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &xa = saved[0], &lora_b = saved[1], &scaling = saved[2], &slot_ids = saved[3];
+    const at::Tensor& grad = grads[0];
+    const int64_t M = grad.size(0), E = grad.size(1), S = lora_b.size(0), R = lora_b.size(2);
+    torch::autograd::variable_list result(5);  // none for slot_ids
+    if (ctx->needs_input_grad(0)) result[0] = grad;
+    if (S == 0 || R == 0) {  // no adapter anywhere: the deltas were empty
+      if (ctx->needs_input_grad(1)) result[1] = at::zeros_like(xa);
+      if (ctx->needs_input_grad(2)) result[2] = at::zeros_like(lora_b);
+      if (ctx->needs_input_grad(3)) result[3] = at::zeros_like(scaling);
+      return result;
+    }
+    const at::Tensor slot = slot_ids.clamp(0, S - 1);
+    const at::Tensor has_adapter = slot.eq(slot_ids).unsqueeze(1);
+    const at::Tensor delta_grad =
+        at::where(has_adapter, grad, at::zeros({}, grad.options())).to(at::kFloat);
+    const at::Tensor per_slot = at::zeros({S, M, E}, delta_grad.options())
+                                    .scatter_add(0, slot.view({1, M, 1}).expand({1, M, E}),
+                                                 delta_grad.unsqueeze(0));
+    const at::Tensor b = lora_b.to(at::kFloat);
+    const at::Tensor scale = scaling.view({S, 1, 1});
+    if (ctx->needs_input_grad(1)) {
+      result[1] =
+          at::bmm(per_slot, b * scale).to(xa.scalar_type()).transpose(0, 1).reshape({M, S * R});
+    }
+    if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
+      const at::Tensor xa_by_slot = xa.view({M, S, R}).transpose(0, 1).to(at::kFloat);
+      const at::Tensor scaled_b_grad =
+          at::bmm(xa_by_slot.transpose(1, 2), per_slot).transpose(1, 2);
+      if (ctx->needs_input_grad(2)) result[2] = (scaled_b_grad * scale).to(lora_b.scalar_type());
+      if (ctx->needs_input_grad(3)) {
+        result[3] =
+            (scaled_b_grad * b).sum({1, 2}, /*keepdim=*/true).view({S}).to(scaling.scalar_type());
+      }
+    }
+    return result;
+  }
+
+ private:
+  static at::Tensor below_autograd(const at::Tensor& logits, const at::Tensor& xa,
+                                   const at::Tensor& lora_b, const at::Tensor& scaling,
+                                   const at::Tensor& slot_ids) {
+    using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("moegate::lora_expand", "")
+                               .typed<Signature>();
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(logits, xa, lora_b, scaling, slot_ids);
+  }
+};
+
 constexpr char kRouterGemm[] = "moegate::router_gemm";
 constexpr char kRouterGemmSimple[] = "moegate::router_gemm_simple";
 constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
@@ -383,6 +461,7 @@ TORCH_LIBRARY_IMPL(moegate, Autograd, m) {
          &RouterGemmFunction<moegate::kRouterGemmSm90, bool, int64_t, int64_t, int64_t>::call);
   m.impl("router_gemm_small_m",
          &RouterGemmFunction<moegate::kRouterGemmSmallM, bool, int64_t, int64_t>::call);
+  m.impl("lora_expand", &moegate::LoraExpandFunction::call);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -55,7 +55,9 @@ class GateLinearWithLoRA(nn.Module):
         lora_a_stacked [S, R, K] and lora_b_stacked [S, E, R] in the base weight's dtype, ranks
         below R zero-padded; scaling [S] fp32 (it stays fp32 through ``.to(dtype)``/``.half()``).
     They are non-persistent (not in ``state_dict``): adapters are loaded into slots, not checkpoints.
-    Inference only: the slots are not Parameters.
+    The slots are not Parameters (adapters are served, not trained here), but the forward is
+    differentiable on every backend: gradients reach x and the base gate as they would through
+    PEFT's arithmetic (ops.lora_expand's PyTorch path, bit for bit on the same device).
 
     Merge mode, for serving one adapter at the base kernel's exact cost: ``merge(slot)`` folds the
     slot into the base weight and the forward becomes the base forward alone, serving that adapter to

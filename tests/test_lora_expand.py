@@ -104,3 +104,23 @@ def test_kernel_and_torch_path_agree_within_rounding():
     ours, torch_path = ops.lora_expand(*args), ops.lora_expand(*args, backend="torch")
     ulp = torch.finfo(torch.bfloat16).eps * torch_path.float().abs().clamp_min(1)
     assert ((ours.float() - torch_path.float()).abs() <= ulp).all()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("logits_dtype,b_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.bfloat16),
+                                                  (torch.float32, torch.float32)])
+@pytest.mark.parametrize("M,E,S,R", [(33, 128, 4, 16), (5, 13, 3, 5)])
+def test_kernel_gradients_are_the_torch_paths_bit_for_bit(M, E, S, R, logits_dtype, b_dtype):
+    *differentiable, slot_ids = make_inputs(M, E, S, R, logits_dtype, b_dtype, "cuda", seed=M + E)
+    grad_out = torch.randn(M, E, generator=torch.Generator().manual_seed(E)).to("cuda", logits_dtype)
+
+    def gradients(backend):
+        leaves = [t.clone().requires_grad_() for t in differentiable]
+        out = ops.lora_expand(*leaves, slot_ids, backend=backend)
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    for name, ours, torch_path in zip(("logits", "xa", "lora_b", "scaling"), gradients(None),
+                                      gradients("torch")):
+        assert ours.dtype == torch_path.dtype and ours.shape == torch_path.shape, name
+        assert torch.equal(ours, torch_path), name

@@ -18,7 +18,8 @@ from test_lora_layer import (
 )
 from torch import nn
 
-from lora import GateLinearWithLoRA, TokenSlots, get_token_slots, replace_modules
+from gate import ops
+from lora import GateLinearWithLoRA, TokenSlots, add_lora_delta, get_token_slots, replace_modules
 
 pytestmark = pytest.mark.gpu
 K = 2880
@@ -38,6 +39,34 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
     assert_matches_reference(out, x, layer, adapters, mapping)
     unadapted = (mapping < 0).cuda()
     assert torch.equal(bits(out[unadapted]), bits(layer.base_layer(x)[unadapted]))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_gradients_reach_x_and_the_base_gate_as_on_the_torch_path(out_dtype):
+    generator = torch.Generator().manual_seed(41)
+    layer, _, mapping = loaded_layer(K, 128, 8, 64, 5, 24, torch.bfloat16, generator,
+                                     out_dtype=out_dtype, device="cuda")
+    base = layer.base_layer.requires_grad_(True)  # random_gate freezes it
+    x = torch.randn(24, K, generator=generator).to("cuda", torch.bfloat16)
+    grad_out = torch.randn(24, 128, generator=generator).to("cuda", out_dtype or torch.bfloat16)
+    params = [base.weight, base.bias]
+
+    def gradients(forward):
+        x_leaf = x.clone().requires_grad_()
+        return torch.autograd.grad(forward(x_leaf), [x_leaf, *params], grad_out)
+
+    def composed(backend):  # the layer's forward, on a chosen backend
+        def forward(x_leaf):
+            logits = ops.router_gemm(x_leaf, base.weight, base.bias, out_dtype, backend=backend)
+            return add_lora_delta(logits, x_leaf, layer.lora_a_stacked, layer.lora_b_stacked,
+                                  layer.scaling, mapping.cuda(), backend)
+        return forward
+
+    through_layer, kernels, torch_path = (gradients(layer), gradients(composed("moegate")),
+                                          gradients(composed("torch")))
+    for name, a, b, c in zip(("x", "weight", "bias"), through_layer, kernels, torch_path):
+        assert torch.equal(a, b) and torch.equal(b, c), name
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
