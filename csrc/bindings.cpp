@@ -233,10 +233,10 @@ int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
 // db = sum_m g, each product taken in g's dtype and cast to its input's dtype. These are the
 // products F.linear's backward takes, in the same layouts, so the gradients are the PyTorch
 // path's (gate.ops.router_gemm_torch: F.linear, after .to() where out_dtype is wider) and a
-// GateLinear trains the same on every backend. (Without this, PyTorch's fallback warned and left x, weight
-// and bias without gradients on the GPU.) C++, not torch.library.register_autograd: a Python
-// autograd kernel runs on every call outside inference_mode, no_grad included, and a decode-size
-// router's cost is host time.
+// GateLinear trains the same on every backend. (Without this, PyTorch's fallback warned and left
+// x, weight and bias without gradients on the GPU.) C++, not torch.library.register_autograd: a
+// Python autograd kernel runs on every call outside inference_mode, no_grad included, and a
+// decode-size router's cost is host time.
 torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContext* ctx,
                                                  const at::Tensor& grad, size_t num_inputs) {
   const torch::autograd::variable_list saved = ctx->get_saved_variables();
