@@ -285,9 +285,9 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
                                        int tokens_per_cta) {
   // Square-ish CTA tiles from 512 logits on (M >= 4): 2 experts x 2 tokens, and 2 x 4 from 768.
-  // Each CTA loads 4 or 6 rows where 1 x 4 or 1 x 8 would load 5 or 9, the grid stays at <= 256
-  // CTAs up to 1024 (2 x 2) or 2048 logits (2 x 4), and fewer CTAs share each 32-byte sector of
-  // the output (with one expert per CTA, 16 CTAs write parts of one sector of bf16 logits). Below
+  // Each CTA loads 4 or 6 rows where 1 x 4 or 1 x 8 would load 5 or 9 (the bytes each SM moves
+  // into registers are what costs here; benchmarks/results/README.md, "Where the decode kernel's
+  // time goes"), and the grid stays at <= 256 CTAs up to 1024 (2 x 2) or 2048 logits (2 x 4). Below
   // 512 logits one expert x 2 tokens per CTA (more CTAs, each with less to load) was best or
   // within 0.03 us of it. Cold H200, torch-free harness (2026-11-29; benchmarks/results/README.md),
   // K = 2880, us:
