@@ -4,6 +4,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -265,10 +266,8 @@ class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<k
   static at::Tensor call(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias,
                          std::optional<at::ScalarType> out_dtype, Options... options) {
-    const bool tracked = at::GradMode::is_enabled() &&
-                         (x.requires_grad() || weight.requires_grad() ||
-                          (bias.has_value() && bias->requires_grad()));
-    if (!tracked) return below_autograd(x, weight, bias, out_dtype, options...);
+    if (!torch::autograd::compute_requires_grad(x, weight, bias))
+      return below_autograd(x, weight, bias, out_dtype, options...);
     return RouterGemmFunction::apply(x, weight, bias, out_dtype, options...);
   }
 
@@ -310,10 +309,8 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
  public:
   static at::Tensor call(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
                          const at::Tensor& scaling, const at::Tensor& slot_ids) {
-    const bool tracked = at::GradMode::is_enabled() &&
-                         (logits.requires_grad() || xa.requires_grad() || lora_b.requires_grad() ||
-                          scaling.requires_grad());
-    if (!tracked) return below_autograd(logits, xa, lora_b, scaling, slot_ids);
+    if (!torch::autograd::compute_requires_grad(logits, xa, lora_b, scaling))
+      return below_autograd(logits, xa, lora_b, scaling, slot_ids);
     return LoraExpandFunction::apply(logits, xa, lora_b, scaling, slot_ids);
   }
 
