@@ -115,6 +115,32 @@ def test_every_instantiation_keeps_the_pdl_order(tools, tmp_path, kernel_file):
     assert not broken, broken
 
 
+def waits_before_weights(ops: list[str]) -> list[str]:
+    """Memory barriers a kernel executes before its first weight load (empty when none).
+
+    A router call is one trip to memory: anything that makes a warp wait for the memory system
+    before the weights are in flight lengthens every call. The tensor-core kernel's cluster arrive
+    once had release semantics, which ptxas compiles to MEMBAR.ALL.GPU (plus ERRBAR and
+    CGAERRBAR); every warp ran it before its first weight load, at 0.13-0.15 us per call on an
+    H200 (benchmarks/results/README.md).
+    """
+    weight_loads = [i for i, op in enumerate(ops) if op.startswith("LDG") and ".NA" in op]
+    if not weight_loads:
+        return ["no weight load (LDG.E.NA)"]
+    barrier = re.compile(r"(MEMBAR|ERRBAR|CGAERRBAR)\b")
+    return [op for op in ops[:weight_loads[0]] if barrier.match(op)]
+
+
+@pytest.mark.parametrize("kernel_file", PDL_KERNELS)
+def test_no_memory_barrier_before_the_first_weight_load(tools, tmp_path, kernel_file):
+    functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", kernel_file), tmp_path)
+    kernels = {name: ops for name, ops in functions.items() if "router_gemm" in name}
+    assert len(kernels) >= 12, f"expected every tile instantiation, found {sorted(kernels)}"
+    stalled = {name: waits_before_weights(ops) for name, ops in kernels.items()
+               if waits_before_weights(ops)}
+    assert not stalled, stalled
+
+
 BROKEN_KERNELS = r"""
 #include <cuda_bf16.h>
 __device__ float weight_load(const float* p) {  // as the kernels load weights: LDG.E.NA
@@ -134,6 +160,15 @@ __global__ void early_activation_load(const float* w, const float* x, float* out
   const float f = x[threadIdx.x];  // a coherent load, before the wait
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x] = a * f * x[threadIdx.x + 32];
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__global__ void release_arrive_before_weights(const float* w, const float* x, float* out) {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");  // MEMBAR.ALL.GPU
+  const float a = weight_load(w + threadIdx.x);
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = a * x[threadIdx.x];
   __syncthreads();
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
@@ -163,3 +198,7 @@ def test_the_check_catches_what_it_is_for(tools, tmp_path):
     assert pdl_violations(third) == ["a first-chunk weight load after the wait"]
     no_weights_first = [op for op in third if ".NA" not in op]
     assert pdl_violations(no_weights_first) == ["no weight load (LDG.E.NA) before the wait"]
+    assert waits_before_weights(third) == []
+    fourth = next(ops for name, ops in functions.items() if "release_arrive" in name)
+    assert pdl_violations(fourth) == []
+    assert "MEMBAR.ALL.GPU" in waits_before_weights(fourth)

@@ -72,10 +72,16 @@ __device__ __forceinline__ void trigger_dependents() {
 
 // The partial sums' handoff through distributed shared memory.
 //  * Each CTA owns one mbarrier. Thread 0 initialises it (arrival count 1: the owner's own
-//    expect-bytes arrival) and fences the init for the cluster; every thread then arrives on the
-//    cluster barrier with release semantics. Before its first push a CTA waits on that barrier with
-//    acquire semantics, so every target mbarrier is initialised and every target CTA is running.
-//    By then the wait is long satisfied: it sits after the loads.
+//    expect-bytes arrival) and publishes the init to the cluster with fence.mbarrier_init, a
+//    release fence for mbarrier inits only; every thread then arrives on the cluster barrier,
+//    relaxed (the fence already orders the init before thread 0's arrival). Before its first push
+//    a CTA waits on that barrier with acquire semantics, so every target mbarrier is initialised
+//    and every target CTA is running. By then the wait is long satisfied: it sits after the loads.
+//    The arrive used to carry release semantics itself. ptxas compiled that to MEMBAR.ALL.GPU,
+//    which every warp executed before its first weight load (ncu: 0.45 stall cycles per issued
+//    instruction on the membar at E = 128, M = 32, about 200 cycles per warp). Relaxed, it made
+//    every call 0.13-0.15 us faster on an H200 (E = 32 and 128, M = 8-256, PDL on and off;
+//    benchmarks/results/README.md); tests/test_kernel_sass.py keeps barriers out of that spot.
 //  * A push is st.async: a 4-byte remote store that also counts its bytes on the owner's
 //    mbarrier. The owner announces the bytes it expects and waits for phase 0 to complete, which
 //    makes all of them visible to it. Senders never wait for the rest of the cluster, and no CTA
@@ -91,8 +97,8 @@ __device__ __forceinline__ void mbarrier_init_for_cluster(uint32_t bar) {
       : "memory");
 }
 
-__device__ __forceinline__ void cluster_arrive_release() {
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
 }
 
 __device__ __forceinline__ void cluster_wait_acquire() {
@@ -260,7 +266,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const uint32_t inbox_bar = shared_address(&inbox_full);
 
   if (threadIdx.x == 0) mbarrier_init_for_cluster(inbox_bar);
-  cluster_arrive_release();
+  cluster_arrive_relaxed();
   const int rank = static_cast<int>(cg::this_cluster().block_rank());
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
