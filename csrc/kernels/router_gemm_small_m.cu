@@ -2,8 +2,9 @@
 // per CTA, CUDA-core FMAs, and no communication between CTAs at all.
 //
 // Why a second kernel. For small batches (up to about 1000-2000 logits) the tensor-core kernel
-// (router_gemm_sm90.cuh) pays 0.45 us or more on an H200 for handing its K slices' partial sums
-// between CTAs (benchmarks/results/README.md).
+// (router_gemm_sm90.cuh) pays about 0.3 us or more on an H200 for handing its K slices' partial
+// sums between CTAs (0.45 measured, less the 0.13-0.15 its relaxed cluster arrive saved since;
+// benchmarks/results/README.md).
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce
 // through warp shuffles and one __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens;
