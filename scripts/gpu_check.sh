@@ -5,6 +5,7 @@
 #   tune: GPU tests (no slow) + tile sweep           check: all GPU tests + memcheck, racecheck, synccheck
 #   bench: the full benchmark                        final: all GPU tests + synccheck + the main demo
 #   full: all GPU tests + the three sanitizers + the full benchmark
+#   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 # Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
@@ -66,6 +67,13 @@ case "$mode" in
     run_tests "gpu or kernel" gpu_all
     sanitize
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+  profile)
+    for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do
+      read -r experts tokens <<<"$shape"
+      python3 benchmarks/probes/ncu_router.py --e "$experts" --m "$tokens" --out "$out/ncu" 2>&1 | tee -a "$out/ncu.txt"
+      summary+=("ncu E=$experts M=$tokens: exit ${PIPESTATUS[0]}")
+    done
     ;;
 esac
 echo "== summary ($(( $(date +%s) - start ))s)"
