@@ -82,10 +82,11 @@ __device__ __forceinline__ void trigger_dependents() {
 //    instruction on the membar at E = 128, M = 32, about 200 cycles per warp). Relaxed, it made
 //    every call 0.13-0.15 us faster on an H200 (E = 32 and 128, M = 8-256, PDL on and off;
 //    benchmarks/results/README.md); tests/test_kernel_sass.py keeps barriers out of that spot.
-//  * A push is st.async: a 4-byte remote store that also counts its bytes on the owner's
-//    mbarrier. The owner announces the bytes it expects and waits for phase 0 to complete, which
-//    makes all of them visible to it. Senders never wait for the rest of the cluster, and no CTA
-//    reads another's shared memory, so a CTA may exit once its own inbox is complete.
+//  * A push is st.async: a remote store (16 bytes, one accumulator fragment) that also counts its
+//    bytes on the owner's mbarrier. The owner announces the bytes it expects and waits for phase 0
+//    to complete, which makes all of them visible to it. Senders never wait for the rest of the
+//    cluster, and no CTA reads another's shared memory, so a CTA may exit once its own inbox is
+//    complete.
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
