@@ -43,7 +43,7 @@ def main():
         x = torch.randn(M, K, generator=generator).cuda()
         w = torch.randn(E, K, generator=generator).cuda()
         check(ops.router_gemm_simple(x, w, None), x, w, None)
-    for M, E, S, R in [(1, 32, 4, 16), (7, 13, 3, 5), (129, 128, 8, 64)]:
+    for M, E, S, R in [(1, 32, 4, 16), (7, 13, 3, 5), (129, 128, 8, 64), (5, 40, 2, 72)]:
         logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
         xa = torch.randn(M, S * R, generator=generator).cuda()
         lora_b = torch.randn(S, E, R, generator=generator).to("cuda", torch.bfloat16)

@@ -73,6 +73,26 @@ def test_kernel_matches_float64(M, E, S, R, logits_dtype, b_dtype):
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float32])
+def test_kernel_unaligned_rows_match_aligned_bit_for_bit(b_dtype):
+    """xa and B one element off a 16-byte boundary take the kernel's scalar loads, aligned ones its
+    16-byte loads; the sums run in the same order, so the bits must agree."""
+    args = make_inputs(9, 40, 3, 16, torch.bfloat16, b_dtype, "cuda", seed=4)
+    logits, xa, lora_b, scaling, slot_ids = args
+
+    def off_by_one_element(t):
+        flat = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+        return flat[1:].view_as(t).copy_(t)
+
+    xa_off, b_off = off_by_one_element(xa), off_by_one_element(lora_b)
+    assert xa_off.data_ptr() % 16 and b_off.data_ptr() % 16
+    aligned = ops.lora_expand(*args)
+    unaligned = ops.lora_expand(logits, xa_off, b_off, scaling, slot_ids)
+    assert torch.equal(aligned.view(torch.int16), unaligned.view(torch.int16))
+    check(unaligned.cpu(), *(a.cpu() for a in args))
+
+
+@pytest.mark.kernel
 def test_kernel_keeps_signed_zeros_and_nans_of_no_adapter_tokens():
     logits, xa, lora_b, scaling, _ = make_inputs(4, 16, 2, 4, torch.bfloat16, torch.bfloat16, "cuda", 1)
     logits[0, 0], logits[1, 1] = -0.0, float("nan")

@@ -2,9 +2,19 @@
 // batched-PyTorch expand (scale, bmm, clamp, gather, compare, add, cast, select) with one launch:
 // at decode sizes each of those costs a launch, not bandwidth.
 //
-// One thread per output (token m, expert e): the token's slot is read once per thread, the xa
-// values of that slot are the same for the whole block (broadcast loads), and the thread's row of
-// B is R contiguous values. The sum runs over r in order: results are bitwise reproducible.
+// Eight lanes per output (token m, expert e). Lane k of a group reads values [8k, 8k + 8) of each
+// 64-value chunk of the expert's row of B and the matching xa values, so one warp-wide load covers
+// four whole rows of B (coalesced) and every load of a chunk is issued before its first FMA: a rank
+// up to 64 costs one trip to memory. (The kernel before this one gave each thread a whole row and
+// walked r eight values per loop trip, each trip's loads waiting for the last trip's FMAs: at
+// R = 64, eight dependent trips to memory, in its SASS.) Each lane sums its values in order, then
+// three shuffles add the group's eight partial sums in a fixed tree: the result is bitwise
+// reproducible.
+//
+// Every CTA works on one token at a time (grid rows), so the token's slot, its xa row and the
+// choice between "adapter" and "no adapter" are the same for the whole CTA.
+#include <cstdint>
+
 #include "kernels/float_convert.cuh"
 #include "kernels/lora_expand.h"
 
@@ -12,39 +22,113 @@ namespace moegate {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kMaxGridRows = 65535;  // gridDim.y limit; more tokens loop
+constexpr int kLanesPerOutput = 8;
+constexpr int kValuesPerLane = 8;
+constexpr int kChunk = kLanesPerOutput * kValuesPerLane;    // rank values per pass
+constexpr int kOutputsPerCta = kThreads / kLanesPerOutput;  // experts per CTA
+constexpr int kMaxGridRows = 65535;                         // gridDim.y limit; more tokens loop
 
-template <typename Logit, typename B>
+__device__ __forceinline__ float2 widen2(uint32_t bits, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+}
+__device__ __forceinline__ float2 widen2(uint32_t bits, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+}
+
+// p[0, 8) as floats, in 16-byte loads (p 16-byte aligned).
+__device__ __forceinline__ void load8_vector(const float* p, float (&v)[8]) {
+  const float4 lo = *reinterpret_cast<const float4*>(p);
+  const float4 hi = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w;
+  v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+}
+template <typename Half>  // __half or __nv_bfloat16
+__device__ __forceinline__ void load8_vector(const Half* p, float (&v)[8]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = widen2(words[i], Half{});
+    v[2 * i] = pair.x;
+    v[2 * i + 1] = pair.y;
+  }
+}
+
+// row[first, first + 8) as floats, zeros from index `count` on. kVector: count % 8 == 0 and the
+// row 16-byte aligned, so a lane's eight values are all inside the row or all past its end.
+template <bool kVector, typename T>
+__device__ __forceinline__ void load8(const T* row, int first, int count, float (&v)[8]) {
+  if constexpr (kVector) {
+    if (first < count) {
+      load8_vector(row + first, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = first + i < count ? to_float(row[first + i]) : 0.f;
+  }
+}
+
+// Grid: (ceil(E / kOutputsPerCta), min(M, kMaxGridRows)); group g of a CTA owns expert
+// blockIdx.x * kOutputsPerCta + g, and CTA row y tokens y, y + gridDim.y, ...
+template <bool kVector, typename Logit, typename B>
 __global__ void __launch_bounds__(kThreads)
     lora_expand_kernel(const Logit* __restrict__ logits, const float* __restrict__ xa,
                        const B* __restrict__ lora_b, const float* __restrict__ scaling,
                        const int64_t* __restrict__ slot_ids, Logit* __restrict__ out, int M, int E,
                        int S, int R) {
-  const int e = blockIdx.x * kThreads + threadIdx.x;
-  if (e >= E) return;
+  const int e = blockIdx.x * kOutputsPerCta + threadIdx.x / kLanesPerOutput;
+  if (e >= E) return;  // whole groups leave: the shuffles below stay within a group
+  const int lane = threadIdx.x % kLanesPerOutput;
+  const unsigned group_mask = 0xffu << (threadIdx.x % 32 / kLanesPerOutput * kLanesPerOutput);
   for (long long m = blockIdx.y; m < M; m += gridDim.y) {
     const long long index = m * E + e;
     const int64_t s = slot_ids[m];
     if (s < 0 || s >= S) {
-      out[index] = logits[index];
+      if (lane == 0) out[index] = logits[index];
       continue;
     }
-    const float* xa_row = xa + m * S * R + s * R;
+    const float base = to_float(logits[index]);  // issued with the rows, not after the sum
+    const float scale = scaling[s];
+    const float* xa_row = xa + (m * S + s) * R;
     const B* b_row = lora_b + (s * E + e) * static_cast<long long>(R);
     float dot = 0.f;
-#pragma unroll 8
-    for (int r = 0; r < R; ++r) dot = fmaf(xa_row[r], to_float(b_row[r]), dot);
-    out[index] = from_float<Logit>(to_float(logits[index]) + scaling[s] * dot);
+    for (int r0 = 0; r0 < R; r0 += kChunk) {
+      const int first = r0 + lane * kValuesPerLane;
+      float b[kValuesPerLane], x[kValuesPerLane];
+      load8<kVector>(b_row, first, R, b);
+      load8<kVector>(xa_row, first, R, x);
+#pragma unroll
+      for (int i = 0; i < kValuesPerLane; ++i) dot = fmaf(x[i], b[i], dot);
+    }
+#pragma unroll
+    for (int offset = kLanesPerOutput / 2; offset > 0; offset /= 2)
+      dot += __shfl_xor_sync(group_mask, dot, offset);
+    if (lane == 0) out[index] = from_float<Logit>(base + scale * dot);
   }
+}
+
+bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+
+template <bool kVector, typename Logit, typename B>
+cudaError_t launch_shaped(const LoraExpandArgs& a) {
+  const dim3 grid((a.E + kOutputsPerCta - 1) / kOutputsPerCta,
+                  a.M < kMaxGridRows ? a.M : kMaxGridRows);
+  lora_expand_kernel<kVector, Logit, B><<<grid, kThreads, 0, a.stream>>>(
+      static_cast<const Logit*>(a.logits), a.xa, static_cast<const B*>(a.lora_b), a.scaling,
+      a.slot_ids, static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R);
+  return cudaGetLastError();
 }
 
 template <typename Logit, typename B>
 cudaError_t launch_typed(const LoraExpandArgs& a) {
-  const dim3 grid((a.E + kThreads - 1) / kThreads, a.M < kMaxGridRows ? a.M : kMaxGridRows);
-  lora_expand_kernel<Logit, B><<<grid, kThreads, 0, a.stream>>>(
-      static_cast<const Logit*>(a.logits), a.xa, static_cast<const B*>(a.lora_b), a.scaling,
-      a.slot_ids, static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R);
-  return cudaGetLastError();
+  // 16-byte loads when every lane's eight values are whole vectors: ranks in multiples of 8
+  // (what adapters use) and aligned buffers (what the allocator gives).
+  if (a.R % kValuesPerLane == 0 && aligned_16B(a.lora_b) && aligned_16B(a.xa))
+    return launch_shaped<true, Logit, B>(a);
+  return launch_shaped<false, Logit, B>(a);
 }
 
 template <typename Logit>
