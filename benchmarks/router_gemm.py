@@ -332,6 +332,8 @@ def plot(rows: list[Row], path: str) -> None:
         print("matplotlib is not installed: no PNG plot", file=sys.stderr)
         return
     shapes = sorted({r.shape for r in rows if r.provider == "cublas"})
+    if not shapes:  # e.g. --only matched no router shape: LoRA or chain rows alone have no plot
+        return
     cols = min(3, len(shapes))
     rows_ = -(-len(shapes) // cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4.5 * cols, 3.4 * rows_), squeeze=False)

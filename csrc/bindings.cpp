@@ -254,6 +254,19 @@ torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContex
   return grads;
 }
 
+// Calls op kName (signature Signature) through the dispatcher below autograd: the CUDA kernel, or
+// the fake one while tracing. The Autograd kernels below use it both where no gradient is needed
+// and inside forward(). The schema lookup happens once per op.
+template <const char* kName, typename Signature, typename... Args>
+at::Tensor call_below_autograd(const Args&... args) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<Signature>();
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
+constexpr char kLoraExpand[] = "moegate::lora_expand";
+
 // kOp names the op; Options are its arguments after out_dtype (pdl, tile choices).
 template <const char* kOp, typename... Options>
 class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<kOp, Options...>> {
@@ -285,17 +298,13 @@ class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<k
   }
 
  private:
-  // The op through the dispatcher, below autograd: the CUDA kernel, or the fake one while tracing.
   static at::Tensor below_autograd(const at::Tensor& x, const at::Tensor& weight,
                                    const std::optional<at::Tensor>& bias,
                                    std::optional<at::ScalarType> out_dtype, Options... options) {
-    using Signature = at::Tensor(const at::Tensor&, const at::Tensor&,
-                                 const std::optional<at::Tensor>&, std::optional<at::ScalarType>,
-                                 Options...);
-    static const auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow(kOp, "").template typed<Signature>();
-    const at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(x, weight, bias, out_dtype, options...);
+    return call_below_autograd<kOp, at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&,
+                                               std::optional<at::ScalarType>, Options...)>(
+        x, weight, bias, out_dtype, options...);
   }
 };
 
@@ -365,13 +374,10 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
   static at::Tensor below_autograd(const at::Tensor& logits, const at::Tensor& xa,
                                    const at::Tensor& lora_b, const at::Tensor& scaling,
                                    const at::Tensor& slot_ids) {
-    using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("moegate::lora_expand", "")
-                               .typed<Signature>();
-    const at::AutoDispatchBelowADInplaceOrView guard;
-    return op.call(logits, xa, lora_b, scaling, slot_ids);
+    return call_below_autograd<kLoraExpand,
+                               at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&)>(
+        logits, xa, lora_b, scaling, slot_ids);
   }
 };
 
