@@ -317,17 +317,17 @@ class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<k
 class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> {
  public:
   static at::Tensor call(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
-                         const at::Tensor& scaling, const at::Tensor& slot_ids) {
+                         const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
     if (!torch::autograd::compute_requires_grad(logits, xa, lora_b, scaling))
-      return below_autograd(logits, xa, lora_b, scaling, slot_ids);
-    return LoraExpandFunction::apply(logits, xa, lora_b, scaling, slot_ids);
+      return below_autograd(logits, xa, lora_b, scaling, slot_ids, pdl);
+    return LoraExpandFunction::apply(logits, xa, lora_b, scaling, slot_ids, pdl);
   }
 
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                             const at::Tensor& xa, const at::Tensor& lora_b,
-                            const at::Tensor& scaling, const at::Tensor& slot_ids) {
+                            const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
     ctx->save_for_backward({xa, lora_b, scaling, slot_ids});
-    return below_autograd(logits, xa, lora_b, scaling, slot_ids);
+    return below_autograd(logits, xa, lora_b, scaling, slot_ids, pdl);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -336,7 +336,7 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
     const at::Tensor &xa = saved[0], &lora_b = saved[1], &scaling = saved[2], &slot_ids = saved[3];
     const at::Tensor& grad = grads[0];
     const int64_t M = grad.size(0), E = grad.size(1), S = lora_b.size(0), R = lora_b.size(2);
-    torch::autograd::variable_list result(5);  // none for slot_ids
+    torch::autograd::variable_list result(6);  // none for slot_ids and pdl
     if (ctx->needs_input_grad(0)) result[0] = grad;
     if (S == 0 || R == 0) {  // no adapter anywhere: the deltas were empty
       if (ctx->needs_input_grad(1)) result[1] = at::zeros_like(xa);
@@ -373,11 +373,11 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
  private:
   static at::Tensor below_autograd(const at::Tensor& logits, const at::Tensor& xa,
                                    const at::Tensor& lora_b, const at::Tensor& scaling,
-                                   const at::Tensor& slot_ids) {
+                                   const at::Tensor& slot_ids, bool pdl) {
     return call_below_autograd<kLoraExpand,
                                at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                          const at::Tensor&, const at::Tensor&)>(
-        logits, xa, lora_b, scaling, slot_ids);
+                                          const at::Tensor&, const at::Tensor&, bool)>(
+        logits, xa, lora_b, scaling, slot_ids, pdl);
   }
 };
 
@@ -388,7 +388,7 @@ constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
 
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
 at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
-                       const at::Tensor& scaling, const at::Tensor& slot_ids) {
+                       const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
   TORCH_CHECK(logits.is_cuda(), "moegate: logits must be a CUDA tensor, got device ", logits.device());
   for (const at::Tensor* t : {&xa, &lora_b, &scaling, &slot_ids}) {
     TORCH_CHECK(t->device() == logits.device(), "moegate: lora_expand's tensors must all be on ",
@@ -425,6 +425,7 @@ at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at:
   args.R = static_cast<int>(R);
   args.logits_dtype = to_dtype(logits.scalar_type());
   args.b_dtype = to_dtype(lora_b.scalar_type());
+  args.pdl = pdl;
   args.stream = at::cuda::getCurrentCUDAStream(logits.get_device()).stream();
   check_launch(launch_lora_expand(args), "lora_expand");
   return out;
@@ -443,8 +444,8 @@ TORCH_LIBRARY(moegate, m) {
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int experts_per_cta=0, int tokens_per_cta=0) -> Tensor");
   m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None) -> int");
-  m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids) "
-        "-> Tensor");
+  m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids, "
+        "bool pdl=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moegate, CUDA, m) {

@@ -280,6 +280,7 @@ def lora_expand(
     lora_b: torch.Tensor,
     scaling: torch.Tensor,
     slot_ids: torch.Tensor,
+    pdl: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The expand half of a multi-adapter LoRA delta on router logits.
@@ -291,6 +292,10 @@ def lora_expand(
     lora_b: [S, E, R];
     scaling: [S] fp32; slot_ids: [M] int64. Returns [M, E] in logits' dtype. One kernel on the
     GPU (``"moegate"`` backend), batched PyTorch ops elsewhere.
+
+    pdl: launch the kernel as a programmatic dependent of the kernel before it, as ``router_gemm``'s
+    ``pdl``: it may start before that kernel completes and prefetch ``lora_b`` (so that kernel must
+    not write ``lora_b``); everything else is read after it completes. Ignored off the kernel path.
     """
     num_slots, num_experts, rank = lora_b.shape
     num_tokens = logits.shape[0]
@@ -306,7 +311,8 @@ def lora_expand(
         backend = backend_for(logits.device, lora_b.dtype)
     if backend == "moegate" and xa.dtype == torch.float32:
         return torch.ops.moegate.lora_expand(logits.contiguous(), xa.contiguous(), lora_b.contiguous(),
-                                             scaling.float().contiguous(), slot_ids.long().contiguous())
+                                             scaling.float().contiguous(), slot_ids.long().contiguous(),
+                                             pdl)
     return lora_expand_torch(logits, xa, lora_b, scaling, slot_ids)
 
 
@@ -334,5 +340,5 @@ if _C is not None:
         return _logits_like(x, weight, out_dtype)
 
     @torch.library.register_fake("moegate::lora_expand")
-    def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids):
+    def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids, pdl=False):
         return torch.empty_like(logits)

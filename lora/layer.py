@@ -31,15 +31,20 @@ def add_lora_delta(
 
     logits: [M, E]; x: [M, K]; lora_a: [S, R, K], lora_b: [S, E, R] (x's dtype); scaling: [S] fp32;
     slot_ids: [M] int64. Returns [M, E] in logits' dtype. Batched ops only, no host sync.
+
+    On the GPU both kernels are launched as programmatic dependents (PDL) of the kernel before them,
+    so each one's launch and its adapter-weight loads overlap that kernel's tail. They read x,
+    logits, xa and slot_ids only after that kernel has completed, so this is safe after any kernel
+    that does not write lora_a or lora_b (weights are written by set_lora, not while serving).
     """
     num_slots, rank, in_features = lora_a.shape
     compute = torch.promote_types(x.dtype, torch.float32)
     # Shrink for every slot at once: a router-shaped GEMM [M, K] x [S*R, K]^T through the same ops
     # path as the base gate (our kernel on the GPU), fp32 straight from the fp32 accumulator.
-    xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute,
+    xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute, pdl=True,
                          backend=backend)
     # Expand: each token's slot of xa through its B, scaled, added once (one kernel on the GPU).
-    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, backend=backend)
+    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=True, backend=backend)
 
 
 class GateLinearWithLoRA(nn.Module):

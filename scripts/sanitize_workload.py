@@ -49,10 +49,11 @@ def main():
         lora_b = torch.randn(S, E, R, generator=generator).to("cuda", torch.bfloat16)
         scaling = torch.rand(S, generator=generator).cuda()
         slot_ids = torch.randint(-1, S + 1, (M,), generator=generator).cuda()
-        out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids).double()
         expected = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, backend="torch").double()
-        if not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
-            sys.exit(f"wrong lora_expand result at M={M}, E={E}, S={S}, R={R}")
+        for pdl in (False, True):
+            out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl).double()
+            if not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
+                sys.exit(f"wrong lora_expand result at M={M}, E={E}, S={S}, R={R}, pdl={pdl}")
     torch.cuda.synchronize()
     print("sanitize workload: all results correct")
 

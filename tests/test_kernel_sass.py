@@ -1,4 +1,5 @@
-"""The PDL contract, checked in the machine code of every router-kernel instantiation (no GPU needed).
+"""The PDL contract, checked in the machine code of every router-kernel instantiation (no GPU needed),
+and of the LoRA expand kernel.
 
 Under programmatic dependent launch the router may start while the kernel before it still runs. So,
 in the compiled SASS and not only in the source: no activation load and no global store before
@@ -90,6 +91,14 @@ def pdl_violations(ops: list[str]) -> list[str]:
         problems.append("a first-chunk weight load after the wait")
     if not any(i < wait for i in weight_loads):
         problems.append("no weight load (LDG.E.NA) before the wait")
+    return problems + store_and_trigger_violations(ops, wait)
+
+
+def store_and_trigger_violations(ops: list[str], wait: int) -> list[str]:
+    """Global stores only after the wait (index `wait`), launch_dependents only after the last one,
+    behind a CTA barrier."""
+    problems = []
+    stores = [i for i, op in enumerate(ops) if op.startswith("STG")]
     if not stores:
         problems.append("no global store")
     elif any(i < wait for i in stores):
@@ -104,6 +113,31 @@ def pdl_violations(ops: list[str]) -> list[str]:
         elif not any(op.startswith("BAR.SYNC") for op in ops[last_store:first_trigger]):
             problems.append("no CTA barrier between the last store and launch_dependents")
     return problems
+
+
+def lora_expand_pdl_violations(ops: list[str]) -> list[str]:
+    """The expand kernel's PDL order: before the wait it only prefetches B into L2 (CCTL...PF, no
+    load at all: which slot a token uses is read after the wait), then the router kernels' rules
+    for stores and the trigger."""
+    waits = [i for i, op in enumerate(ops) if op == "ACQBULK"]
+    if not waits:
+        return ["no griddepcontrol.wait (ACQBULK)"]
+    wait = waits[0]
+    problems = []
+    if any(op.startswith(("LDG", "LD.", "LDS")) for op in ops[:wait]):
+        problems.append("a load before the wait")
+    if not any(op.startswith("CCTL") and ".PF" in op for op in ops[:wait]):
+        problems.append("no L2 prefetch (CCTL.PF) before the wait")
+    return problems + store_and_trigger_violations(ops, wait)
+
+
+def test_lora_expand_keeps_the_pdl_order(tools, tmp_path):
+    functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", "lora_expand.cu"), tmp_path)
+    kernels = {name: ops for name, ops in functions.items() if "lora_expand" in name}
+    assert len(kernels) == 18, f"expected 3 logits x 3 B dtypes x 2 load paths, found {sorted(kernels)}"
+    broken = {name: lora_expand_pdl_violations(ops) for name, ops in kernels.items()
+              if lora_expand_pdl_violations(ops)}
+    assert not broken, broken
 
 
 @pytest.mark.parametrize("kernel_file", PDL_KERNELS)
@@ -172,6 +206,13 @@ __global__ void release_arrive_before_weights(const float* w, const float* x, fl
   __syncthreads();
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
+__global__ void prefetch_then_wait(const float* w, const float* x, float* out) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(w + threadIdx.x));
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = w[threadIdx.x] * x[threadIdx.x];
+  __syncthreads();
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
 __global__ void weight_load_after_wait(const float* w, const float* x, float* out) {
   const float a = weight_load(w + threadIdx.x);
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -202,3 +243,8 @@ def test_the_check_catches_what_it_is_for(tools, tmp_path):
     fourth = next(ops for name, ops in functions.items() if "release_arrive" in name)
     assert pdl_violations(fourth) == []
     assert "MEMBAR.ALL.GPU" in waits_before_weights(fourth)
+    # The expand kernel's rule: the weight load before the wait is a load, not a prefetch.
+    assert lora_expand_pdl_violations(third) == ["a load before the wait",
+                                                 "no L2 prefetch (CCTL.PF) before the wait"]
+    prefetch_only = next(ops for name, ops in functions.items() if "prefetch_then_wait" in name)
+    assert lora_expand_pdl_violations(prefetch_only) == []

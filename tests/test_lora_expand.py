@@ -66,10 +66,39 @@ def test_bad_shapes_are_value_errors():
                                                   (torch.float32, torch.bfloat16),
                                                   (torch.float16, torch.float16),
                                                   (torch.float32, torch.float32)])
-def test_kernel_matches_float64(M, E, S, R, logits_dtype, b_dtype):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_kernel_matches_float64(M, E, S, R, logits_dtype, b_dtype, pdl):
     args = make_inputs(M, E, S, R, logits_dtype, b_dtype, "cuda", seed=M * 3 + E + S + R)
-    out = call_poisoned(ops.lora_expand, (M, E), logits_dtype, *args)
+    out = call_poisoned(ops.lora_expand, (M, E), logits_dtype, *args, pdl=pdl)
     check(out.cpu(), *(a.cpu() for a in args))
+
+
+@pytest.mark.kernel
+def test_pdl_chain_reads_what_the_kernel_before_wrote():
+    """Under PDL the expand may start while the kernel before it runs. Here that kernel writes the
+    logits, xa and slot_ids the expand reads (only B may be read before the wait): 300 rounds in
+    one CUDA graph, fresh data each round, every result equal to the serial launch's bits."""
+    M, E, S, R, rounds = 16, 128, 4, 64, 300
+    sources = [make_inputs(M, E, S, R, torch.bfloat16, torch.bfloat16, "cuda", seed=100 + i)
+               for i in range(rounds)]
+    _, _, lora_b, scaling, _ = sources[0]
+    logits, xa, slot_ids = (torch.empty_like(t) for t in (sources[0][0], sources[0][1], sources[0][4]))
+    outs = torch.empty(rounds, M, E, device="cuda", dtype=torch.bfloat16)
+    ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=True)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i, (fresh_logits, fresh_xa, _, _, fresh_ids) in enumerate(sources):
+            # One producer kernel per buffer (a multiply: copy_ would be a memcpy node, not a
+            # kernel), the last (slot_ids) right before the expand.
+            torch.mul(fresh_logits, 1, out=logits)
+            torch.mul(fresh_xa, 1, out=xa)
+            torch.mul(fresh_ids, 1, out=slot_ids)
+            outs[i] = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=True)
+    outs.fill_(float("nan"))
+    graph.replay()
+    for i, (fresh_logits, fresh_xa, _, _, fresh_ids) in enumerate(sources):
+        serial = ops.lora_expand(fresh_logits, fresh_xa, lora_b, scaling, fresh_ids, pdl=False)
+        assert torch.equal(outs[i].view(torch.int16), serial.view(torch.int16)), f"round {i}"
 
 
 @pytest.mark.kernel

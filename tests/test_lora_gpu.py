@@ -42,6 +42,36 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
 
 
 @pytest.mark.kernel
+def test_pdl_chain_matches_serial_launches():
+    """The layer launches the shrink and the expand as PDL dependents of the kernel before each.
+    200 rounds in one CUDA graph, each with x written by the kernel right before the layer: every
+    output has the bits of the same three ops launched without PDL."""
+    M, E, rounds = 8, 128, 200
+    generator = torch.Generator().manual_seed(77)
+    layer, _, _ = loaded_layer(K, E, 4, 64, 4, M, torch.bfloat16, generator, device="cuda")
+    sources = torch.randn(rounds, M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
+    static_x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
+    outs = torch.empty(rounds, M, E, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(static_x.copy_(sources[0]))  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(rounds):
+                torch.mul(sources[i], 1, out=static_x)  # a producer kernel (copy_ is a memcpy node)
+                outs[i] = layer(static_x)
+        outs.fill_(float("nan"))
+        graph.replay()
+        slot_ids = layer.token_slots.for_tokens(M)
+        S, R = layer.lora_a_stacked.shape[:2]
+        for i in range(rounds):
+            x = sources[i]
+            logits = ops.router_gemm(x, layer.base_layer.weight, layer.base_layer.bias)
+            xa = ops.router_gemm(x, layer.lora_a_stacked.view(S * R, K), out_dtype=torch.float32)
+            serial = ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids)
+            assert torch.equal(bits(outs[i]), bits(serial)), f"round {i}"
+
+
+@pytest.mark.kernel
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
 def test_gradients_reach_x_and_the_base_gate_as_on_the_torch_path(out_dtype):
     generator = torch.Generator().manual_seed(41)

@@ -1,7 +1,8 @@
 """Where a GateLinearWithLoRA call's time goes: each of its stages alone, and the whole layer.
 
 The layer runs three kernels: the base router GEMM, the shrink (one router GEMM over every slot's A,
-fp32 out) and the expand (ops.lora_expand). This times each alone and the three together, on
+fp32 out) and the expand (ops.lora_expand); it launches the last two as PDL dependents. This times
+each alone (no PDL), the three without PDL, and the layer, on
 gpt-oss-120b's router (K = 2880, E = 128), 4 slots of rank 64, CUDA-graph replay, cold weights and
 adapters (the benchmark's protocol: every call reads another copy), and prints us per call.
 
@@ -53,8 +54,14 @@ def stage_times(M: int, replays: int) -> dict:
         layer = layer_at(i)
         return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids)
 
+    def serial(i):  # the layer's three kernels, none launched as a PDL dependent
+        layer = layer_at(i)
+        logits = layer.base_layer(x)
+        xa = ops.router_gemm(x, layer.lora_a_stacked.view(SLOTS * RANK, shape.K), out_dtype=torch.float32)
+        return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids)
+
     stages = {"base": lambda i: layer_at(i).base_layer(x), "shrink": shrink, "expand": expand,
-              "layer": lambda i: layer_at(i)(x)}
+              "serial": serial, "layer": lambda i: layer_at(i)(x)}
     with torch.no_grad():
         return {name: per_call_us(step, weights.calls, replays) for name, step in stages.items()}
 
@@ -68,11 +75,13 @@ def main() -> int:
         print("lora_breakdown: needs a CUDA GPU", file=sys.stderr)
         return 2
     bench_floor(args.replays)  # brings the process to the state the benchmark measures in
-    print(f"{'M':>5} {'base':>7} {'shrink':>7} {'expand':>7} {'sum':>7} {'layer':>7}   us per call, cold")
+    print("us per call, cold. serial: the layer's three kernels without PDL; layer: GateLinearWithLoRA")
+    print(f"{'M':>5} {'base':>7} {'shrink':>7} {'expand':>7} {'sum':>7} {'serial':>7} {'layer':>7}")
     for M in (int(m) for m in args.m.split(",")):
         t = stage_times(M, args.replays)
         total = t["base"] + t["shrink"] + t["expand"]
-        print(f"{M:>5} {t['base']:7.2f} {t['shrink']:7.2f} {t['expand']:7.2f} {total:7.2f} {t['layer']:7.2f}")
+        print(f"{M:>5} {t['base']:7.2f} {t['shrink']:7.2f} {t['expand']:7.2f} {total:7.2f} "
+              f"{t['serial']:7.2f} {t['layer']:7.2f}")
     return 0
 
 

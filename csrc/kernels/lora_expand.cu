@@ -13,9 +13,18 @@
 //
 // Every CTA works on one token at a time (grid rows), so the token's slot, its xa row and the
 // choice between "adapter" and "no adapter" are the same for the whole CTA.
+//
+// PDL (when the launch asks for it), by the rules of the router kernels (router_gemm_sm90.cuh):
+// before griddepcontrol.wait the kernel only prefetches B into L2, every slot's rows of its
+// experts, since the token's slot is not known yet (slot_ids may be written by the kernel before);
+// slot_ids, logits, xa and scaling are read after the wait, nothing is written before it, and
+// launch_dependents fires after the CTA's last output store. B is a parameter no kernel writes
+// while routers run. In a GateLinearWithLoRA the expand follows the shrink, so B's HBM trip
+// overlaps the shrink's tail and the expand pays L2 trips only.
 #include <cstdint>
 
 #include "kernels/float_convert.cuh"
+#include "kernels/grid_dependency.cuh"
 #include "kernels/lora_expand.h"
 
 namespace moegate {
@@ -71,6 +80,16 @@ __device__ __forceinline__ void load8(const T* row, int first, int count, float 
   }
 }
 
+// Asks L2 for every line of bytes [begin, begin + size) (size > 0), one line per thread and pass.
+__device__ __forceinline__ void prefetch_l2(const char* begin, long long size) {
+  constexpr int kLine = 128;
+  const char* first = begin - reinterpret_cast<std::uintptr_t>(begin) % kLine;
+  const int lines = static_cast<int>((begin + size - first + kLine - 1) / kLine);
+#pragma unroll 1
+  for (int i = threadIdx.x; i < lines; i += kThreads)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + static_cast<long long>(i) * kLine));
+}
+
 // Grid: (ceil(E / kOutputsPerCta), min(M, kMaxGridRows)); group g of a CTA owns expert
 // blockIdx.x * kOutputsPerCta + g, and CTA row y tokens y, y + gridDim.y, ...
 template <bool kVector, typename Logit, typename B>
@@ -78,12 +97,22 @@ __global__ void __launch_bounds__(kThreads)
     lora_expand_kernel(const Logit* __restrict__ logits, const float* __restrict__ xa,
                        const B* __restrict__ lora_b, const float* __restrict__ scaling,
                        const int64_t* __restrict__ slot_ids, Logit* __restrict__ out, int M, int E,
-                       int S, int R) {
-  const int e = blockIdx.x * kOutputsPerCta + threadIdx.x / kLanesPerOutput;
-  if (e >= E) return;  // whole groups leave: the shuffles below stay within a group
+                       int S, int R, bool pdl) {
+  const int e_begin = blockIdx.x * kOutputsPerCta;
+  if (pdl) {  // slot s's rows of this CTA's experts are contiguous; CTA row y takes slots y, ...
+    const int experts = min(kOutputsPerCta, E - e_begin);
+#pragma unroll 1
+    for (int s = blockIdx.y; s < S; s += gridDim.y)
+      prefetch_l2(reinterpret_cast<const char*>(lora_b + (static_cast<long long>(s) * E + e_begin) * R),
+                  static_cast<long long>(experts) * R * sizeof(B));
+  }
+  sm90::grid_dependency_wait(pdl);
+
+  const int e = e_begin + threadIdx.x / kLanesPerOutput;
   const int lane = threadIdx.x % kLanesPerOutput;
   const unsigned group_mask = 0xffu << (threadIdx.x % 32 / kLanesPerOutput * kLanesPerOutput);
-  for (long long m = blockIdx.y; m < M; m += gridDim.y) {
+  // Groups past E skip the loop as a whole (the shuffles stay within a group) but not the barrier.
+  for (long long m = blockIdx.y; e < E && m < M; m += gridDim.y) {
     const long long index = m * E + e;
     const int64_t s = slot_ids[m];
     if (s < 0 || s >= S) {
@@ -108,6 +137,8 @@ __global__ void __launch_bounds__(kThreads)
       dot += __shfl_xor_sync(group_mask, dot, offset);
     if (lane == 0) out[index] = from_float<Logit>(base + scale * dot);
   }
+  sm90::cta_barrier();  // every output store of the CTA precedes the trigger
+  sm90::trigger_dependents();
 }
 
 bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
@@ -116,10 +147,17 @@ template <bool kVector, typename Logit, typename B>
 cudaError_t launch_shaped(const LoraExpandArgs& a) {
   const dim3 grid((a.E + kOutputsPerCta - 1) / kOutputsPerCta,
                   a.M < kMaxGridRows ? a.M : kMaxGridRows);
-  lora_expand_kernel<kVector, Logit, B><<<grid, kThreads, 0, a.stream>>>(
-      static_cast<const Logit*>(a.logits), a.xa, static_cast<const B*>(a.lora_b), a.scaling,
-      a.slot_ids, static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads, 1, 1);
+  config.stream = a.stream;
+  cudaLaunchAttribute pdl = sm90::programmatic_dependent_launch();
+  config.attrs = &pdl;
+  config.numAttrs = a.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, lora_expand_kernel<kVector, Logit, B>,
+                            static_cast<const Logit*>(a.logits), a.xa,
+                            static_cast<const B*>(a.lora_b), a.scaling, a.slot_ids,
+                            static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R, a.pdl);
 }
 
 template <typename Logit, typename B>

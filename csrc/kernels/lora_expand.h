@@ -26,6 +26,9 @@ struct LoraExpandArgs {
   int M = 0, E = 0, S = 0, R = 0;
   DType logits_dtype = DType::kBFloat16;
   DType b_dtype = DType::kBFloat16;
+  // Launch as a programmatic dependent of the kernel before (PDL): lora_b may then be read before
+  // that kernel completes, so it must not write lora_b; everything else is read after it completes.
+  bool pdl = false;
   cudaStream_t stream = nullptr;
 };
 

@@ -28,8 +28,7 @@ cudaError_t launch_tiles(const RouterGemmArgs& a) {
   attributes[0].val.clusterDim.x = kCluster;
   attributes[0].val.clusterDim.y = 1;
   attributes[0].val.clusterDim.z = 1;
-  attributes[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[1].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1] = sm90::programmatic_dependent_launch();
   config.attrs = attributes;
   config.numAttrs = a.pdl ? 2 : 1;
   return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(a.x),

@@ -39,6 +39,8 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "kernels/grid_dependency.cuh"
+
 namespace moegate {
 namespace sm90 {
 
@@ -49,26 +51,6 @@ constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 thr
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// griddepcontrol.wait when the launch asked for PDL (`pdl`), placed in the source after the first
-// weight loads. It needs no data dependency on them: the weights are coherent loads
-// (load_weight_16B), which ptxas keeps on their side of the wait, so every first-chunk weight load
-// is in flight before it in every instantiation (tests/test_kernel_sass.py checks the SASS). A data
-// dependency (as this kernel once had) would make each warp wait for its weights to ARRIVE before
-// it may issue its activation loads: two memory trips in a row (H200, cold, back-to-back PDL calls,
-// decode kernel, K = 2880, E = 32, M = 1: 1.68 us pinned / 1.50 not; benchmarks/results/README.md).
-// The skip branch sits inside the asm: 0.02-0.03 us faster at M = 1 than a C++ `if (pdl)` around a
-// bare wait, in the same harness runs.
-__device__ __forceinline__ void grid_dependency_wait(bool pdl) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.eq.u32 p, %0, 0;\n @p bra.uni SKIP_GRID_WAIT_%=;\n"
-      " griddepcontrol.wait;\n SKIP_GRID_WAIT_%=:\n}\n" ::"r"(static_cast<uint32_t>(pdl))
-      : "memory");
-}
-
-__device__ __forceinline__ void trigger_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
 
 // The partial sums' handoff through distributed shared memory.
 //  * Each CTA owns one mbarrier. Thread 0 initialises it (arrival count 1: the owner's own
@@ -138,11 +120,6 @@ __device__ __forceinline__ void mbarrier_wait_phase0(uint32_t bar) {
       " @!done bra wait_%=;\n}\n" ::"r"(bar)
       : "memory");
 }
-
-// __syncthreads() is the .aligned barrier, which requires each warp to arrive converged; this one
-// does not, so it is safe after the divergent store epilogue (compute-sanitizer's synccheck flagged
-// the aligned form there).
-__device__ __forceinline__ void cta_barrier() { asm volatile("barrier.sync 0;" ::: "memory"); }
 
 // 16-byte loads, predicated inside the asm (zero when !valid) so that the load sequence stays one
 // straight-line block: with `if (valid) load` every load sat in its own branch and ptxas interleaved

@@ -195,9 +195,7 @@ cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid) {
   config.gridDim = grid;
   config.blockDim = dim3(kThreads, 1, 1);
   config.stream = a.stream;
-  cudaLaunchAttribute pdl;
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute pdl = sm90::programmatic_dependent_launch();
   config.attrs = &pdl;
   config.numAttrs = a.pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out>,
