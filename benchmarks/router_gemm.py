@@ -236,8 +236,8 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
 
 
 def bench_lora(replays, progress) -> list[Row]:
-    """Issue-4 rows: the base router vs GateLinearWithLoRA (unfused delta) with 1, 2 or 4 adapters
-    in the batch at ranks 8, 16, 64, and the PEFT-style single-adapter computation
+    """Issue-4 rows: the base router vs GateLinearWithLoRA (unfused delta; its base gate's pdl off,
+    then on) with 1, 2 or 4 adapters in the batch at ranks 8, 16, 64, and the PEFT-style single-adapter computation
     F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s, all on gpt-oss-120b's router, cold."""
     from gate import GateLinear
     from lora import GateLinearWithLoRA, TokenSlots
@@ -271,12 +271,21 @@ def _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenS
         w, bias = weights[i]
         return F.linear(x, w, bias) + F.linear(F.linear(x, a[0]), b[0]) * 2.0
 
+    def lora_layer(pdl):
+        def step(i):
+            layer = layers[i % len(layers)]
+            layer.base_layer.pdl = pdl  # the base gate's setting governs all three kernels
+            return layer(x)
+        return step
+
     with torch.no_grad():
         return [
             Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora base",
                 per_call_us(lambda i: base[i % len(base)](x), weights.calls, replays)),
             Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora moegate",
-                per_call_us(lambda i: layers[i % len(layers)](x), weights.calls, replays)),
+                per_call_us(lora_layer(False), weights.calls, replays)),
+            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora moegate+pdl",
+                per_call_us(lora_layer(True), weights.calls, replays)),
             Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora peft-style",
                 per_call_us(peft_style, weights.calls, replays)),
         ]

@@ -21,6 +21,7 @@ def add_lora_delta(
     scaling: torch.Tensor,
     slot_ids: torch.Tensor,
     backend: str | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Adds each token's adapter delta to the base logits; tokens without an adapter are untouched.
 
@@ -32,19 +33,22 @@ def add_lora_delta(
     logits: [M, E]; x: [M, K]; lora_a: [S, R, K], lora_b: [S, E, R] (x's dtype); scaling: [S] fp32;
     slot_ids: [M] int64. Returns [M, E] in logits' dtype. Batched ops only, no host sync.
 
-    On the GPU both kernels are launched as programmatic dependents (PDL) of the kernel before them,
-    so each one's launch and its adapter-weight loads overlap that kernel's tail. They read x,
-    logits, xa and slot_ids only after that kernel has completed, so this is safe after any kernel
-    that does not write lora_a or lora_b (weights are written by set_lora, not while serving).
+    pdl: launch both kernels (shrink, expand) as programmatic dependents of the kernel before each,
+    as GateLinear's ``pdl``: their launches and adapter-weight loads overlap that kernel's tail, and
+    x, logits, xa and slot_ids are read only after it completes, so the kernel before must not
+    write lora_a or lora_b. A GateLinearWithLoRA passes its base gate's setting: on an H200 the
+    layer gained 0.5-0.8 us with all three of its kernels PDL-launched, and was up to 0.5 us slower
+    with only the shrink or the expand PDL-launched between plain launches
+    (benchmarks/results/README.md).
     """
     num_slots, rank, in_features = lora_a.shape
     compute = torch.promote_types(x.dtype, torch.float32)
     # Shrink for every slot at once: a router-shaped GEMM [M, K] x [S*R, K]^T through the same ops
     # path as the base gate (our kernel on the GPU), fp32 straight from the fp32 accumulator.
-    xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute, pdl=True,
+    xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute, pdl=pdl,
                          backend=backend)
     # Expand: each token's slot of xa through its B, scaled, added once (one kernel on the GPU).
-    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=True, backend=backend)
+    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl, backend=backend)
 
 
 class GateLinearWithLoRA(nn.Module):
@@ -53,7 +57,8 @@ class GateLinearWithLoRA(nn.Module):
     forward(x [..., K]) -> [..., E]: the base gate's fast path, plus for each token mapped to slot s
     ``scaling[s] * (x A_s^T) B_s^T`` (``add_lora_delta``). The token -> slot mapping comes from the
     attached ``TokenSlots``, shared by all wrapped layers of a model; a forward with none attached
-    raises. The output dtype is the base layer's (``base_layer.out_dtype``, default x's dtype).
+    raises. The output dtype is the base layer's (``base_layer.out_dtype``, default x's dtype), and
+    so is the PDL setting (``base_layer.pdl``), for the delta's two kernels too.
 
     Slots are buffers written in place, so compiled code and captured CUDA graphs see new slot
     contents and a new mapping without recompiling or recapturing:
@@ -256,7 +261,7 @@ class GateLinearWithLoRA(nn.Module):
         # The mapping's device is the weight's: checked when attached, moved with the layer.
         slot_ids = self.token_slots.for_tokens(x_flat.shape[0])
         out = add_lora_delta(logits, x_flat, self.lora_a_stacked, self.lora_b_stacked, self.scaling,
-                             slot_ids, base.backend_for())
+                             slot_ids, base.backend_for(), pdl=base.pdl)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], base.num_experts)
 
     # -- delegation to the base layer ------------------------------------------------------------

@@ -43,12 +43,13 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
 
 @pytest.mark.kernel
 def test_pdl_chain_matches_serial_launches():
-    """The layer launches the shrink and the expand as PDL dependents of the kernel before each.
-    200 rounds in one CUDA graph, each with x written by the kernel right before the layer: every
-    output has the bits of the same three ops launched without PDL."""
+    """With its base gate's pdl on, the layer launches all three kernels as PDL dependents of the
+    kernel before each. 200 rounds in one CUDA graph, each with x written by the kernel right
+    before the layer: every output has the bits of the same three ops launched without PDL."""
     M, E, rounds = 8, 128, 200
     generator = torch.Generator().manual_seed(77)
     layer, _, _ = loaded_layer(K, E, 4, 64, 4, M, torch.bfloat16, generator, device="cuda")
+    layer.base_layer.pdl = True
     sources = torch.randn(rounds, M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
     static_x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     outs = torch.empty(rounds, M, E, device="cuda", dtype=torch.bfloat16)

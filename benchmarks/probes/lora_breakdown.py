@@ -1,10 +1,11 @@
 """Where a GateLinearWithLoRA call's time goes: each of its stages alone, and the whole layer.
 
 The layer runs three kernels: the base router GEMM, the shrink (one router GEMM over every slot's A,
-fp32 out) and the expand (ops.lora_expand); it launches the last two as PDL dependents. This times
-each alone (no PDL), the three without PDL, and the layer, on
-gpt-oss-120b's router (K = 2880, E = 128), 4 slots of rank 64, CUDA-graph replay, cold weights and
-adapters (the benchmark's protocol: every call reads another copy), and prints us per call.
+fp32 out) and the expand (ops.lora_expand); with its base gate's pdl on, all three launch as PDL
+dependents. This times each alone (no PDL), the three as plain ops, and the layer with its base
+gate's pdl off and on, on gpt-oss-120b's router (K = 2880, E = 128), 4 slots of rank 64,
+CUDA-graph replay, cold weights and adapters (the benchmark's protocol: every call reads another
+copy), and prints us per call.
 
     python benchmarks/probes/lora_breakdown.py [--m 1,16,128] [--replays 20]
 """
@@ -62,6 +63,16 @@ def stage_times(M: int, replays: int) -> dict:
 
     stages = {"base": lambda i: layer_at(i).base_layer(x), "shrink": shrink, "expand": expand,
               "serial": serial, "layer": lambda i: layer_at(i)(x)}
+
+    def layer_pdl(i):  # the base gate's pdl on: all three kernels PDL-launched
+        layer = layer_at(i)
+        layer.base_layer.pdl = True
+        try:
+            return layer(x)
+        finally:
+            layer.base_layer.pdl = False
+
+    stages["layer+pdl"] = layer_pdl
     with torch.no_grad():
         return {name: per_call_us(step, weights.calls, replays) for name, step in stages.items()}
 
@@ -75,13 +86,14 @@ def main() -> int:
         print("lora_breakdown: needs a CUDA GPU", file=sys.stderr)
         return 2
     bench_floor(args.replays)  # brings the process to the state the benchmark measures in
-    print("us per call, cold. serial: the layer's three kernels without PDL; layer: GateLinearWithLoRA")
-    print(f"{'M':>5} {'base':>7} {'shrink':>7} {'expand':>7} {'sum':>7} {'serial':>7} {'layer':>7}")
+    print("us per call, cold. serial: the layer's three kernels as ops; layer: GateLinearWithLoRA")
+    print(f"{'M':>5} {'base':>7} {'shrink':>7} {'expand':>7} {'sum':>7} {'serial':>7} {'layer':>7} "
+          f"{'layer+pdl':>9}")
     for M in (int(m) for m in args.m.split(",")):
         t = stage_times(M, args.replays)
         total = t["base"] + t["shrink"] + t["expand"]
         print(f"{M:>5} {t['base']:7.2f} {t['shrink']:7.2f} {t['expand']:7.2f} {total:7.2f} "
-              f"{t['serial']:7.2f} {t['layer']:7.2f}")
+              f"{t['serial']:7.2f} {t['layer']:7.2f} {t['layer+pdl']:9.2f}")
     return 0
 
 
