@@ -237,8 +237,9 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
 
 def bench_lora(replays, progress) -> list[Row]:
     """Issue-4 rows: the base router vs GateLinearWithLoRA (unfused delta; its base gate's pdl off,
-    then on) with 1, 2 or 4 adapters in the batch at ranks 8, 16, 64, and the PEFT-style single-adapter computation
-    F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s, all on gpt-oss-120b's router, cold."""
+    then on) with 1, 2 or 4 adapters in the batch at ranks 8, 16, 64, and the PEFT-style
+    single-adapter computation F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s, all on
+    gpt-oss-120b's router, cold."""
     from gate import GateLinear
     from lora import GateLinearWithLoRA, TokenSlots
 

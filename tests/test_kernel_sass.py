@@ -82,7 +82,6 @@ def pdl_violations(ops: list[str]) -> list[str]:
     loads = [(i, op) for i, op in enumerate(ops) if op.startswith("LDG")]
     weight_loads = [i for i, op in loads if ".NA" in op]
     activation_loads = [i for i, op in loads if ".NA" not in op and ".CONSTANT" not in op]
-    stores = [i for i, op in enumerate(ops) if op.startswith("STG")]
     if not activation_loads:
         problems.append("no coherent (activation) load at all: x read through the non-coherent path?")
     elif any(i < wait for i in activation_loads):

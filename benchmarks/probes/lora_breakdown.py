@@ -7,7 +7,7 @@ gate's pdl off and on, on gpt-oss-120b's router (K = 2880, E = 128), 4 slots of 
 CUDA-graph replay, cold weights and adapters (the benchmark's protocol: every call reads another
 copy), and prints us per call.
 
-    python benchmarks/probes/lora_breakdown.py [--m 1,16,128] [--replays 20]
+    python benchmarks/probes/lora_breakdown.py [--m 1,16,128] [--replays 20] [--pdl-combinations]
 """
 
 import argparse
@@ -25,7 +25,12 @@ from lora import GateLinearWithLoRA, TokenSlots  # noqa: E402
 SLOTS, RANK = 4, 64
 
 
-def stage_times(M: int, replays: int) -> dict:
+# Which of (base, shrink, expand) launch as PDL dependents, for --pdl-combinations.
+COMBINATIONS = [(False, False, False), (False, True, False), (False, False, True),
+                (False, True, True), (True, True, True)]
+
+
+def stage_times(M: int, replays: int, combinations: bool) -> dict:
     shape = Shape("gpt-oss-120b", 2880, 128, True, torch.bfloat16, (M,))
     generator = torch.Generator().manual_seed(M)
     weights = Weights(shape, True, generator)
@@ -41,38 +46,37 @@ def stage_times(M: int, replays: int) -> dict:
             layer.set_lora(slot, a.to("cuda", torch.bfloat16), b.to("cuda", torch.bfloat16), 2.0)
         layers.append(layer)
     slot_ids = slots.for_tokens(M)
-    logits = layers[0].base_layer(x)
-    xa = ops.router_gemm(x, layers[0].lora_a_stacked.view(SLOTS * RANK, shape.K), out_dtype=torch.float32)
 
     def layer_at(i):
         return layers[i % len(layers)]
 
-    def shrink(i):
+    def base(i, pdl=False):
+        gate = layer_at(i).base_layer
+        return ops.router_gemm(x, gate.weight, gate.bias, pdl=pdl)
+
+    def shrink(i, pdl=False):
         return ops.router_gemm(x, layer_at(i).lora_a_stacked.view(SLOTS * RANK, shape.K),
-                               out_dtype=torch.float32)
+                               out_dtype=torch.float32, pdl=pdl)
 
-    def expand(i):
+    def expand(i, logits, xa, pdl=False):
         layer = layer_at(i)
-        return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids)
+        return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids, pdl=pdl)
 
-    def serial(i):  # the layer's three kernels, none launched as a PDL dependent
-        layer = layer_at(i)
-        logits = layer.base_layer(x)
-        xa = ops.router_gemm(x, layer.lora_a_stacked.view(SLOTS * RANK, shape.K), out_dtype=torch.float32)
-        return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids)
+    def as_ops(pdl_base, pdl_shrink, pdl_expand):  # the layer's three kernels, called as ops
+        return lambda i: expand(i, base(i, pdl_base), shrink(i, pdl_shrink), pdl_expand)
 
-    stages = {"base": lambda i: layer_at(i).base_layer(x), "shrink": shrink, "expand": expand,
-              "serial": serial, "layer": lambda i: layer_at(i)(x)}
+    def layer_call(pdl):
+        def step(i):
+            layer_at(i).base_layer.pdl = pdl  # governs all three kernels
+            return layer_at(i)(x)
+        return step
 
-    def layer_pdl(i):  # the base gate's pdl on: all three kernels PDL-launched
-        layer = layer_at(i)
-        layer.base_layer.pdl = True
-        try:
-            return layer(x)
-        finally:
-            layer.base_layer.pdl = False
-
-    stages["layer+pdl"] = layer_pdl
+    logits, xa = base(0), shrink(0)
+    stages = {"base": base, "shrink": shrink, "expand": lambda i: expand(i, logits, xa),
+              "serial": as_ops(False, False, False), "layer": layer_call(False),
+              "layer+pdl": layer_call(True)}
+    if combinations:
+        stages.update({flags: as_ops(*flags) for flags in COMBINATIONS})
     with torch.no_grad():
         return {name: per_call_us(step, weights.calls, replays) for name, step in stages.items()}
 
@@ -81,19 +85,24 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="1,16,128", help="comma-separated token counts")
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--pdl-combinations", action="store_true",
+                        help="also time the three ops with each choice of PDL launches")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("lora_breakdown: needs a CUDA GPU", file=sys.stderr)
         return 2
     bench_floor(args.replays)  # brings the process to the state the benchmark measures in
-    print("us per call, cold. serial: the layer's three kernels as ops; layer: GateLinearWithLoRA")
-    print(f"{'M':>5} {'base':>7} {'shrink':>7} {'expand':>7} {'sum':>7} {'serial':>7} {'layer':>7} "
-          f"{'layer+pdl':>9}")
+    columns = ["base", "shrink", "expand", "sum", "serial", "layer", "layer+pdl"]
+    if args.pdl_combinations:
+        columns += COMBINATIONS
+    label = {flags: "pdl " + ",".join(str(int(f)) for f in flags) for flags in COMBINATIONS}
+    print("us per call, cold. serial: the layer's three kernels as ops; layer: GateLinearWithLoRA; "
+          "pdl b,s,e: which of base, shrink, expand launch as PDL dependents")
+    print(f"{'M':>5} " + " ".join(f"{label.get(c, c):>10}" for c in columns))
     for M in (int(m) for m in args.m.split(",")):
-        t = stage_times(M, args.replays)
-        total = t["base"] + t["shrink"] + t["expand"]
-        print(f"{M:>5} {t['base']:7.2f} {t['shrink']:7.2f} {t['expand']:7.2f} {total:7.2f} "
-              f"{t['serial']:7.2f} {t['layer']:7.2f} {t['layer+pdl']:9.2f}")
+        t = stage_times(M, args.replays, args.pdl_combinations)
+        t["sum"] = t["base"] + t["shrink"] + t["expand"]
+        print(f"{M:>5} " + " ".join(f"{t[c]:10.2f}" for c in columns))
     return 0
 
 
