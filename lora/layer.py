@@ -37,7 +37,7 @@ def add_lora_delta(
     as GateLinear's ``pdl``: their launches and adapter-weight loads overlap that kernel's tail, and
     x, logits, xa and slot_ids are read only after it completes, so the kernel before must not
     write lora_a or lora_b. A GateLinearWithLoRA passes its base gate's setting: on an H200 the
-    layer gained 0.5-0.8 us with all three of its kernels PDL-launched, and was up to 0.5 us slower
+    layer gained 0.45-0.75 us with all three of its kernels PDL-launched, and was up to 0.55 us slower
     with only the shrink or the expand PDL-launched between plain launches
     (benchmarks/results/README.md).
     """
