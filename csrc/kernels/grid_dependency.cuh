@@ -13,13 +13,13 @@ namespace sm90 {
 
 // griddepcontrol.wait when the launch asked for PDL (`pdl`). The router kernels place it in the
 // source after their first weight loads. It needs no data dependency on them: the weights are
-// coherent loads (load_weight_16B), which ptxas keeps on their side of the wait, so every first-chunk weight load
-// is in flight before it in every instantiation (tests/test_kernel_sass.py checks the SASS). A data
-// dependency (as this kernel once had) would make each warp wait for its weights to ARRIVE before
-// it may issue its activation loads: two memory trips in a row (H200, cold, back-to-back PDL calls,
-// decode kernel, K = 2880, E = 32, M = 1: 1.68 us pinned / 1.50 not; benchmarks/results/README.md).
-// The skip branch sits inside the asm: 0.02-0.03 us faster at M = 1 than a C++ `if (pdl)` around a
-// bare wait, in the same harness runs.
+// coherent loads (load_weight_16B), which ptxas keeps on their side of the wait, so every
+// first-chunk weight load is in flight before it in every instantiation (tests/test_kernel_sass.py
+// checks the SASS). A data dependency (as the decode kernel once had) would make each warp wait
+// for its weights to ARRIVE before it may issue its activation loads: two memory trips in a row
+// (H200, cold, back-to-back PDL calls, decode kernel, K = 2880, E = 32, M = 1: 1.68 us pinned /
+// 1.50 not; benchmarks/results/README.md). The skip branch sits inside the asm: 0.02-0.03 us
+// faster at M = 1 than a C++ `if (pdl)` around a bare wait, in the same harness runs.
 __device__ __forceinline__ void grid_dependency_wait(bool pdl) {
   asm volatile(
       "{\n .reg .pred p;\n setp.eq.u32 p, %0, 0;\n @p bra.uni SKIP_GRID_WAIT_%=;\n"

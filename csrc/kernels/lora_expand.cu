@@ -102,9 +102,11 @@ __global__ void __launch_bounds__(kThreads)
   if (pdl) {  // slot s's rows of this CTA's experts are contiguous; CTA row y takes slots y, ...
     const int experts = min(kOutputsPerCta, E - e_begin);
 #pragma unroll 1
-    for (int s = blockIdx.y; s < S; s += gridDim.y)
-      prefetch_l2(reinterpret_cast<const char*>(lora_b + (static_cast<long long>(s) * E + e_begin) * R),
-                  static_cast<long long>(experts) * R * sizeof(B));
+    for (int s = blockIdx.y; s < S; s += gridDim.y) {
+      const B* rows = lora_b + (static_cast<long long>(s) * E + e_begin) * R;
+      prefetch_l2(reinterpret_cast<const char*>(rows),
+                  static_cast<long long>(experts) * R * static_cast<long long>(sizeof(B)));
+    }
   }
   sm90::grid_dependency_wait(pdl);
 
