@@ -265,6 +265,11 @@ at::Tensor call_below_autograd(const Args&... args) {
   return op.call(args...);
 }
 
+// The ops' names, for the Autograd kernels' calls below autograd.
+constexpr char kRouterGemm[] = "moegate::router_gemm";
+constexpr char kRouterGemmSimple[] = "moegate::router_gemm_simple";
+constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
+constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
 constexpr char kLoraExpand[] = "moegate::lora_expand";
 
 // kOp names the op; Options are its arguments after out_dtype (pdl, tile choices).
@@ -380,11 +385,6 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
         logits, xa, lora_b, scaling, slot_ids, pdl);
   }
 };
-
-constexpr char kRouterGemm[] = "moegate::router_gemm";
-constexpr char kRouterGemmSimple[] = "moegate::router_gemm_simple";
-constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
-constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
 
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
 at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
