@@ -230,6 +230,36 @@ int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
   return static_cast<int64_t>(route_for(x, args));  // the same with or without PDL
 }
 
+
+// The base gate and a LoRA shrink over the same x: router_gemm(x, weight, bias, out_dtype, pdl)
+// and router_gemm(x, lora_a, None, float32, pdl). Where the decode kernel takes the base call, both
+// come from one launch (kernels/router_gemm.h, router_gemm_small_m_with_shrink), and the logits
+// have the bits router_gemm gives; elsewhere they are those two calls.
+std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
+                                                           const at::Tensor& weight,
+                                                           const std::optional<at::Tensor>& bias,
+                                                           const at::Tensor& lora_a,
+                                                           std::optional<at::ScalarType> out_dtype,
+                                                           bool pdl) {
+  check_inputs(x, weight, bias);
+  check_inputs(x, lora_a, std::nullopt);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
+  const int rows = static_cast<int>(lora_a.size(0));
+  if (args.M > 0 && route_for(x, args) == Route::kSmallM &&
+      router_gemm_small_m_with_shrink_unsupported(args, lora_a.data_ptr(), rows) == nullptr) {
+    at::Tensor logits = allocate_out(x, weight, out_type, args);
+    at::Tensor xa = at::empty({x.size(0), lora_a.size(0)}, x.options().dtype(at::kFloat));
+    check_launch(launch_router_gemm_small_m_with_shrink(args, lora_a.data_ptr(), rows,
+                                                        xa.data_ptr<float>()),
+                 "router_gemm_with_shrink");
+    return {logits, xa};
+  }
+  return {router_gemm(x, weight, bias, out_dtype, pdl),
+          router_gemm(x, lora_a, std::nullopt, at::kFloat, pdl)};
+}
+
 // Autograd for the four router ops: logits = x W^T + b, so dx = g W, dW = g^T x and
 // db = sum_m g, each product taken in g's dtype and cast to its input's dtype. These are the
 // products F.linear's backward takes, in the same layouts, so the gradients are the PyTorch
@@ -258,7 +288,7 @@ torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContex
 // the fake one while tracing. The Autograd kernels below use it both where no gradient is needed
 // and inside forward(). The schema lookup happens once per op.
 template <const char* kName, typename Signature, typename... Args>
-at::Tensor call_below_autograd(const Args&... args) {
+auto call_below_autograd(const Args&... args) {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<Signature>();
   const at::AutoDispatchBelowADInplaceOrView guard;
@@ -270,6 +300,7 @@ constexpr char kRouterGemm[] = "moegate::router_gemm";
 constexpr char kRouterGemmSimple[] = "moegate::router_gemm_simple";
 constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
 constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
+constexpr char kRouterGemmWithShrink[] = "moegate::router_gemm_with_shrink";
 constexpr char kLoraExpand[] = "moegate::lora_expand";
 
 // kOp names the op; Options are its arguments after out_dtype (pdl, tile choices).
@@ -386,6 +417,24 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
   }
 };
 
+// The Autograd kernel of router_gemm_with_shrink: where a gradient is needed, the two router_gemm
+// calls it stands for, each with its formula; else the fused op.
+std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, std::optional<at::ScalarType> out_dtype, bool pdl) {
+  using RouterGemm = RouterGemmFunction<kRouterGemm, bool>;
+  if (torch::autograd::compute_requires_grad(x, weight, bias, lora_a)) {
+    return {RouterGemm::call(x, weight, bias, out_dtype, pdl),
+            RouterGemm::call(x, lora_a, std::nullopt, at::kFloat, pdl)};
+  }
+  return call_below_autograd<kRouterGemmWithShrink,
+                             std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const at::Tensor&,
+                                 std::optional<at::ScalarType>, bool)>(x, weight, bias, lora_a,
+                                                                       out_dtype, pdl);
+}
+
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
 at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
                        const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
@@ -444,6 +493,8 @@ TORCH_LIBRARY(moegate, m) {
   m.def("router_gemm_small_m(Tensor x, Tensor weight, Tensor? bias, ScalarType? out_dtype=None, "
         "bool pdl=False, int experts_per_cta=0, int tokens_per_cta=0) -> Tensor");
   m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None) -> int");
+  m.def("router_gemm_with_shrink(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
+        "ScalarType? out_dtype=None, bool pdl=False) -> (Tensor, Tensor)");
   m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids, "
         "bool pdl=False) -> Tensor");
 }
@@ -454,6 +505,7 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("router_gemm_sm90", &moegate::router_gemm_sm90);
   m.impl("router_gemm_small_m", &moegate::router_gemm_small_m);
   m.impl("router_gemm_route", &moegate::router_gemm_route);
+  m.impl("router_gemm_with_shrink", &moegate::router_gemm_with_shrink);
   m.impl("lora_expand", &moegate::lora_expand);
 }
 
@@ -465,6 +517,7 @@ TORCH_LIBRARY_IMPL(moegate, Autograd, m) {
          &RouterGemmFunction<moegate::kRouterGemmSm90, bool, int64_t, int64_t, int64_t>::call);
   m.impl("router_gemm_small_m",
          &RouterGemmFunction<moegate::kRouterGemmSmallM, bool, int64_t, int64_t>::call);
+  m.impl("router_gemm_with_shrink", &moegate::router_gemm_with_shrink_autograd);
   m.impl("lora_expand", &moegate::LoraExpandFunction::call);
 }
 

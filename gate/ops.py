@@ -147,6 +147,39 @@ def router_gemm(
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def router_gemm_with_shrink(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+    pdl: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's logits and a LoRA shrink over the same x, as one call.
+
+    Semantics: ``(router_gemm(x, weight, bias, out_dtype, pdl), router_gemm(x, lora_a, None, xa_dtype,
+    pdl))`` with xa_dtype = float32 (float64 for float64 x), the logits bit for bit. lora_a:
+    [rows, K] in x's dtype (every slot's A, flattened). Where the decode kernel serves the router
+    call (bf16, small M, K <= 4096), both come from one launch: the shrink's rows ride as extra CTAs
+    of the router's grid. Elsewhere, and wherever a gradient is needed, they are the two calls.
+    """
+    _check_router_inputs(x, weight, bias)
+    if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[1] or lora_a.shape[0] == 0:
+        raise ValueError(f"lora_a must be [rows >= 1, {x.shape[1]}], got {tuple(lora_a.shape)}")
+    if lora_a.dtype != x.dtype or lora_a.device != x.device:
+        raise ValueError(f"lora_a must be {x.dtype} on {x.device}, got {lora_a.dtype} on {lora_a.device}")
+    xa_dtype = torch.promote_types(x.dtype, torch.float32)
+    if backend is None:
+        backend = backend_for(weight.device, weight.dtype)
+    if backend == "moegate" and xa_dtype == torch.float32:
+        return torch.ops.moegate.router_gemm_with_shrink(
+            x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            lora_a.contiguous(), out_dtype, pdl)
+    return (router_gemm(x, weight, bias, out_dtype, pdl, backend),
+            router_gemm(x, lora_a, None, xa_dtype, pdl, backend))
+
+
 SM90_MAX_M = 256
 SM90_MAX_E = 512
 SMALL_M_MAX_M = 64
@@ -338,6 +371,10 @@ if _C is not None:
     def _router_gemm_small_m_fake(x, weight, bias=None, out_dtype=None, pdl=False,
                                   experts_per_cta=0, tokens_per_cta=0):
         return _logits_like(x, weight, out_dtype)
+
+    @torch.library.register_fake("moegate::router_gemm_with_shrink")
+    def _router_gemm_with_shrink_fake(x, weight, bias, lora_a, out_dtype=None, pdl=False):
+        return _logits_like(x, weight, out_dtype), _logits_like(x, lora_a, torch.float32)
 
     @torch.library.register_fake("moegate::lora_expand")
     def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids, pdl=False):

@@ -256,12 +256,17 @@ class GateLinearWithLoRA(nn.Module):
             if x.dim() == 0 or x.shape[-1] != base.in_features:
                 raise ValueError(f"x must have shape [..., {base.in_features}], got {tuple(x.shape)}")
             x_flat = x.reshape(-1, base.in_features)
-        logits = ops.router_gemm(x_flat, base.weight, base.bias, out_dtype=base.out_dtype, pdl=base.pdl,
-                                 backend=base.backend_for())
+        # The base gate and the shrink (every slot's A) in one op: one launch where the decode
+        # kernel serves the base gate, with the base gate's logits bit for bit.
+        backend = base.backend_for()
+        num_slots, rank, in_features = self.lora_a_stacked.shape
+        logits, xa = ops.router_gemm_with_shrink(
+            x_flat, base.weight, base.bias, self.lora_a_stacked.view(num_slots * rank, in_features),
+            out_dtype=base.out_dtype, pdl=base.pdl, backend=backend)
         # The mapping's device is the weight's: checked when attached, moved with the layer.
         slot_ids = self.token_slots.for_tokens(x_flat.shape[0])
-        out = add_lora_delta(logits, x_flat, self.lora_a_stacked, self.lora_b_stacked, self.scaling,
-                             slot_ids, base.backend_for(), pdl=base.pdl)
+        out = ops.lora_expand(logits, xa, self.lora_b_stacked, self.scaling, slot_ids, pdl=base.pdl,
+                              backend=backend)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], base.num_experts)
 
     # -- delegation to the base layer ------------------------------------------------------------

@@ -34,11 +34,16 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
                                             device="cuda")
     assert layer.base_layer.backend_for() == "moegate"
     x = torch.randn(M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
-    out = layer(x)
-    assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
-    assert_matches_reference(out, x, layer, adapters, mapping)
     unadapted = (mapping < 0).cuda()
-    assert torch.equal(bits(out[unadapted]), bits(layer.base_layer(x)[unadapted]))
+    # With gradients (the base gate and the shrink as two calls) and without (one fused launch
+    # where the decode kernel serves the base gate).
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            out = layer(x)
+            base_out = layer.base_layer(x)
+        assert out.dtype == torch.bfloat16 and out.device.type == "cuda"
+        assert_matches_reference(out, x, layer, adapters, mapping)
+        assert torch.equal(bits(out[unadapted]), bits(base_out[unadapted])), grad_mode
 
 
 @pytest.mark.kernel
@@ -66,8 +71,8 @@ def test_pdl_chain_matches_serial_launches():
         S, R = layer.lora_a_stacked.shape[:2]
         for i in range(rounds):
             x = sources[i]
-            logits = ops.router_gemm(x, layer.base_layer.weight, layer.base_layer.bias)
-            xa = ops.router_gemm(x, layer.lora_a_stacked.view(S * R, K), out_dtype=torch.float32)
+            logits, xa = ops.router_gemm_with_shrink(x, layer.base_layer.weight, layer.base_layer.bias,
+                                                     layer.lora_a_stacked.view(S * R, K))
             serial = ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids)
             assert torch.equal(bits(outs[i]), bits(serial)), f"round {i}"
 

@@ -367,3 +367,78 @@ def test_pdl_gives_the_same_bits(E):
         for out_dtype in (None, torch.float32):
             plain = ops.router_gemm(x, weight, bias, out_dtype, pdl=False)
             assert torch.equal(ops.router_gemm(x, weight, bias, out_dtype, pdl=True), plain), (M, out_dtype)
+
+
+def kernels_launched(fn):
+    """Names of the CUDA kernels one call of fn launches."""
+    fn()  # warm-up: allocator and lazy loading outside the profile
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.parametrize("K,E,rows", [(2880, 32, 256), (2880, 128, 256), (2880, 128, 8),
+                                      (2048, 128, 40), (360, 13, 5)])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_router_gemm_with_shrink(K, E, rows, out_dtype):
+    """The logits are router_gemm's bits wherever the call lands; xa is x A^T in fp32 (error
+    against float64 no worse than twice cuBLAS's); every element written; one launch where the
+    decode kernel serves the router."""
+    generator = torch.Generator().manual_seed(K + E + rows)
+    weight, bias = router_weights(E, K, generator)
+    lora_a = (torch.randn(rows, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
+    for M in (1, 2, 3, 4, 5, 8, 9, 16, 31, 32, 33, 64, 65, 128):
+        x = realistic_activations(M, K, generator)
+        for b, pdl in ((bias, False), (None, True)):
+            logits, xa = call_poisoned(ops.router_gemm_with_shrink, (M, rows), torch.float32, x, weight,
+                                       b, lora_a, out_dtype, pdl, require_poisoned=False)
+            assert torch.equal(logits, ops.router_gemm(x, weight, b, out_dtype, pdl=pdl)), (M, pdl)
+            assert xa.shape == (M, rows) and xa.dtype == torch.float32
+            assert torch.isfinite(xa).all(), f"M={M}: an xa element was not written"
+            ref = reference_logits(x, lora_a, None)
+            cublas = rel_error(ops.router_gemm_cublas(x, lora_a, None, torch.float32), ref)
+            assert rel_error(xa, ref) <= 2 * cublas + 1e-7, M
+        launches = kernels_launched(
+            lambda x=x: ops.router_gemm_with_shrink(x, weight, bias, lora_a, out_dtype))
+        if ops.router_gemm_route(x, weight, out_dtype) == "small_m":
+            assert len(launches) == 1, (M, launches)
+        else:
+            assert len(launches) >= 2, (M, launches)
+
+
+def test_router_gemm_with_shrink_poisoned_outputs():
+    """The fused launch writes every element of both outputs (NaN-filled blocks handed to it)."""
+    generator = torch.Generator().manual_seed(5)
+    weight, bias = router_weights(128, 2880, generator)
+    lora_a = (torch.randn(256, 2880, generator=generator) / 54).to("cuda", torch.bfloat16)
+    for M in (1, 7, 8):
+        x = realistic_activations(M, 2880, generator)
+        poison = [torch.full((M, 128), float("nan"), device="cuda", dtype=torch.bfloat16),
+                  torch.full((M, 256), float("nan"), device="cuda")]
+        pointers = [t.data_ptr() for t in poison]
+        del poison
+        logits, xa = ops.router_gemm_with_shrink(x, weight, bias, lora_a)
+        assert [logits.data_ptr(), xa.data_ptr()] == pointers
+        assert torch.isfinite(logits).all() and torch.isfinite(xa).all()
+
+
+def test_router_gemm_with_shrink_gradients_are_the_two_calls():
+    generator = torch.Generator().manual_seed(6)
+    weight, bias = router_weights(128, 2880, generator)
+    lora_a = (torch.randn(64, 2880, generator=generator) / 54).to("cuda", torch.bfloat16)
+    x = realistic_activations(4, 2880, generator)
+    grads_out = (torch.randn(4, 128, generator=generator).to("cuda", torch.bfloat16),
+                 torch.randn(4, 64, generator=generator).cuda())
+
+    def gradients(fused):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, lora_a)]
+        if fused:
+            outs = ops.router_gemm_with_shrink(*leaves)
+        else:
+            outs = (ops.router_gemm(*leaves[:3]), ops.router_gemm(leaves[0], leaves[3], None, torch.float32))
+        return torch.autograd.grad(outs, leaves, grads_out)
+
+    for name, a, b in zip(("x", "weight", "bias", "lora_a"), gradients(True), gradients(False)):
+        assert torch.equal(a, b), name

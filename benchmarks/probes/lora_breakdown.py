@@ -1,11 +1,12 @@
 """Where a GateLinearWithLoRA call's time goes: each of its stages alone, and the whole layer.
 
-The layer runs three kernels: the base router GEMM, the shrink (one router GEMM over every slot's A,
-fp32 out) and the expand (ops.lora_expand); with its base gate's pdl on, all three launch as PDL
-dependents. This times each alone (no PDL), the three as plain ops, and the layer with its base
-gate's pdl off and on, on gpt-oss-120b's router (K = 2880, E = 128), 4 slots of rank 64,
-CUDA-graph replay, cold weights and adapters (the benchmark's protocol: every call reads another
-copy), and prints us per call.
+The layer computes the base router GEMM, the shrink (one router GEMM over every slot's A, fp32
+out) and the expand (ops.lora_expand); where the decode kernel serves the base gate (and no gradient
+is needed) the first two are one launch (ops.router_gemm_with_shrink). With its base gate's pdl on,
+its kernels launch as PDL dependents. This times each stage alone (no PDL), the three as separate
+ops, and the layer with its base gate's pdl off and on, on gpt-oss-120b's router (K = 2880,
+E = 128), 4 slots of rank 64, CUDA-graph replay, cold weights and adapters (the benchmark's
+protocol: every call reads another copy), and prints us per call.
 
     python benchmarks/probes/lora_breakdown.py [--m 1,16,128] [--replays 20] [--pdl-combinations]
 """
@@ -62,7 +63,7 @@ def stage_times(M: int, replays: int, combinations: bool) -> dict:
         layer = layer_at(i)
         return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids, pdl=pdl)
 
-    def as_ops(pdl_base, pdl_shrink, pdl_expand):  # the layer's three kernels, called as ops
+    def as_ops(pdl_base, pdl_shrink, pdl_expand):  # the three stages as separate ops
         return lambda i: expand(i, base(i, pdl_base), shrink(i, pdl_shrink), pdl_expand)
 
     def layer_call(pdl):
@@ -96,7 +97,7 @@ def main() -> int:
     if args.pdl_combinations:
         columns += COMBINATIONS
     label = {flags: "pdl " + ",".join(str(int(f)) for f in flags) for flags in COMBINATIONS}
-    print("us per call, cold. serial: the layer's three kernels as ops; layer: GateLinearWithLoRA; "
+    print("us per call, cold. serial: the three stages as separate ops; layer: GateLinearWithLoRA; "
           "pdl b,s,e: which of base, shrink, expand launch as PDL dependents")
     print(f"{'M':>5} " + " ".join(f"{label.get(c, c):>10}" for c in columns))
     for M in (int(m) for m in args.m.split(",")):

@@ -19,8 +19,8 @@
 // experts, since the token's slot is not known yet (slot_ids may be written by the kernel before);
 // slot_ids, logits, xa and scaling are read after the wait, nothing is written before it, and
 // launch_dependents fires after the CTA's last output store. B is a parameter no kernel writes
-// while routers run. In a GateLinearWithLoRA the expand follows the shrink, so B's HBM trip
-// overlaps the shrink's tail and the expand pays L2 trips only.
+// while routers run. In a GateLinearWithLoRA the expand follows the kernel that computes xa, so
+// B's HBM trip overlaps that kernel's tail and the expand pays L2 trips only.
 #include <cstdint>
 
 #include "kernels/float_convert.cuh"

@@ -55,6 +55,16 @@ const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& args, int experts_per_cta,
                                        int tokens_per_cta);
 
+// The decode kernel and a second GEMM over the same x in one launch: xa = x A^T (fp32, no bias;
+// A [rows, K] bf16, xa [M, rows]), which is a LoRA layer's shrink next to its base gate. Extra
+// CTAs run the same code with the same tiles on A, so `out` gets exactly the bits of
+// launch_router_gemm_small_m(args, 0, 0); one launch and one trip to memory fewer than two calls.
+// Needs K <= 4096 (the 256-thread form) and a 16-byte aligned A, besides the decode kernel's needs.
+const char* router_gemm_small_m_with_shrink_unsupported(const RouterGemmArgs& args,
+                                                        const void* lora_a, int rows);
+cudaError_t launch_router_gemm_small_m_with_shrink(const RouterGemmArgs& args, const void* lora_a,
+                                                   int rows, float* xa);
+
 // Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.
 struct RouterGemmSm90Config {
   int expert_tiles = 0;  // 16-expert MMA tiles per warp: 1 or 2

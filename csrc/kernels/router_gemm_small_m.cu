@@ -13,6 +13,11 @@
 // (launch_router_gemm_small_m picks the tile).
 // Summation order is fixed: bitwise deterministic.
 //
+// Fused form (launch_router_gemm_small_m_with_shrink): a LoRA layer's shrink x A^T rides along as
+// extra CTAs of the same grid, with the same code and tiles, so the logits keep their bits and the
+// layer saves a launch (H200, cold, gpt-oss-120b, M = 1: 6.09 -> 4.20 us per LoRA layer call;
+// benchmarks/results/README.md).
+//
 // PDL: weight loads are issued before griddepcontrol.wait, x and then the bias after it, nothing is
 // written before it, and launch_dependents fires after all of the CTA's output stores
 // (router_gemm_sm90.cuh explains why each of these matters).
@@ -96,23 +101,47 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
   return sum;
 }
 
+// The second GEMM of a fused launch (launch_router_gemm_small_m_with_shrink): CTAs from
+// first_cta on compute out[m, r] = sum_k x[m, k] * weight[r, k] in fp32, no bias, for `rows` rows,
+// with the same code and tiles as the first GEMM's CTAs.
+struct ShrinkPart {
+  const __nv_bfloat16* weight = nullptr;
+  float* out = nullptr;
+  int rows = 0;
+  int first_cta = 0;
+};
+
 // Grid: (ceil(E / kExperts), ceil(M / kTokens)) CTAs of kThreads; CTA (i, j) owns experts
 // [i * kExperts, ...) of tokens [j * kTokens, ...). Thread t reads 16-byte chunk
 // c = pass + j * kThreads + t of each row (consecutive threads, consecutive chunks: coalesced).
-template <int kThreads, int kExperts, int kTokens, typename Out>
+// kWithShrink: the grid has ceil(shrink.rows / kExperts) more CTAs along x, for the ShrinkPart.
+template <int kThreads, int kExperts, int kTokens, typename Out, bool kWithShrink>
 __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
                                                 ? long_row_ctas_per_sm(kExperts * kTokens)
                                                 : 1)
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
                                const __nv_bfloat16* __restrict__ weight,
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                               int E, int K, bool pdl) {
+                               int E, int K, bool pdl, ShrinkPart shrink) {
   constexpr int kWarps = kThreads / 32;
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
   __shared__ float warp_sums[kWarps][kOutputs];
 
-  const int e0 = blockIdx.x * kExperts;
+  int cta = blockIdx.x;
+  bool shrink_cta = false;
+  float* shrink_out = nullptr;
+  if constexpr (kWithShrink) {  // a shrink CTA: the same work on the other matrix
+    shrink_cta = cta >= shrink.first_cta;
+    if (shrink_cta) {
+      cta -= shrink.first_cta;
+      weight = shrink.weight;
+      bias = nullptr;
+      E = shrink.rows;
+      shrink_out = shrink.out + static_cast<long long>(blockIdx.y) * kTokens * E;
+    }
+  }
+  const int e0 = cta * kExperts;
   const int m0 = blockIdx.y * kTokens;  // this CTA's tokens: rows m0.. of x and out
   x += static_cast<long long>(m0) * K;
   out += static_cast<long long>(m0) * E;
@@ -177,8 +206,11 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
-    out[static_cast<long long>(my_m) * E + my_e] =
-        sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits));
+    if (kWithShrink && shrink_cta)
+      shrink_out[static_cast<long long>(my_m) * E + my_e] = sum + sm90::bias_value(bias_bits);
+    else
+      out[static_cast<long long>(my_m) * E + my_e] =
+          sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits));
   }
   sm90::cta_barrier();  // every output store of the CTA precedes the trigger
   sm90::trigger_dependents();
@@ -189,8 +221,8 @@ dim3 grid_for(const RouterGemmArgs& a) {
   return dim3(sm90::ceil_div(a.E, kExperts), sm90::ceil_div(a.M, kTokens), 1);
 }
 
-template <int kThreads, int kExperts, int kTokens, typename Out>
-cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid) {
+template <int kThreads, int kExperts, int kTokens, typename Out, bool kWithShrink>
+cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid, const ShrinkPart& shrink) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(kThreads, 1, 1);
@@ -198,43 +230,51 @@ cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid) {
   cudaLaunchAttribute pdl = sm90::programmatic_dependent_launch();
   config.attrs = &pdl;
   config.numAttrs = a.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out>,
-                            static_cast<const __nv_bfloat16*>(a.x),
-                            static_cast<const __nv_bfloat16*>(a.weight),
-                            static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
-                            a.M, a.E, a.K, a.pdl);
+  return cudaLaunchKernelEx(
+      &config, router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kWithShrink>,
+      static_cast<const __nv_bfloat16*>(a.x), static_cast<const __nv_bfloat16*>(a.weight),
+      static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl,
+      shrink);
 }
 
+// `shrink` null: the plain launch; else the fused one (short rows only: 256 threads).
 template <int kExperts, int kTokens, typename Out>
-cudaError_t launch_typed(const RouterGemmArgs& a) {
-  const dim3 grid = grid_for<kExperts, kTokens>(a);
+cudaError_t launch_typed(const RouterGemmArgs& a, const ShrinkPart* shrink) {
+  dim3 grid = grid_for<kExperts, kTokens>(a);
+  if (shrink != nullptr) {
+    ShrinkPart part = *shrink;
+    part.first_cta = static_cast<int>(grid.x);
+    grid.x += sm90::ceil_div(part.rows, kExperts);
+    return launch_threads<kShortRowThreads, kExperts, kTokens, Out, true>(a, grid, part);
+  }
   // 4 x 8 tiles need more than the 128 registers a thread of a 512-thread CTA may have (ptxas
   // spilled): they keep 256 threads and take two passes over long rows.
   if constexpr (kExperts * kTokens <= 16) {
     const long long ctas = static_cast<long long>(grid.x) * grid.y;
     if (a.K > kShortRowMaxK && ctas <= kWaveSms * long_row_ctas_per_sm(kExperts * kTokens))
-      return launch_threads<kLongRowThreads, kExperts, kTokens, Out>(a, grid);
+      return launch_threads<kLongRowThreads, kExperts, kTokens, Out, false>(a, grid, ShrinkPart{});
   }
-  return launch_threads<kShortRowThreads, kExperts, kTokens, Out>(a, grid);
+  return launch_threads<kShortRowThreads, kExperts, kTokens, Out, false>(a, grid, ShrinkPart{});
 }
 
 template <int kExperts, typename Out>
-cudaError_t launch_tokens(const RouterGemmArgs& a, int tokens_per_cta) {
+cudaError_t launch_tokens(const RouterGemmArgs& a, int tokens_per_cta, const ShrinkPart* shrink) {
   switch (tokens_per_cta) {
-    case 1: return launch_typed<kExperts, 1, Out>(a);
-    case 2: return launch_typed<kExperts, 2, Out>(a);
-    case 4: return launch_typed<kExperts, 4, Out>(a);
-    case 8: return launch_typed<kExperts, 8, Out>(a);
+    case 1: return launch_typed<kExperts, 1, Out>(a, shrink);
+    case 2: return launch_typed<kExperts, 2, Out>(a, shrink);
+    case 4: return launch_typed<kExperts, 4, Out>(a, shrink);
+    case 8: return launch_typed<kExperts, 8, Out>(a, shrink);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename Out>
-cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta) {
+cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta,
+                       const ShrinkPart* shrink) {
   switch (experts_per_cta) {
-    case 1: return launch_tokens<1, Out>(a, tokens_per_cta);
-    case 2: return launch_tokens<2, Out>(a, tokens_per_cta);
-    case 4: return launch_tokens<4, Out>(a, tokens_per_cta);
+    case 1: return launch_tokens<1, Out>(a, tokens_per_cta, shrink);
+    case 2: return launch_tokens<2, Out>(a, tokens_per_cta, shrink);
+    case 4: return launch_tokens<4, Out>(a, tokens_per_cta, shrink);
   }
   return cudaErrorInvalidValue;
 }
@@ -281,8 +321,11 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
   return logits <= 1024 && (a.K <= 5120 || a.E < 128);
 }
 
-cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
-                                       int tokens_per_cta) {
+namespace {
+
+// The launch of launch_router_gemm_small_m, and of its fused form when `shrink` is not null.
+cudaError_t launch_resolved(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta,
+                            const ShrinkPart* shrink) {
   // Square-ish CTA tiles from 512 logits on (M >= 4): 2 experts x 2 tokens, and 2 x 4 from 768.
   // Each CTA loads 4 or 6 rows where 1 x 4 or 1 x 8 would load 5 or 9 (the bytes each SM moves
   // into registers are what costs here; benchmarks/results/README.md, "Where the decode kernel's
@@ -301,8 +344,34 @@ cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_
     tokens_per_cta = square_tokens > 0 && experts_per_cta == 2
                          ? square_tokens
                          : auto_tokens_per_cta(a, experts_per_cta);
-  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, experts_per_cta, tokens_per_cta);
-  return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta);
+  if (a.out_dtype == DType::kFloat32)
+    return launch_out<float>(a, experts_per_cta, tokens_per_cta, shrink);
+  return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta, shrink);
+}
+
+}  // namespace
+
+cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
+                                       int tokens_per_cta) {
+  return launch_resolved(a, experts_per_cta, tokens_per_cta, nullptr);
+}
+
+const char* router_gemm_small_m_with_shrink_unsupported(const RouterGemmArgs& a,
+                                                        const void* lora_a, int rows) {
+  if (const char* why = router_gemm_small_m_unsupported(a)) return why;
+  if (a.K > kShortRowMaxK) return "K must be at most 4096 (rows of one pass)";
+  if (rows < 1) return "the shrink needs at least one row";
+  if (!aligned_16B(lora_a)) return "lora_a must be 16-byte aligned";
+  return nullptr;
+}
+
+cudaError_t launch_router_gemm_small_m_with_shrink(const RouterGemmArgs& a, const void* lora_a,
+                                                   int rows, float* xa) {
+  ShrinkPart shrink;
+  shrink.weight = static_cast<const __nv_bfloat16*>(lora_a);
+  shrink.out = xa;
+  shrink.rows = rows;
+  return launch_resolved(a, 0, 0, &shrink);
 }
 
 }  // namespace moegate
