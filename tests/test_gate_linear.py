@@ -183,6 +183,22 @@ def test_ops_layer_rejects_bad_inputs():
         ops.router_gemm(torch.randn(2, 16), w, backend="nope")
 
 
+def test_router_gemm_with_shrink_is_the_two_calls_on_cpu():
+    generator = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(5, 64, generator=generator), torch.randn(8, 64, generator=generator), None
+    lora_a = torch.randn(12, 64, generator=generator)
+    for dtype in (torch.bfloat16, torch.float64):
+        args = [t.to(dtype) for t in (x, w, lora_a)]
+        logits, xa = ops.router_gemm_with_shrink(args[0], args[1], b, args[2])
+        assert torch.equal(logits, ops.router_gemm(args[0], args[1], b))
+        assert xa.dtype == torch.promote_types(dtype, torch.float32)
+        assert torch.equal(xa, ops.router_gemm(args[0], args[2], None, xa.dtype))
+    with pytest.raises(ValueError, match="lora_a must be \\[rows >= 1, 64\\]"):
+        ops.router_gemm_with_shrink(x, w, b, torch.randn(12, 63))
+    with pytest.raises(ValueError, match="lora_a must be torch.float32"):
+        ops.router_gemm_with_shrink(x, w, b, lora_a.double())
+
+
 def test_zero_experts_or_features_refused_at_construction():
     with pytest.raises(ValueError, match="num_experts"):
         GateLinear(16, 0)
