@@ -183,6 +183,8 @@ class GateLinearWithLoRA(nn.Module):
             slot_b = self.lora_b_stacked[slot]
             slot_b[:, :rank].copy_(lora_b)
             slot_b[:, rank:].zero_()
+            # Scaling last: with the base gate's pdl on, the next forward's kernels may read A and B
+            # before the kernel just ahead of them completes (PDL weights), scaling only after it.
             self.scaling[slot].fill_(scale)
         self._slot_ranks[slot] = rank
 
