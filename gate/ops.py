@@ -147,6 +147,14 @@ def router_gemm(
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
+def lora_shrink(
+    x: torch.Tensor, lora_a: torch.Tensor, pdl: bool = False, backend: str | None = None
+) -> torch.Tensor:
+    """A LoRA shrink for every slot at once: x @ lora_a^T as a router GEMM (lora_a: [rows, K], every
+    slot's A flattened), in float32 straight from the fp32 accumulator (float64 for float64 x)."""
+    return router_gemm(x, lora_a, None, torch.promote_types(x.dtype, torch.float32), pdl, backend)
+
+
 def router_gemm_with_shrink(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -158,26 +166,24 @@ def router_gemm_with_shrink(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A router's logits and a LoRA shrink over the same x, as one call.
 
-    Semantics: ``(router_gemm(x, weight, bias, out_dtype, pdl), router_gemm(x, lora_a, None, xa_dtype,
-    pdl))`` with xa_dtype = float32 (float64 for float64 x), the logits bit for bit. lora_a:
-    [rows, K] in x's dtype (every slot's A, flattened). Where the decode kernel serves the router
-    call (bf16, small M, K <= 4096), both come from one launch: the shrink's rows ride as extra CTAs
-    of the router's grid. Elsewhere, and wherever a gradient is needed, they are the two calls.
+    Semantics: ``(router_gemm(x, weight, bias, out_dtype, pdl), lora_shrink(x, lora_a, pdl))``, the
+    logits bit for bit. lora_a: [rows, K] in x's dtype (every slot's A, flattened). Where the decode
+    kernel serves the router call (bf16, small M, K <= 4096), both come from one launch: the
+    shrink's rows ride as extra CTAs of the router's grid. Elsewhere, and wherever a gradient is
+    needed, they are the two calls.
     """
     _check_router_inputs(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[1] or lora_a.shape[0] == 0:
         raise ValueError(f"lora_a must be [rows >= 1, {x.shape[1]}], got {tuple(lora_a.shape)}")
     if lora_a.dtype != x.dtype or lora_a.device != x.device:
         raise ValueError(f"lora_a must be {x.dtype} on {x.device}, got {lora_a.dtype} on {lora_a.device}")
-    xa_dtype = torch.promote_types(x.dtype, torch.float32)
     if backend is None:
         backend = backend_for(weight.device, weight.dtype)
-    if backend == "moegate" and xa_dtype == torch.float32:
+    if backend == "moegate" and x.dtype != torch.float64:  # the op's shrink is float32
         return torch.ops.moegate.router_gemm_with_shrink(
             x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             lora_a.contiguous(), out_dtype, pdl)
-    return (router_gemm(x, weight, bias, out_dtype, pdl, backend),
-            router_gemm(x, lora_a, None, xa_dtype, pdl, backend))
+    return router_gemm(x, weight, bias, out_dtype, pdl, backend), lora_shrink(x, lora_a, pdl, backend)
 
 
 SM90_MAX_M = 256

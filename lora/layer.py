@@ -42,11 +42,8 @@ def add_lora_delta(
     (benchmarks/results/README.md).
     """
     num_slots, rank, in_features = lora_a.shape
-    compute = torch.promote_types(x.dtype, torch.float32)
-    # Shrink for every slot at once: a router-shaped GEMM [M, K] x [S*R, K]^T through the same ops
-    # path as the base gate (our kernel on the GPU), fp32 straight from the fp32 accumulator.
-    xa = ops.router_gemm(x, lora_a.view(num_slots * rank, in_features), out_dtype=compute, pdl=pdl,
-                         backend=backend)
+    # Shrink for every slot at once, through the same ops path as the base gate (our kernel on the GPU).
+    xa = ops.lora_shrink(x, lora_a.view(num_slots * rank, in_features), pdl=pdl, backend=backend)
     # Expand: each token's slot of xa through its B, scaled, added once (one kernel on the GPU).
     return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl, backend=backend)
 
