@@ -232,9 +232,9 @@ int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
 
 
 // The base gate and a LoRA shrink over the same x: router_gemm(x, weight, bias, out_dtype, pdl)
-// and router_gemm(x, lora_a, None, float32, pdl). Where the decode kernel takes the base call, both
-// come from one launch (kernels/router_gemm.h, router_gemm_small_m_with_shrink), and the logits
-// have the bits router_gemm gives; elsewhere they are those two calls.
+// and router_gemm(x, lora_a, None, float32, pdl). Where one of our Hopper kernels takes the base
+// call, both come from one launch of it (kernels/router_gemm.h, *_with_shrink), and the logits have
+// the bits router_gemm gives; elsewhere (cuBLAS, the foundation kernel) they are those two calls.
 std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
                                                            const at::Tensor& weight,
                                                            const std::optional<at::Tensor>& bias,
@@ -247,12 +247,18 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
   const int rows = static_cast<int>(lora_a.size(0));
-  if (args.M > 0 && route_for(x, args) == Route::kSmallM &&
-      router_gemm_small_m_with_shrink_unsupported(args, lora_a.data_ptr(), rows) == nullptr) {
+  const void* a = lora_a.data_ptr();
+  const Route route = args.M > 0 ? route_for(x, args) : Route::kSimple;
+  const bool small_m = route == Route::kSmallM &&
+                       router_gemm_small_m_with_shrink_unsupported(args, a, rows) == nullptr;
+  const bool sm90 =
+      route == Route::kSm90 && router_gemm_sm90_with_shrink_unsupported(args, a, rows) == nullptr;
+  if (small_m || sm90) {
     at::Tensor logits = allocate_out(x, weight, out_type, args);
     at::Tensor xa = at::empty({x.size(0), lora_a.size(0)}, x.options().dtype(at::kFloat));
-    check_launch(launch_router_gemm_small_m_with_shrink(args, lora_a.data_ptr(), rows,
-                                                        xa.data_ptr<float>()),
+    float* xa_ptr = xa.data_ptr<float>();
+    check_launch(small_m ? launch_router_gemm_small_m_with_shrink(args, a, rows, xa_ptr)
+                         : launch_router_gemm_sm90_with_shrink(args, a, rows, xa_ptr),
                  "router_gemm_with_shrink");
     return {logits, xa};
   }

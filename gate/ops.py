@@ -167,10 +167,11 @@ def router_gemm_with_shrink(
     """A router's logits and a LoRA shrink over the same x, as one call.
 
     Semantics: ``(router_gemm(x, weight, bias, out_dtype, pdl), lora_shrink(x, lora_a, pdl))``, the
-    logits bit for bit. lora_a: [rows, K] in x's dtype (every slot's A, flattened). Where the decode
-    kernel serves the router call (bf16, small M, K <= 4096), both come from one launch: the
-    shrink's rows ride as extra CTAs of the router's grid. Elsewhere, and wherever a gradient is
-    needed, they are the two calls.
+    logits bit for bit. lora_a: [rows, K] in x's dtype (every slot's A, flattened). Where one of our
+    Hopper kernels serves the router call (bf16; the decode kernel with K <= 4096, or the
+    tensor-core kernel), both come from one launch: the shrink's rows ride as extra CTAs of the
+    router's grid. Elsewhere (cuBLAS, the foundation kernel), and wherever a gradient is needed,
+    they are the two calls.
     """
     _check_router_inputs(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[1] or lora_a.shape[0] == 0:

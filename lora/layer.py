@@ -255,8 +255,8 @@ class GateLinearWithLoRA(nn.Module):
             if x.dim() == 0 or x.shape[-1] != base.in_features:
                 raise ValueError(f"x must have shape [..., {base.in_features}], got {tuple(x.shape)}")
             x_flat = x.reshape(-1, base.in_features)
-        # The base gate and the shrink (every slot's A) in one op: one launch where the decode
-        # kernel serves the base gate, with the base gate's logits bit for bit.
+        # The base gate and the shrink (every slot's A) in one op: one launch where our Hopper
+        # kernels serve the base gate, with the base gate's logits bit for bit.
         backend = base.backend_for()
         num_slots, rank, in_features = self.lora_a_stacked.shape
         logits, xa = ops.router_gemm_with_shrink(

@@ -1,8 +1,8 @@
 """A small, representative router workload for compute-sanitizer (memcheck, racecheck, synccheck).
 
 Every kernel path once or twice: the Hopper kernel in each tile configuration at tile-boundary
-sizes, PDL on and off, bias on and off, bf16 and fp32 output; the decode kernel alone and fused
-with a LoRA shrink; the foundation kernel on odd sizes; the LoRA expand kernel with every slot, no
+sizes, PDL on and off, bias on and off, bf16 and fp32 output; both kernels fused with a LoRA
+shrink; the foundation kernel on odd sizes; the LoRA expand kernel with every slot, no
 adapter and out-of-range ids.
 Exits non-zero if any result is off, so the sanitizer run checks answers as well as accesses.
 """
@@ -40,7 +40,7 @@ def main():
                       x, w, b)
         if ops.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check
             check(ops.router_gemm(x, w, b), x, w, b)
-        if ops.router_gemm_route(x, w) == "small_m":  # the fused base gate + LoRA shrink
+        if ops.router_gemm_route(x, w) in ("small_m", "sm90"):  # the base gate + a LoRA shrink
             lora_a = (torch.randn(72, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
             for pdl in (False, True):
                 logits, xa = ops.router_gemm_with_shrink(x, w, b, lora_a, pdl=pdl)

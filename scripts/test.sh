@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command (README): set-up, lint, compile-check of every kernel for sm_90a, then pytest.
+# The test command (README): set-up, lint, compile-check of every kernel (and of the torch-free
+# probes in benchmarks/probes/, which use the kernels' helpers) for sm_90a, then pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k lora).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -7,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 echo "== ruff" && ruff check .
 if command -v nvcc >/dev/null 2>&1; then
   echo "== nvcc compile-only, sm_90a"
-  for f in csrc/kernels/*.cu; do
+  for f in csrc/kernels/*.cu benchmarks/probes/*.cu; do
     nvcc -c -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o /dev/null "$f"
     echo "ok $f"
   done

@@ -57,13 +57,19 @@ def tools():
     return nvcc, cuobjdump, env
 
 
-def compiled_functions(tools, source: str, out_dir) -> dict[str, list[str]]:
-    """Kernel name -> its SASS opcodes (predicates dropped), in program order."""
-    nvcc, cuobjdump, env = tools
+def compiled_cubin(tools, source: str, out_dir) -> str:
+    """`source` compiled with the extension's flags; the cubin's path."""
+    nvcc = tools[0]
     cubin = os.path.join(str(out_dir), os.path.basename(source) + ".cubin")
     subprocess.run([nvcc, *NVCC_FLAGS, "-o", cubin, source], check=True, capture_output=True)
-    sass = subprocess.run([cuobjdump, "-sass", cubin], check=True, capture_output=True, text=True,
-                          env=env).stdout
+    return cubin
+
+
+def compiled_functions(tools, source: str, out_dir) -> dict[str, list[str]]:
+    """Kernel name -> its SASS opcodes (predicates dropped), in program order."""
+    _, cuobjdump, env = tools
+    sass = subprocess.run([cuobjdump, "-sass", compiled_cubin(tools, source, out_dir)], check=True,
+                          capture_output=True, text=True, env=env).stdout
     opcode = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
     functions = {}
     for chunk in re.split(r"\n\s*Function : ", sass)[1:]:
@@ -172,6 +178,45 @@ def test_no_memory_barrier_before_the_first_weight_load(tools, tmp_path, kernel_
     stalled = {name: waits_before_weights(ops) for name, ops in kernels.items()
                if waits_before_weights(ops)}
     assert not stalled, stalled
+
+
+def ctas_per_sm_by_registers(registers: int, threads: int) -> int:
+    """CTAs of `threads` threads that one SM's 64K registers hold (allocated per warp, 256 at a time)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return 65536 // (per_warp * (threads // 32))
+
+
+# CTAs per SM that the tensor-core kernels must keep, by (expert tiles, token tiles) per warp
+# (router_gemm_sm90.cuh). The tile rule (router_gemm_sm90_resolve) launches up to 256 CTAs in
+# clusters of 8, and a fused LoRA launch adds up to twice as many for the shrink (4 rank-64 slots
+# at E = 128). On an H200 such grids fit in one wave only with these residencies: a 1 x 4 kernel
+# at 182 registers (two per SM) ran E = 128, M = 128 in 4.86 us against 3.77 at 168 (three), and
+# the fused 1 x 2 kernel at 132 registers (three per SM) took the LoRA layer at M = 32 from 6.18
+# to 7.02 us (four per SM at 126). The rule picks 2 x 1 tiles never and 2 x 4 only for grids
+# past one wave, so those two are free.
+MIN_CTAS_PER_SM = {(1, 1): 4, (1, 2): 4, (1, 4): 3, (2, 2): 3}
+
+
+def test_tensor_core_kernels_keep_their_ctas_per_sm(tools, tmp_path):
+    """Registers are what ptxas decides, so the residency the grids need is checked here, for
+    every instantiation."""
+    _, cuobjdump, env = tools
+    assert ctas_per_sm_by_registers(168, 128) == 3 and ctas_per_sm_by_registers(182, 128) == 2
+    assert ctas_per_sm_by_registers(128, 128) == 4 and ctas_per_sm_by_registers(132, 128) == 3
+    cubin = compiled_cubin(tools, os.path.join(ROOT, "csrc", "kernels", "router_gemm_sm90.cu"), tmp_path)
+    usage = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
+                           text=True, env=env).stdout
+    registers = {name: int(regs) for name, regs in re.findall(r"Function (\S+):\s+REG:(\d+)", usage)}
+    tiles = {}
+    for name in registers:
+        shape = re.search(r"router_gemm_sm90_kernelILi(\d+)ELi(\d+)E", name)
+        if shape:
+            tiles[name] = (int(shape.group(1)), int(shape.group(2)))
+    assert len(tiles) == 48, f"expected 2 x 3 tiles x 2 clusters x 2 outputs x 2 forms, found {sorted(tiles)}"
+    threads = 128  # sm90::kWarps * 32
+    too_big = {name: registers[name] for name, shape in tiles.items()
+               if ctas_per_sm_by_registers(registers[name], threads) < MIN_CTAS_PER_SM.get(shape, 1)}
+    assert not too_big, too_big
 
 
 BROKEN_KERNELS = r"""

@@ -5,25 +5,12 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <functional>
-#include <vector>
+#include "graph_timing.cuh"
+
 
 namespace cg = cooperative_groups;
 
-#define CHECK(call)                                                                     \
-  do {                                                                                  \
-    cudaError_t e = (call);                                                             \
-    if (e != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e)); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
-
 constexpr int kLaunches = 200;
-constexpr int kReplays = 20;
 constexpr size_t kColdBytes = 96u << 20;
 
 // Stage flags: what one probe kernel does.
@@ -67,63 +54,16 @@ struct Probe {
 };
 
 float time_probe(const Probe& p, char* cold_pool, float* dst) {
-  cudaStream_t stream;
-  CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   const size_t bytes_per_launch = static_cast<size_t>(p.ctas) * p.threads * 3 * 16;
   const int copies = p.cold ? static_cast<int>(std::max<size_t>(1, kColdBytes / bytes_per_launch)) : 1;
   const int launches = std::max(kLaunches, p.cold ? std::min(copies, 4000) : 0);
-  auto launch = [&](int i) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(p.ctas);
-    config.blockDim = dim3(p.threads);
-    config.stream = stream;
-    cudaLaunchAttribute attrs[2];
-    int n = 0;
-    if (p.cluster > 1) {
-      attrs[n].id = cudaLaunchAttributeClusterDimension;
-      attrs[n].val.clusterDim.x = p.cluster;
-      attrs[n].val.clusterDim.y = 1;
-      attrs[n].val.clusterDim.z = 1;
-      ++n;
-    }
-    if (p.pdl) {
-      attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attrs[n].val.programmaticStreamSerializationAllowed = 1;
-      ++n;
-    }
-    config.attrs = attrs;
-    config.numAttrs = n;
-    const uint4* src = reinterpret_cast<const uint4*>(cold_pool + (i % copies) * bytes_per_launch);
-    CHECK(cudaLaunchKernelEx(&config, p.kernel, src, dst, 1));
-  };
-  for (int i = 0; i < 3; ++i) launch(i);
-  CHECK(cudaStreamSynchronize(stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < launches; ++i) launch(i);
-  CHECK(cudaStreamEndCapture(stream, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  CHECK(cudaGraphLaunch(exec, stream));
-  CHECK(cudaStreamSynchronize(stream));
-  cudaEvent_t start, end;
-  CHECK(cudaEventCreate(&start));
-  CHECK(cudaEventCreate(&end));
-  std::vector<float> samples;
-  for (int r = 0; r < kReplays; ++r) {
-    CHECK(cudaEventRecord(start, stream));
-    CHECK(cudaGraphLaunch(exec, stream));
-    CHECK(cudaEventRecord(end, stream));
-    CHECK(cudaEventSynchronize(end));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, start, end));
-    samples.push_back(ms * 1000.f / launches);
-  }
-  std::sort(samples.begin(), samples.end());
-  CHECK(cudaGraphExecDestroy(exec));
-  CHECK(cudaGraphDestroy(graph));
-  CHECK(cudaStreamDestroy(stream));
-  return samples[samples.size() / 2];
+  return time_graph(
+      [&](int i, cudaStream_t stream) {
+        const char* src = cold_pool + (i % copies) * bytes_per_launch;
+        launch_1d(p.kernel, p.ctas, p.threads, 0, stream, p.cluster, p.pdl,
+                  reinterpret_cast<const uint4*>(src), dst, 1);
+      },
+      launches);
 }
 
 int main() {

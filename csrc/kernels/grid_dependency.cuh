@@ -45,5 +45,19 @@ inline cudaLaunchAttribute programmatic_dependent_launch() {
   return attribute;
 }
 
+// Launches `kernel` on `stream`, as a programmatic dependent of the kernel before it when `pdl`.
+template <typename... Params, typename... Args>
+cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block,
+                                   cudaStream_t stream, bool pdl, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attribute = programmatic_dependent_launch();
+  config.attrs = &attribute;
+  config.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
 }  // namespace sm90
 }  // namespace moegate

@@ -149,17 +149,11 @@ template <bool kVector, typename Logit, typename B>
 cudaError_t launch_shaped(const LoraExpandArgs& a) {
   const dim3 grid((a.E + kOutputsPerCta - 1) / kOutputsPerCta,
                   a.M < kMaxGridRows ? a.M : kMaxGridRows);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.stream = a.stream;
-  cudaLaunchAttribute pdl = sm90::programmatic_dependent_launch();
-  config.attrs = &pdl;
-  config.numAttrs = a.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&config, lora_expand_kernel<kVector, Logit, B>,
-                            static_cast<const Logit*>(a.logits), a.xa,
-                            static_cast<const B*>(a.lora_b), a.scaling, a.slot_ids,
-                            static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R, a.pdl);
+  return sm90::launch_maybe_dependent(lora_expand_kernel<kVector, Logit, B>, grid,
+                                      dim3(kThreads, 1, 1), a.stream, a.pdl,
+                                      static_cast<const Logit*>(a.logits), a.xa,
+                                      static_cast<const B*>(a.lora_b), a.scaling, a.slot_ids,
+                                      static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R, a.pdl);
 }
 
 template <typename Logit, typename B>

@@ -86,4 +86,12 @@ RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& args, Router
 // The Hopper kernel (sm_90a). Callers check router_gemm_sm90_unsupported() first.
 cudaError_t launch_router_gemm_sm90(const RouterGemmArgs& args, RouterGemmSm90Config config);
 
+// The Hopper kernel with a LoRA shrink in the same launch, as router_gemm_small_m_with_shrink
+// (above): extra clusters run the same code with the tiles router_gemm_sm90_resolve picks for the
+// router call alone, so `out` gets exactly the bits of launch_router_gemm_sm90(args, {}).
+const char* router_gemm_sm90_with_shrink_unsupported(const RouterGemmArgs& args,
+                                                     const void* lora_a, int rows);
+cudaError_t launch_router_gemm_sm90_with_shrink(const RouterGemmArgs& args, const void* lora_a,
+                                                int rows, float* xa);
+
 }  // namespace moegate

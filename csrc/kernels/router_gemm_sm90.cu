@@ -15,11 +15,15 @@ dim3 grid_for(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
               sm90::ceil_div(a.M, 8 * c.token_tiles));
 }
 
+using sm90::aligned_16B;
+using sm90::ShrinkPart;
+
+// `shrink` null: the plain launch; else the fused one, its shrink tiles after the expert tiles.
 template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
-cudaError_t launch_tiles(const RouterGemmArgs& a) {
-  auto kernel = sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out>;
+cudaError_t launch_tiles(const RouterGemmArgs& a, const ShrinkPart* shrink) {
+  const RouterGemmSm90Config tiles{kExpertTiles, kTokenTiles, kCluster};
   cudaLaunchConfig_t config = {};
-  config.gridDim = grid_for(a, RouterGemmSm90Config{kExpertTiles, kTokenTiles, kCluster});
+  config.gridDim = grid_for(a, tiles);
   config.blockDim = dim3(sm90::kWarps * 32, 1, 1);
   config.dynamicSmemBytes = 0;
   config.stream = a.stream;
@@ -31,41 +35,59 @@ cudaError_t launch_tiles(const RouterGemmArgs& a) {
   attributes[1] = sm90::programmatic_dependent_launch();
   config.attrs = attributes;
   config.numAttrs = a.pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(a.x),
-                            static_cast<const __nv_bfloat16*>(a.weight),
-                            static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
-                            a.M, a.E, a.K, a.pdl);
+  const auto* x = static_cast<const __nv_bfloat16*>(a.x);
+  const auto* weight = static_cast<const __nv_bfloat16*>(a.weight);
+  const auto* bias = static_cast<const __nv_bfloat16*>(a.bias);
+  if (shrink != nullptr) {
+    ShrinkPart part = *shrink;
+    part.first_expert_block = static_cast<int>(config.gridDim.y);
+    config.gridDim.y += sm90::ceil_div(part.rows, 16 * kExpertTiles);
+    return cudaLaunchKernelEx(
+        &config, sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, true>, x,
+        weight, bias, static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, part);
+  }
+  return cudaLaunchKernelEx(
+      &config, sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, false>, x,
+      weight, bias, static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, ShrinkPart{});
 }
 
 template <int kExpertTiles, int kTokenTiles, typename Out>
-cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster) {
+cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster, const ShrinkPart* shrink) {
   switch (cluster) {
-    case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a);
-    case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a);
+    case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a, shrink);
+    case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a, shrink);
   }
   return cudaErrorInvalidValue;
 }
 
 template <int kExpertTiles, typename Out>
-cudaError_t launch_token_tiles(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
+cudaError_t launch_token_tiles(const RouterGemmArgs& a, const RouterGemmSm90Config& c,
+                               const ShrinkPart* shrink) {
   switch (c.token_tiles) {
-    case 1: return launch_cluster<kExpertTiles, 1, Out>(a, c.cluster);
-    case 2: return launch_cluster<kExpertTiles, 2, Out>(a, c.cluster);
-    case 4: return launch_cluster<kExpertTiles, 4, Out>(a, c.cluster);
+    case 1: return launch_cluster<kExpertTiles, 1, Out>(a, c.cluster, shrink);
+    case 2: return launch_cluster<kExpertTiles, 2, Out>(a, c.cluster, shrink);
+    case 4: return launch_cluster<kExpertTiles, 4, Out>(a, c.cluster, shrink);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename Out>
-cudaError_t launch_out(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
+cudaError_t launch_out(const RouterGemmArgs& a, const RouterGemmSm90Config& c,
+                       const ShrinkPart* shrink) {
   switch (c.expert_tiles) {
-    case 1: return launch_token_tiles<1, Out>(a, c);
-    case 2: return launch_token_tiles<2, Out>(a, c);
+    case 1: return launch_token_tiles<1, Out>(a, c, shrink);
+    case 2: return launch_token_tiles<2, Out>(a, c, shrink);
   }
   return cudaErrorInvalidValue;
 }
 
-bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+// The launch of launch_router_gemm_sm90, and of its fused form when `shrink` is not null.
+cudaError_t launch_resolved(const RouterGemmArgs& a, RouterGemmSm90Config c,
+                            const ShrinkPart* shrink) {
+  c = router_gemm_sm90_resolve(a, c);
+  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, c, shrink);
+  return launch_out<__nv_bfloat16>(a, c, shrink);
+}
 
 }  // namespace
 
@@ -117,9 +139,19 @@ RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGem
 }
 
 cudaError_t launch_router_gemm_sm90(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  c = router_gemm_sm90_resolve(a, c);
-  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, c);
-  return launch_out<__nv_bfloat16>(a, c);
+  return launch_resolved(a, c, nullptr);
+}
+
+const char* router_gemm_sm90_with_shrink_unsupported(const RouterGemmArgs& a, const void* lora_a,
+                                                     int rows) {
+  if (const char* why = router_gemm_sm90_unsupported(a)) return why;
+  return ShrinkPart::unsupported(lora_a, rows);
+}
+
+cudaError_t launch_router_gemm_sm90_with_shrink(const RouterGemmArgs& a, const void* lora_a,
+                                                int rows, float* xa) {
+  const ShrinkPart shrink = ShrinkPart::of(lora_a, rows, xa);
+  return launch_resolved(a, RouterGemmSm90Config{}, &shrink);
 }
 
 }  // namespace moegate

@@ -6,9 +6,10 @@
 // (experts x K slices), every warp issues all of its 16-byte loads before its first MMA (one
 // memory round trip per warp), and the K slices of one expert tile meet in a cluster's shared
 // memory instead of a global workspace (no memset, no atomics, bitwise-deterministic order).
-// Per CTA: loads, MMAs, asynchronous pushes of partials to their owners, a wait on its own
-// mbarrier until every partial it owns has landed, sums, stores. No closing cluster barrier: on an
-// H200 it cost up to 0.25 us more than this handoff (M = 64; benchmarks/results/README.md).
+// Per CTA: loads, MMAs, the warps' partials added in shared memory, asynchronous pushes of those
+// sums to their owners, a wait on its own mbarrier until every partial it owns has landed, sums,
+// stores. No closing cluster barrier: on an H200 it cost up to 0.25 us more than this handoff
+// (M = 64; benchmarks/results/README.md).
 //
 // The MMA is mma.sync m16n8k16 bf16 -> fp32 with the operands swapped (logits^T = W x^T): experts
 // fill the 16-row side, tokens the 8-column side, so M = 1 wastes 7/8 of a tile, not 15/16.
@@ -51,6 +52,9 @@ constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 thr
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// The launchers' alignment check for operands read with 16-byte loads.
+inline bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 // The partial sums' handoff through distributed shared memory.
 //  * Each CTA owns one mbarrier. Thread 0 initialises it (arrival count 1: the owner's own
@@ -171,14 +175,31 @@ __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint3
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Lanes that share one output in the final reduction: a power of two that divides 32 and the slice
-// count, as many as keep every thread of the CTA busy on one pass over the CTA's outputs.
-__host__ __device__ constexpr int lanes_per_output(int threads, int outputs, int slices) {
+// Lanes that share one output in the final reduction: a power of two that divides 32 and the
+// number of partial sums per output, as many as keep every thread of the CTA busy on one pass
+// over the CTA's outputs.
+__host__ __device__ constexpr int lanes_per_output(int threads, int outputs, int partials) {
   int lanes = 1;
-  while (lanes < 32 && lanes < slices && slices % (2 * lanes) == 0 &&
+  while (lanes < 32 && lanes < partials && partials % (2 * lanes) == 0 &&
          outputs * 2 * lanes <= threads)
     lanes *= 2;
   return lanes;
+}
+
+// Independent accumulator sets per MMA tile, for a warp with `tiles` MMA tiles, in the plain or the
+// fused launch (`with_shrink`). Every MMA into one accumulator waits for the one before it: with
+// one tile per warp, a chain of 2 * kBlocksPerChunk MMAs stood between the warp's last load and
+// its handoff (MMAs replaced by adds ran 0.22-0.33 us faster at M <= 32). H200, cold, K = 2880,
+// torch-free harness, PDL off, us, one chain / this rule (benchmarks/results/README.md): one tile,
+// eight chains: E = 128, M = 16: 2.64 / 2.58; E = 32, M = 64: 2.54 / 2.48; two tiles, two chains:
+// E = 128, M = 32: 2.88 / 2.83. More chains cost registers, and registers set the CTAs per SM
+// that let a grid of clusters fit in one wave (tests/test_kernel_sass.py holds each kernel to
+// what its grids need). The fused launch's grids are up to three times the plain call's: two
+// chains on its two-tile warps took it from four CTAs per SM to three and the LoRA layer at
+// M = 32 from 6.18 to 7.02 us. On four-tile warps two chains took the kernel from three CTAs per
+// SM to two and E = 128, M = 128 from 3.77 to 4.86 us.
+__host__ __device__ constexpr int chains_per_tile(int tiles, bool with_shrink) {
+  return tiles == 1 ? 8 : tiles == 2 && !with_shrink ? 2 : 1;
 }
 
 template <typename Out>
@@ -216,30 +237,77 @@ __device__ __forceinline__ void fragment_output(int idx, int& expert, int& token
   token = 8 * (tile % kTokenTiles) + 2 * (lane % 4) + c % 2;
 }
 
+// The second GEMM of a fused launch (a LoRA layer's shrink next to its base gate; router_gemm.h):
+// the CTAs whose expert-dimension grid index is first_expert_block or more compute
+// out[m, r] = sum_k x[m, k] * weight[r, k] in fp32, no bias, for `rows` rows, with the same code
+// and tiles as the first GEMM's CTAs (so the first GEMM's outputs keep their bits).
+struct ShrinkPart {
+  const __nv_bfloat16* weight = nullptr;
+  float* out = nullptr;
+  int rows = 0;
+  int first_expert_block = 0;
+
+  // Host: the shrink's part of a fused launch's arguments; first_expert_block is the launcher's.
+  static ShrinkPart of(const void* lora_a, int rows, float* xa) {
+    ShrinkPart part;
+    part.weight = static_cast<const __nv_bfloat16*>(lora_a);
+    part.out = xa;
+    part.rows = rows;
+    return part;
+  }
+  // Host: why both fused launchers refuse these shrink arguments, or null.
+  static const char* unsupported(const void* lora_a, int rows) {
+    if (rows < 1) return "the shrink needs at least one row";
+    if (!aligned_16B(lora_a)) return "lora_a must be 16-byte aligned";
+    return nullptr;
+  }
+  // Device: whether expert-dimension grid index `block` is one of the shrink's. If it is, `block`
+  // becomes its index among the shrink's blocks, the matrix (weight, no bias, E rows) the shrink's,
+  // so that the CTA runs the first GEMM's code on the second, and `out` points at row
+  // `first_token` of the shrink's output.
+  __device__ __forceinline__ bool claim(int& block, const __nv_bfloat16* __restrict__& matrix,
+                                        const __nv_bfloat16* __restrict__& bias, int& E,
+                                        float*& shrink_out, long long first_token) const {
+    const bool mine = block >= first_expert_block;
+    if (mine) {
+      block -= first_expert_block;
+      matrix = weight;
+      bias = nullptr;
+      E = rows;
+      shrink_out = out + first_token * rows;
+    }
+    return mine;
+  }
+};
+
 // Grid: (kCluster, ceil(E / (16 * kExpertTiles)), ceil(M / (8 * kTokenTiles))); cluster
 // (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of
-// kCluster * kWarps contiguous slices of whole k32 blocks.
-template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
+// kCluster * kWarps contiguous slices of whole k32 blocks. kWithShrink: ceil(shrink.rows /
+// (16 * kExpertTiles)) more expert tiles along y, for the ShrinkPart (whole clusters).
+template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out, bool kWithShrink>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     router_gemm_sm90_kernel(const __nv_bfloat16* __restrict__ x,
                             const __nv_bfloat16* __restrict__ weight,
                             const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                            int E, int K, bool pdl) {
+                            int E, int K, bool pdl, ShrinkPart shrink) {
   constexpr int kTileE = 16 * kExpertTiles;  // experts of one CTA
   constexpr int kTileM = 8 * kTokenTiles;    // tokens of one CTA
   constexpr int kTileOut = kTileE * kTileM;
 
   // The cluster's outputs are numbered in accumulator-fragment order (fragment_output below) and
-  // split evenly between its CTAs: rank r owns [r * kPerRank, (r + 1) * kPerRank). Every warp of
-  // every CTA pushes its partial sums straight into the owner's inbox (inbox[K slice][offset]), one
-  // 16-byte message per lane and tile: a lane's four accumulators are neighbours in this order.
-  // (One 4-byte message per accumulator cost 0.2 us more at E = 128, M = 128 on an H200, 0.8 us
-  // at M = 256: the handoff is bound by message count.) Once its inbox is full, each owner adds it
-  // up in slot order: no remote reads, and the same summation order on every run.
+  // split evenly between its CTAs: rank r owns [r * kPerRank, (r + 1) * kPerRank). Each CTA first
+  // adds its warps' partial sums in shared memory (staged[warp][output], warps in order), then
+  // pushes the CTA's sums into the owners' inboxes (inbox[sender rank][offset]), one 16-byte
+  // message per four neighbouring outputs. The handoff is bound by message count: one 4-byte
+  // message per accumulator cost 0.2 us more than 16-byte ones at E = 128, M = 128 on an H200, and
+  // adding the warps' sums first sends a quarter of the messages each warp would push itself
+  // (benchmarks/results/README.md). Once its inbox is full, each owner adds it up in rank order:
+  // no remote reads, and the same summation order on every run.
   static_assert(kTileOut % (4 * kCluster) == 0, "every CTA owns as many whole fragments");
   constexpr int kPerRank = kTileOut / kCluster;
   constexpr int kSlices = kCluster * kWarps;  // K slices, one per warp of the cluster
-  __shared__ alignas(16) float inbox[kSlices][kPerRank];
+  __shared__ alignas(16) float staged[kWarps][kTileOut];
+  __shared__ alignas(16) float inbox[kCluster][kPerRank];
   __shared__ alignas(8) uint64_t inbox_full;  // the mbarrier counting the inbox's bytes
   const uint32_t inbox_bar = shared_address(&inbox_full);
 
@@ -250,7 +318,12 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int lane = threadIdx.x % 32;
   const int group = lane / 4;  // MMA row (expert) / column (token) index
   const int quad = lane % 4;   // which 8-element piece of a k32 block
-  const int e0 = blockIdx.y * kTileE;
+  int expert_block = blockIdx.y;
+  bool shrink_cta = false;  // a shrink cluster: the same work on the other matrix
+  float* shrink_out = nullptr;
+  if constexpr (kWithShrink)
+    shrink_cta = shrink.claim(expert_block, weight, bias, E, shrink_out, 0);
+  const int e0 = expert_block * kTileE;
   const int m0 = blockIdx.z * kTileM;
 
   const int num_blocks = (K + kBlockK - 1) / kBlockK;
@@ -280,13 +353,18 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     x_rows[t] = x + static_cast<long long>(x_valid[t] ? m : 0) * K + 8 * quad;
   }
 
-  float acc[kExpertTiles][kTokenTiles][4];
+  // Independent accumulators (chains_per_tile): the two k16 MMAs of k32 block b add into chain
+  // (2b + h) % kChains; the chains are added in a fixed order at the end.
+  constexpr int kChains = chains_per_tile(kExpertTiles * kTokenTiles, kWithShrink);
+  float acc[kChains][kExpertTiles][kTokenTiles][4];
 #pragma unroll
-  for (int i = 0; i < kExpertTiles; ++i)
+  for (int s = 0; s < kChains; ++s)
 #pragma unroll
-    for (int j = 0; j < kTokenTiles; ++j)
+    for (int i = 0; i < kExpertTiles; ++i)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
+      for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[s][i][j][c] = 0.f;
 
   uint4 w_frag[kBlocksPerChunk][kExpertTiles][2];
   uint4 x_frag[kBlocksPerChunk][kTokenTiles];
@@ -325,16 +403,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
           const uint4& lo = w_frag[b][i][0];  // expert row group
           const uint4& hi = w_frag[b][i][1];  // expert row group + 8
           const uint4& xv = x_frag[b][j];
-          mma_bf16_16816(acc[i][j], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-          mma_bf16_16816(acc[i][j], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+          mma_bf16_16816(acc[(2 * b) % kChains][i][j], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+          mma_bf16_16816(acc[(2 * b + 1) % kChains][i][j], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
         }
   };
 
   // Final reduction (after the pushes below): kLanes neighbouring lanes share one output; lane
-  // `sub` adds slices sub, sub + kLanes, ... and a butterfly over the kLanes lanes finishes the sum.
-  // Both orders are fixed, so the result is bitwise deterministic.
+  // `sub` adds the inbox rows of ranks sub, sub + kLanes, ... and a butterfly over the kLanes lanes
+  // finishes the sum. Both orders are fixed, so the result is bitwise deterministic.
   constexpr int kThreads = kWarps * 32;
-  constexpr int kLanes = lanes_per_output(kThreads, kPerRank, kSlices);
+  constexpr int kLanes = lanes_per_output(kThreads, kPerRank, kCluster);
   constexpr int kOutPerPass = kThreads / kLanes;
   constexpr int kPasses = (kPerRank + kOutPerPass - 1) / kOutPerPass;
   const int sub = static_cast<int>(threadIdx.x) % kLanes;
@@ -363,18 +441,46 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     multiply();
   }
 
-  // Push each tile's four accumulators to the inbox of the CTA that owns them.
-  cluster_wait_acquire();  // every inbox mbarrier of the cluster is initialised
+  // The chains, added pairwise; then the warps' partial sums, added in warp order, then pushed
+  // four outputs per message to the inbox of the CTA that owns them.
+#pragma unroll
+  for (int half = kChains / 2; half > 0; half /= 2)
+#pragma unroll
+    for (int s = 0; s < half; ++s)
+#pragma unroll
+      for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[s][i][j][c] += acc[s + half][i][j][c];
 #pragma unroll
   for (int i = 0; i < kExpertTiles; ++i)
 #pragma unroll
     for (int j = 0; j < kTokenTiles; ++j) {
       const int idx = ((i * kTokenTiles + j) * 32 + lane) * 4;
+      *reinterpret_cast<float4*>(&staged[warp][idx]) =
+          make_float4(acc[0][i][j][0], acc[0][i][j][1], acc[0][i][j][2], acc[0][i][j][3]);
+    }
+  __syncthreads();
+  cluster_wait_acquire();  // every inbox mbarrier of the cluster is initialised
+  constexpr int kMessages = kTileOut / 4;
+#pragma unroll
+  for (int first = 0; first < kMessages; first += kThreads) {
+    const int idx = 4 * (first + static_cast<int>(threadIdx.x));
+    if (kMessages % kThreads == 0 || idx < kTileOut) {
+      float4 sum = *reinterpret_cast<const float4*>(&staged[0][idx]);
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 part = *reinterpret_cast<const float4*>(&staged[w][idx]);
+        sum = make_float4(sum.x + part.x, sum.y + part.y, sum.z + part.z, sum.w + part.w);
+      }
+      const float message[4] = {sum.x, sum.y, sum.z, sum.w};
       const uint32_t owner = static_cast<uint32_t>(idx / kPerRank);
-      push_to_rank(map_to_rank(shared_address(&inbox[slice][idx % kPerRank]), owner), acc[i][j],
+      push_to_rank(map_to_rank(shared_address(&inbox[rank][idx % kPerRank]), owner), message,
                    map_to_rank(inbox_bar, owner));
     }
-  if (threadIdx.x == 0) mbarrier_expect_bytes(inbox_bar, kSlices * kPerRank * sizeof(float));
+  }
+  if (threadIdx.x == 0) mbarrier_expect_bytes(inbox_bar, kCluster * kPerRank * sizeof(float));
   mbarrier_wait_phase0(inbox_bar);  // every push of the cluster to this CTA has landed
 
 #pragma unroll
@@ -384,7 +490,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     float sum = 0.f;
     if (local < kPerRank) {
 #pragma unroll
-      for (int q = 0; q < kSlices / kLanes; ++q) sum += inbox[q * kLanes + sub][local];
+      for (int q = 0; q < kCluster / kLanes; ++q) sum += inbox[q * kLanes + sub][local];
     }
 #pragma unroll
     for (int offset = kLanes / 2; offset > 0; offset /= 2)
@@ -392,9 +498,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     int expert, token;
     fragment_output<kTokenTiles>(idx, expert, token);
     const int out_m = m0 + token, out_e = e0 + expert;
-    if (sub == 0 && local < kPerRank && out_m < M && out_e < E)
-      out[static_cast<long long>(out_m) * E + out_e] =
-          store_cast<Out>(sum + bias_value(bias_bits[p]));
+    if (sub == 0 && local < kPerRank && out_m < M && out_e < E) {
+      if (kWithShrink && shrink_cta)
+        shrink_out[static_cast<long long>(out_m) * E + out_e] = sum + bias_value(bias_bits[p]);
+      else
+        out[static_cast<long long>(out_m) * E + out_e] =
+            store_cast<Out>(sum + bias_value(bias_bits[p]));
+    }
   }
   // After all of this CTA's output stores (see the PDL notes at the top).
   cta_barrier();

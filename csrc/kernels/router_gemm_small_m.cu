@@ -101,15 +101,8 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
   return sum;
 }
 
-// The second GEMM of a fused launch (launch_router_gemm_small_m_with_shrink): CTAs from
-// first_cta on compute out[m, r] = sum_k x[m, k] * weight[r, k] in fp32, no bias, for `rows` rows,
-// with the same code and tiles as the first GEMM's CTAs.
-struct ShrinkPart {
-  const __nv_bfloat16* weight = nullptr;
-  float* out = nullptr;
-  int rows = 0;
-  int first_cta = 0;
-};
+using sm90::aligned_16B;
+using sm90::ShrinkPart;  // the second GEMM of a fused launch (expert blocks along the grid's x)
 
 // Grid: (ceil(E / kExperts), ceil(M / kTokens)) CTAs of kThreads; CTA (i, j) owns experts
 // [i * kExperts, ...) of tokens [j * kTokens, ...). Thread t reads 16-byte chunk
@@ -129,18 +122,11 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
   __shared__ float warp_sums[kWarps][kOutputs];
 
   int cta = blockIdx.x;
-  bool shrink_cta = false;
+  bool shrink_cta = false;  // a shrink CTA: the same work on the other matrix
   float* shrink_out = nullptr;
-  if constexpr (kWithShrink) {  // a shrink CTA: the same work on the other matrix
-    shrink_cta = cta >= shrink.first_cta;
-    if (shrink_cta) {
-      cta -= shrink.first_cta;
-      weight = shrink.weight;
-      bias = nullptr;
-      E = shrink.rows;
-      shrink_out = shrink.out + static_cast<long long>(blockIdx.y) * kTokens * E;
-    }
-  }
+  if constexpr (kWithShrink)
+    shrink_cta = shrink.claim(cta, weight, bias, E, shrink_out,
+                              static_cast<long long>(blockIdx.y) * kTokens);
   const int e0 = cta * kExperts;
   const int m0 = blockIdx.y * kTokens;  // this CTA's tokens: rows m0.. of x and out
   x += static_cast<long long>(m0) * K;
@@ -223,18 +209,11 @@ dim3 grid_for(const RouterGemmArgs& a) {
 
 template <int kThreads, int kExperts, int kTokens, typename Out, bool kWithShrink>
 cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid, const ShrinkPart& shrink) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads, 1, 1);
-  config.stream = a.stream;
-  cudaLaunchAttribute pdl = sm90::programmatic_dependent_launch();
-  config.attrs = &pdl;
-  config.numAttrs = a.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(
-      &config, router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kWithShrink>,
-      static_cast<const __nv_bfloat16*>(a.x), static_cast<const __nv_bfloat16*>(a.weight),
-      static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl,
-      shrink);
+  return sm90::launch_maybe_dependent(
+      router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kWithShrink>, grid,
+      dim3(kThreads, 1, 1), a.stream, a.pdl, static_cast<const __nv_bfloat16*>(a.x),
+      static_cast<const __nv_bfloat16*>(a.weight), static_cast<const __nv_bfloat16*>(a.bias),
+      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, shrink);
 }
 
 // `shrink` null: the plain launch; else the fused one (short rows only: 256 threads).
@@ -243,7 +222,7 @@ cudaError_t launch_typed(const RouterGemmArgs& a, const ShrinkPart* shrink) {
   dim3 grid = grid_for<kExperts, kTokens>(a);
   if (shrink != nullptr) {
     ShrinkPart part = *shrink;
-    part.first_cta = static_cast<int>(grid.x);
+    part.first_expert_block = static_cast<int>(grid.x);
     grid.x += sm90::ceil_div(part.rows, kExperts);
     return launch_threads<kShortRowThreads, kExperts, kTokens, Out, true>(a, grid, part);
   }
@@ -297,8 +276,6 @@ int auto_tokens_per_cta(const RouterGemmArgs& a, int experts_per_cta) {
     tokens *= 2;
   return tokens;
 }
-
-bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 
@@ -360,17 +337,12 @@ const char* router_gemm_small_m_with_shrink_unsupported(const RouterGemmArgs& a,
                                                         const void* lora_a, int rows) {
   if (const char* why = router_gemm_small_m_unsupported(a)) return why;
   if (a.K > kShortRowMaxK) return "K must be at most 4096 (rows of one pass)";
-  if (rows < 1) return "the shrink needs at least one row";
-  if (!aligned_16B(lora_a)) return "lora_a must be 16-byte aligned";
-  return nullptr;
+  return ShrinkPart::unsupported(lora_a, rows);
 }
 
 cudaError_t launch_router_gemm_small_m_with_shrink(const RouterGemmArgs& a, const void* lora_a,
                                                    int rows, float* xa) {
-  ShrinkPart shrink;
-  shrink.weight = static_cast<const __nv_bfloat16*>(lora_a);
-  shrink.out = xa;
-  shrink.rows = rows;
+  const ShrinkPart shrink = ShrinkPart::of(lora_a, rows, xa);
   return launch_resolved(a, 0, 0, &shrink);
 }
 
