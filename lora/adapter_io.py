@@ -8,7 +8,9 @@ Router keys come in three forms (DESIGN.md), all mapped to the model's LoRA gate
   ``…block_sparse_moe.gate.lora_A.weight``      an nn.Linear gate through ``target_modules``
 
 Everything is checked before any slot is touched; an adapter that cannot be served exactly raises
-one ``AdapterError`` listing every problem, and nothing is loaded.
+one ``AdapterError`` listing every problem, and nothing is loaded. Loading is all or nothing: the
+slot writes of every layer form one transaction (``lora.slots.SlotWrites``), undone if any fails.
+The files are read as one consistent version (``lora.adapter_files``), and saved atomically.
 
     adapter = load_adapter("adapters/math")                  # file checks only
     adapter = load_adapter("adapters/math", model, slot=0)   # + checks against the model, then loads
@@ -18,26 +20,41 @@ one ``AdapterError`` listing every problem, and nothing is loaded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lora import peft_keys
+from lora.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG_DIGEST,
+    PICKLE_WEIGHTS,
+    TornRead,
+    config_digest,
+    read_snapshot,
+    write_directory,
+)
 from lora.peft_keys import MODULE, PARAMETER
+from lora.slots import SlotWrites
 
 if TYPE_CHECKING:  # peft (which imports transformers) loads on first use, not with `import lora`
     from peft import LoraConfig
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PICKLE_WEIGHTS = "adapter_model.bin"
+# Factor dtypes an adapter may hold (the slots' dtype is decided by the model, at bind).
+_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Reads of a directory that a writer keeps changing, before giving up.
+_READ_ATTEMPTS = 3
+_RETRY_PAUSE_S = 0.01  # doubled per attempt: a writer's two renames are microseconds apart
 
 # LoraConfig options that change what an adapter computes beyond scaling * B @ A: refused.
 _UNSUPPORTED_OPTIONS = {
@@ -179,26 +196,36 @@ class BoundAdapter:
     layers: dict[str, nn.Module]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
-    def write(self, slot: int) -> None:
-        """Loads the adapter into ``slot`` of every layer (in place, no allocation in the slots)."""
-        # Everything a layer's set_lora could refuse is checked first: no slot is ever half written.
+    def write(self, slot: int, writes: SlotWrites | None = None) -> None:
+        """Loads the adapter into ``slot`` of every layer (in place, no allocation in the slots).
+
+        All or nothing: everything a layer's set_lora could refuse is checked first, and the writes
+        are one transaction, ``writes`` (the caller's, to make them part of a larger one) or a new
+        one that is undone if any write fails.
+        """
         for name, layer in self.layers.items():
+            _, max_rank, in_features = layer.lora_a_stacked.shape
             if not 0 <= slot < layer.lora_a_stacked.shape[0]:
                 raise ValueError(f"slot {slot} is out of range: {name} has "
                                  f"{layer.lora_a_stacked.shape[0]} slots")
             if getattr(layer, "merged_slot", None) == slot:
                 raise RuntimeError(f"slot {slot} of {name} is merged into its weight; unmerge() first")
-            if name in self.factors and self.factors[name][0].dtype != layer.lora_a_stacked.dtype:
-                raise RuntimeError(f"{name}'s slots are {layer.lora_a_stacked.dtype} but the adapter was "
-                                   f"bound for {self.factors[name][0].dtype}: bind it again after a dtype "
-                                   "change")
-        for name, layer in self.layers.items():
-            if name in self.factors:
-                lora_a, lora_b, scaling = self.factors[name]
-                device = layer.lora_a_stacked.device
-                layer.set_lora(slot, lora_a.to(device), lora_b.to(device), scaling)
-            else:
-                layer.reset_lora(slot)
+            if name not in self.factors:
+                continue
+            lora_a, lora_b, _ = self.factors[name]
+            if (lora_a.dtype != layer.lora_a_stacked.dtype or lora_a.shape[0] > max_rank
+                    or lora_a.shape[1] != in_features or lora_b.shape[0] != layer.lora_b_stacked.shape[1]):
+                raise RuntimeError(f"{name}'s slots changed since the adapter was bound (now "
+                                   f"{layer.lora_a_stacked.dtype}, rank <= {max_rank}, "
+                                   f"{list(layer.lora_b_stacked.shape[1:2]) + [in_features]}): bind it again")
+        with writes if writes is not None else SlotWrites() as transaction:
+            for name, layer in self.layers.items():
+                if name in self.factors:
+                    lora_a, lora_b, scaling = self.factors[name]
+                    device = layer.lora_a_stacked.device
+                    transaction.set_lora(layer, slot, lora_a.to(device), lora_b.to(device), scaling)
+                else:
+                    transaction.reset_lora(layer, slot)
 
 
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -244,6 +271,8 @@ def _fit_to_layer(module: str, weights: LoraWeights, layer: nn.Module):
                         f"E={num_experts} experts")
     if weights.rank > max_rank:
         problems.append(f"{module}: rank {weights.rank} exceeds the layer's max_rank {max_rank}")
+    if not math.isfinite(weights.scaling):
+        problems.append(f"{module}: scaling {weights.scaling} is not finite")
     lora_a = weights.lora_a.to(dtype)
     lora_b = weights.lora_b.to(dtype)
     for factor, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
@@ -259,15 +288,16 @@ def _config_problems(config: LoraConfig, modules: list[str]) -> list[str]:
             problems.append(f"{what} is not supported")
     if getattr(config, "bias", "none") != "none":
         problems.append(f"bias={config.bias!r} trains base biases; only bias='none' is supported")
-    for entry in getattr(config, "modules_to_save", None) or []:
-        covered = [m for m in modules if re.match(rf"(^|.*\.){entry}($|\..*)", m)]
-        if covered:
-            problems.append(f"modules_to_save={entry!r} covers the router {covered[0]}: full router "
+    for module in modules:
+        entry = peft_keys.covered_by_modules_to_save(getattr(config, "modules_to_save", None), module)
+        if entry is not None:
+            problems.append(f"modules_to_save={entry!r} covers the router {module}: full router "
                             "weights are not supported")
+            break
     return problems
 
 
-def _key_problem(key: str, tensor: torch.Tensor) -> str:
+def _key_problem(key: str, shape: list[int]) -> str:
     """Why a key that is not ``<module>.lora_A/B.weight`` cannot be served."""
     name = peft_keys.strip_prefix(key)
     if "lora_magnitude_vector" in name:
@@ -276,9 +306,12 @@ def _key_problem(key: str, tensor: torch.Tensor) -> str:
         return f"{name}: a bias on lora_B (lora_bias=True) is not supported"
     if ".lora_embedding_" in name:
         return f"{name}: an embedding LoRA factor, not a router gate's"
+    if re.search(r"\.lora_[AB]\.[^.]+\.weight$", name):
+        return (f"{name}: a factor keyed with an adapter name; PEFT's save_pretrained writes keys "
+                "without it (…lora_A.weight): save the adapter with PEFT")
     if ".lora_" in name:
         return f"{name}: an unrecognised LoRA tensor"
-    return (f"{name}: a full tensor {list(tensor.shape)} (modules_to_save or bias training); "
+    return (f"{name}: a full tensor {list(shape)} (modules_to_save or bias training); "
             "only router LoRA factors are supported")
 
 
@@ -295,11 +328,16 @@ def _check_modules(config: LoraConfig, raw: dict[str, dict[str, torch.Tensor]],
         lora_a, lora_b = factors["lora_A"], factors["lora_B"]
         shape_ok = True
         for factor, tensor in factors.items():
+            if isinstance(tensor, dict):  # a header entry of the file: a dtype we do not read
+                problems.append(f"{module}: {factor} is {tensor['dtype']}, not float16/bfloat16/float32/"
+                                "float64")
+                shape_ok = False
+                continue
             if tensor.dim() != 2:
                 problems.append(f"{module}: {factor} must be 2-D, got {list(tensor.shape)}")
                 shape_ok = False
-            if not tensor.is_floating_point():
-                problems.append(f"{module}: {factor} is {tensor.dtype}, not a floating-point dtype")
+            if tensor.dtype not in _FACTOR_DTYPES:
+                problems.append(f"{module}: {factor} is {tensor.dtype}, not float16/bfloat16/float32/float64")
                 shape_ok = False
         if not shape_ok:
             continue
@@ -319,11 +357,14 @@ def _check_modules(config: LoraConfig, raw: dict[str, dict[str, torch.Tensor]],
                             f"{_show(config.target_modules)} / target_parameters={_show(target_parameters)}")
             continue
         config_rank, alpha = peft_keys.rank_and_alpha(config, module, targeted)
-        if rank != config_rank:
+        if rank != config_rank or rank < 1:
             problems.append(f"{module}: rank {rank} in the file but the config gives r={config_rank}")
             continue
-        modules[module] = LoraWeights(lora_a, lora_b, peft_keys.lora_scaling(rank, alpha, config.use_rslora),
-                                      targeted)
+        scaling = peft_keys.lora_scaling(rank, alpha, config.use_rslora)
+        if not math.isfinite(scaling):
+            problems.append(f"{module}: scaling {scaling} (lora_alpha={alpha}, r={rank}) is not finite")
+            continue
+        modules[module] = LoraWeights(lora_a, lora_b, scaling, targeted)
     return modules, problems + _config_problems(config, sorted(raw))
 
 
@@ -331,23 +372,60 @@ def _show(value) -> str:
     return repr(sorted(value)) if isinstance(value, (set, list, tuple)) else repr(value)
 
 
-def _read_config(path: str) -> tuple[LoraConfig | None, object, list[str]]:
-    """PEFT's LoraConfig, the raw ``target_parameters`` (kept even by a PEFT too old to know it),
-    and problems."""
+def _read_config(config_bytes: bytes) -> tuple[LoraConfig | None, object, list[str]]:
+    """PEFT's LoraConfig built from the file's bytes, the raw ``target_parameters`` (kept even by a
+    PEFT too old to know it), and problems. The JSON is checked first (``peft_keys.config_problems``):
+    PEFT would accept values its arithmetic then misreads, and drop options it does not know."""
     from peft import LoraConfig, PeftConfig
 
-    config_file = os.path.join(path, ADAPTER_CONFIG)
     try:
-        with open(config_file) as handle:
-            raw = json.load(handle)
-        config = PeftConfig.from_pretrained(path)  # local file: PEFT reads it, never the Hub
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        return None, None, [f"{ADAPTER_CONFIG} is not a valid PEFT config: {error}"]
+        raw = json.loads(config_bytes)
+    except (UnicodeDecodeError, ValueError) as error:
+        return None, None, [f"{ADAPTER_CONFIG} is not valid JSON: {error}"]
+    if not isinstance(raw, dict):
+        return None, None, [f"{ADAPTER_CONFIG} must hold a JSON object, got {type(raw).__name__}"]
+    if raw.get("peft_type") != "LORA":
+        return None, None, [f"{ADAPTER_CONFIG} is not a LoRA config (peft_type={raw.get('peft_type')!r})"]
+    problems = peft_keys.config_problems(raw, peft_keys.lora_config_options())
+    if problems:
+        return None, None, [f"{ADAPTER_CONFIG}: {problem}" for problem in problems]
+    raw.pop("runtime_config", None)  # as PEFT's own reader: runtime options are never saved state
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown options were checked above
+            config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**raw))
+    except (ValueError, TypeError, KeyError) as error:
+        return None, None, [f"{ADAPTER_CONFIG} is not a valid PEFT LoRA config: {error}"]
     if not isinstance(config, LoraConfig):
-        return None, None, [f"{ADAPTER_CONFIG} is a {type(config).__name__} ({raw.get('peft_type')}), "
-                            "not a LoRA config"]
+        return None, None, [f"{ADAPTER_CONFIG} is a {type(config).__name__}, not a LoRA config"]
     target_parameters = getattr(config, "target_parameters", None) or raw.get("target_parameters")
     return config, target_parameters, []
+
+
+def _read_files(path: str) -> tuple[bytes, dict]:
+    """The config bytes and the weights of one version of the directory, or AdapterError.
+
+    A read that a writer tore (the files changed meanwhile, or the weights' config digest does not
+    match, see ``lora.adapter_files``) is read again after a short pause, a few times.
+    """
+    for attempt in range(_READ_ATTEMPTS):
+        if attempt:
+            time.sleep(_RETRY_PAUSE_S * 2 ** attempt)
+        try:
+            config_bytes, tensors, problems, config_matches = read_snapshot(
+                path, lambda key: peft_keys.parse_lora_key(key) is not None)
+        except TornRead:
+            continue
+        except OSError as error:
+            raise AdapterError(path, [f"the adapter files cannot be read: {error}"]) from error
+        if not config_matches and attempt < _READ_ATTEMPTS - 1:
+            continue  # most likely a writer between its two renames; a lasting mismatch is a hand edit
+        if problems:
+            raise AdapterError(path, problems)
+        return config_bytes, tensors
+    raise AdapterError(path, [f"the files kept changing while they were read ({_READ_ATTEMPTS} attempts): "
+                              "load it once the writer is done, or write adapters with save_adapter, "
+                              "which replaces them atomically"])
 
 
 def read_adapter(path: str | os.PathLike, strict: bool = True) -> RouterAdapter:
@@ -361,30 +439,32 @@ def read_adapter(path: str | os.PathLike, strict: bool = True) -> RouterAdapter:
     if not os.path.isdir(path):
         raise AdapterError(path, [f"{path} is not a directory"])
     problems = []
-    weights_file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
         problems.append(f"{ADAPTER_CONFIG} is missing")
-    if not os.path.isfile(weights_file):
-        pickle_note = (f" ({_PICKLE_WEIGHTS} is there, but pickle files are never read: re-save with "
-                       "safe_serialization=True)" if os.path.isfile(os.path.join(path, _PICKLE_WEIGHTS))
+    if not os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        pickle_note = (f" ({PICKLE_WEIGHTS} is there, but pickle files are never read: re-save with "
+                       "safe_serialization=True)" if os.path.isfile(os.path.join(path, PICKLE_WEIGHTS))
                        else "")
         problems.append(f"{ADAPTER_WEIGHTS} is missing{pickle_note}")
     if problems:
         raise AdapterError(path, problems)
-    config, target_parameters, problems = _read_config(path)
+    config_bytes, tensors = _read_files(path)
+    config, target_parameters, problems = _read_config(config_bytes)
     if config is None:
         raise AdapterError(path, problems)
-    try:
-        tensors = load_file(weights_file, device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise AdapterError(path, [f"{ADAPTER_WEIGHTS} cannot be read: {error}"]) from error
     raw: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         parsed = peft_keys.parse_lora_key(key)
         if parsed is None:
-            problems.append(_key_problem(key, tensor))
-        else:
-            raw.setdefault(parsed[0], {})[parsed[1]] = tensor
+            problems.append(_key_problem(key, tensor["shape"] if isinstance(tensor, dict) else tensor.shape))
+            continue
+        module, factor = parsed
+        if factor in raw.get(module, {}):
+            # With and without PEFT's prefix: which one PEFT would use depends on the key order.
+            problems.append(f"{module}: {factor} is stored twice (keys with and without "
+                            f"{peft_keys.PEFT_PREFIX!r})")
+            continue
+        raw.setdefault(module, {})[factor] = tensor
     if not raw:
         problems.append(f"{ADAPTER_WEIGHTS} holds no LoRA factors (…lora_A.weight / …lora_B.weight)")
     modules, module_problems = _check_modules(config, raw, target_parameters)
@@ -412,17 +492,23 @@ def load_adapter(path: str | os.PathLike, model: nn.Module | None = None, *,
 
 
 def save_adapter(adapter: RouterAdapter, path: str | os.PathLike) -> None:
-    """Writes ``adapter`` in PEFT's format (config through PEFT's own writer, safetensors weights).
+    """Writes ``adapter`` in PEFT's format (config through PEFT's own writer, safetensors weights),
+    atomically: a reader sees the old adapter or the new one (``lora.adapter_files``).
 
     PEFT loads the result (``PeftModel.from_pretrained``) into the model the module names refer to.
     """
     if adapter.problems:
         raise AdapterError(adapter.source, adapter.problems)
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    adapter.config.save_pretrained(path)
     tensors = {}
     for module, weights in adapter.modules.items():
         tensors[peft_keys.lora_key(module, "lora_A")] = weights.lora_a.detach().cpu().contiguous()
         tensors[peft_keys.lora_key(module, "lora_B")] = weights.lora_b.detach().cpu().contiguous()
-    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    def write_files(directory: str) -> None:
+        adapter.config.save_pretrained(directory)
+        with open(os.path.join(directory, ADAPTER_CONFIG), "rb") as handle:
+            digest = config_digest(handle.read())
+        save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", CONFIG_DIGEST: digest})
+
+    write_directory(os.fspath(path), write_files)

@@ -18,7 +18,10 @@ directory, or re-cast from its in-memory adapter, when next needed).
 Threads. ``add`` / ``swap`` / ``remove`` may be called from any thread at any time: they check the
 new adapter completely, then change only the registry (a short lock). Slots are written only by
 ``activate``, at the start of a step, under the step lock, and every slot a step needs is written
-before its token mapping is set: a forward never sees half an adapter or a half-applied swap. Run
+before its token mapping is set: a forward never sees half an adapter or a half-applied swap.
+``activate`` is all or nothing: its slot writes are one transaction (``lora.slots.SlotWrites``), and
+if anything fails (a bad request, a device error, an interrupt) every slot, the mapping and the
+manager's bookkeeping are as they were before the call. Run
 each forward after ``activate`` in the same thread (or inside ``with manager.step(...)``, which
 holds the step lock for the whole block, so an ``activate`` from another thread waits for it).
 On the GPU, slot writes and the forward are ordered by the current CUDA stream.
@@ -27,6 +30,7 @@ On the GPU, slot writes and the forward are ordered by the current CUDA stream.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -38,7 +42,7 @@ from torch import nn
 
 from lora.adapter_io import AdapterError, BoundAdapter, RouterAdapter, lora_layers, read_adapter
 from lora.registry import get_token_slots, replace_modules
-from lora.slots import NO_ADAPTER
+from lora.slots import NO_ADAPTER, SlotWrites
 
 
 @dataclass
@@ -205,9 +209,19 @@ class AdapterManager:
         shared buffer, which the next ``activate`` overwrites.
         Applies every add/swap/remove issued since the last call, before the mapping is set.
         """
-        names = list(adapter_per_sequence)
+        names = _adapter_names(adapter_per_sequence)
         counts = self._token_counts(len(names), tokens_per_sequence)
+        if sum(counts) > self.token_slots.max_tokens:
+            raise ValueError(f"the batch has {sum(counts)} tokens but the token->slot mapping holds at most "
+                             f"{self.token_slots.max_tokens}; split the batch")
         with self._step_lock:
+            merged = sorted(name for name, layer in self._layers.items()
+                            if getattr(layer, "merged_slot", None) is not None)
+            if merged:
+                # A merged layer serves its merged adapter to every token, whatever the mapping says.
+                others = f" (and {len(merged) - 1} more layers)" if len(merged) > 1 else ""
+                raise RuntimeError(f"{merged[0]}{others} has an adapter merged into its weight, which would "
+                                   "serve it to every token: unmerge() before serving through the manager")
             with self._registry_lock:
                 registry = dict(self._registry)
             unknown = sorted({n for n in names if n is not None and n not in registry})
@@ -222,26 +236,38 @@ class AdapterManager:
             # Read (or re-read) everything that must be written before writing anything.
             loads = {name: self._cached(name, registry[name]) for name, version in wanted.items()
                      if (name, version) not in self._slot_contents}
-            self._step += 1
-            self._empty_stale_slots(registry)
-            slot_of = {}
-            for name, version in wanted.items():
-                if name in loads:
-                    slot = self._free_slot(wanted)
-                    loads[name].write(slot)
-                    self._slot_contents[slot] = (name, version)
-                    self.stats["slot_loads"] += 1
-                else:
-                    slot = self._slot_contents.index((name, version))
-                    self.stats["slot_hits"] += 1
-                self._slot_last_step[slot] = self._step
-                slot_of[name] = slot
-            per_sequence = torch.tensor([NO_ADAPTER if n is None else slot_of[n] for n in names],
-                                        dtype=torch.int64)
-            mapping = per_sequence.repeat_interleave(torch.tensor(counts, dtype=torch.int64))
-            # Unchecked: every id is -1 or a slot below max_loras, which every layer has (__init__).
-            self.token_slots.set(mapping, validate=False)
+            saved = (list(self._slot_contents), list(self._slot_last_step), self._step, dict(self.stats))
+            try:
+                with SlotWrites() as writes:
+                    mapping = self._load_and_map(names, counts, registry, wanted, loads, writes)
+            except BaseException:
+                self._slot_contents, self._slot_last_step, self._step, self.stats = saved
+                raise
             return self.token_slots.for_tokens(mapping.shape[0])
+
+    def _load_and_map(self, names, counts, registry, wanted, loads, writes: SlotWrites) -> torch.Tensor:
+        """activate's mutations, every slot write through ``writes``: returns the mapping set."""
+        self._step += 1
+        self._empty_stale_slots(registry, writes)
+        slot_of = {}
+        for name, version in wanted.items():
+            if name in loads:
+                slot = self._free_slot(wanted)
+                loads[name].write(slot, writes)
+                self._slot_contents[slot] = (name, version)
+                self.stats["slot_loads"] += 1
+            else:
+                slot = self._slot_contents.index((name, version))
+                self.stats["slot_hits"] += 1
+            self._slot_last_step[slot] = self._step
+            slot_of[name] = slot
+        per_sequence = torch.tensor([NO_ADAPTER if n is None else slot_of[n] for n in names],
+                                    dtype=torch.int64)
+        mapping = per_sequence.repeat_interleave(torch.tensor(counts, dtype=torch.int64))
+        # Unchecked: every id is -1 or a slot below max_loras, which every layer has (__init__). Last:
+        # TokenSlots.set writes nothing when it fails, so the previous mapping stays with the slots.
+        self.token_slots.set(mapping, validate=False)
+        return mapping
 
     @contextlib.contextmanager
     def step(self, adapter_per_sequence: Sequence[str | None],
@@ -275,7 +301,7 @@ class AdapterManager:
         finally:
             handle.remove()
 
-    def _empty_stale_slots(self, registry: dict[str, _Entry]) -> None:
+    def _empty_stale_slots(self, registry: dict[str, _Entry], writes: SlotWrites) -> None:
         """Empties the slots whose adapter was removed or swapped since it was loaded."""
         for slot, content in enumerate(self._slot_contents):
             if content is None:
@@ -284,7 +310,7 @@ class AdapterManager:
             entry = registry.get(name)
             if entry is None or entry.version != version:
                 for layer in self._layers.values():
-                    layer.reset_lora(slot)
+                    writes.reset_lora(layer, slot)
                 self._slot_contents[slot] = None
 
     def _free_slot(self, wanted: dict[str, int]) -> int:
@@ -299,12 +325,12 @@ class AdapterManager:
 
     @staticmethod
     def _token_counts(num_sequences: int, tokens_per_sequence) -> list[int]:
-        if isinstance(tokens_per_sequence, int):
-            counts = [tokens_per_sequence] * num_sequences
-        else:
-            counts = [int(c) for c in tokens_per_sequence]
+        if isinstance(tokens_per_sequence, (list, tuple, torch.Tensor)):
+            counts = [_count(c) for c in tokens_per_sequence]
             if len(counts) != num_sequences:
                 raise ValueError(f"{len(counts)} token counts for {num_sequences} sequences")
+        else:
+            counts = [_count(tokens_per_sequence)] * num_sequences
         if any(c < 0 for c in counts):
             raise ValueError(f"token counts must be >= 0, got {counts}")
         return counts
@@ -312,3 +338,25 @@ class AdapterManager:
     def __repr__(self) -> str:
         return (f"AdapterManager(max_loras={self.max_loras}, max_rank={self.max_rank}, "
                 f"registered={self.names}, resident={self.resident})")
+
+
+def _adapter_names(adapter_per_sequence) -> list[str | None]:
+    """One adapter name (or None) per sequence; a bare string is refused, not read letter by letter."""
+    if isinstance(adapter_per_sequence, (str, bytes)) or not isinstance(adapter_per_sequence, Sequence):
+        raise TypeError("adapter_per_sequence must be a list with one adapter name (or None) per sequence, "
+                        f"got {type(adapter_per_sequence).__name__}")
+    names = list(adapter_per_sequence)
+    bad = [name for name in names if name is not None and not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"adapter names must be str or None (the base model), got {bad[0]!r}")
+    return names
+
+
+def _count(value) -> int:
+    """A token count: an int (numpy and 0-d tensor ints too), never a bool or a float."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        raise TypeError(f"a token count must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"a token count must be an int, got {type(value).__name__} {value!r}") from None

@@ -14,11 +14,16 @@ so a config means here what it means in PEFT:
             module's PEFT key (at a dot boundary), the first match wins. The PEFT key is ``<module>``
             for target_modules and ``<module>.weight`` for target_parameters.
   scaling   ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+  config    PEFT trusts the JSON: ``r="4"`` or ``use_rslora="false"`` reach its arithmetic as they are,
+            an invalid regex fails deep inside it, and options its version does not know are dropped
+            with a warning. ``config_problems`` refuses all of these before anything is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Iterable
 
@@ -147,6 +152,107 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
     if rank < 1:
         raise ValueError(f"a LoRA rank must be >= 1, got {rank}")
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def covered_by_modules_to_save(entries, module: str) -> str | None:
+    """The ``modules_to_save`` entry whose full copy would replace ``module`` (or an ancestor of it),
+    else None. PEFT saves every module whose name ends with an entry, as a plain string suffix."""
+    parts = module.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    return next((entry for entry in _entries(entries) for name in ancestors if name.endswith(entry)), None)
+
+
+# Options whose value PEFT uses in a regex, and those whose entries are regexes (pattern keys).
+_REGEX_OPTIONS = ("target_modules", "exclude_modules", "layers_pattern")
+_PATTERN_OPTIONS = ("rank_pattern", "alpha_pattern")
+# Options the installed PEFT may not know that are safe to read without it: target_parameters is read
+# here directly (PEFT < 0.17 lacks it); runtime_config is dropped by PEFT itself (never saved state).
+_READ_WITHOUT_PEFT = {"target_parameters", "runtime_config"}
+
+
+def config_problems(raw: dict, known_options: Iterable[str]) -> list[str]:
+    """Why the JSON of an adapter config cannot be served as PEFT means it, one line each.
+
+    ``known_options``: the fields of the installed PEFT's LoraConfig. An unknown option is refused
+    unless it holds a neutral value (null, false, 0, "", [] or {}: what a newer PEFT writes for
+    features left off), since PEFT would drop it silently and serve something else.
+    """
+    problems = []
+    known = set(known_options) | _READ_WITHOUT_PEFT
+    for option, value in sorted(raw.items()):
+        if option not in known and value not in (None, False, 0, "", [], {}):
+            problems.append(f"option {option}={value!r} is unknown to the installed peft and may change "
+                            "what the adapter computes: upgrade peft, or drop the option if it is a default")
+    r = raw.get("r", 8)
+    if not _is_int(r) or r < 1:
+        problems.append(f"r must be an integer >= 1, got {r!r}")
+    if not _is_finite_real(raw.get("lora_alpha", 8)):
+        problems.append(f"lora_alpha must be a finite number, got {raw.get('lora_alpha')!r}")
+    for option in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(raw.get(option, False), bool):
+            problems.append(f"{option} must be true or false, got {raw[option]!r}")
+    for option in _PATTERN_OPTIONS:
+        patterns = raw.get(option) or {}
+        if not isinstance(patterns, dict):
+            problems.append(f"{option} must be an object {{regex: value}}, got {patterns!r}")
+            continue
+        valid = _is_rank if option == "rank_pattern" else _is_finite_real
+        for pattern, value in patterns.items():
+            problems += _regex_problems(f"{option} key", pattern)
+            if not valid(value):
+                what = "an integer >= 1" if option == "rank_pattern" else "a finite number"
+                problems.append(f"{option}[{pattern!r}] must be {what}, got {value!r}")
+    for option in _REGEX_OPTIONS:
+        value = raw.get(option)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            problems += _regex_problems(option, value)
+        elif isinstance(value, (list, tuple)) and all(isinstance(entry, str) for entry in value):
+            if option == "layers_pattern":
+                for entry in value:
+                    problems += _regex_problems(option, entry)
+        else:
+            problems.append(f"{option} must be a string or a list of strings, got {value!r}")
+    for option in ("target_parameters", "modules_to_save"):
+        value = raw.get(option)
+        if value is not None and not (isinstance(value, list) and all(isinstance(e, str) for e in value)):
+            problems.append(f"{option} must be a list of strings, got {value!r}")
+    layers = raw.get("layers_to_transform")
+    if layers is not None and not (_is_int(layers) or (
+            isinstance(layers, list) and all(_is_int(layer) for layer in layers))):
+        problems.append(f"layers_to_transform must be an integer or a list of integers, got {layers!r}")
+    return problems
+
+
+def lora_config_options() -> set[str]:
+    """The option names the installed PEFT's LoraConfig knows."""
+    from peft import LoraConfig
+
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_rank(value) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _is_finite_real(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)))
+
+
+def _regex_problems(option: str, pattern) -> list[str]:
+    if not isinstance(pattern, str):
+        return [f"{option} {pattern!r} must be a string (a regular expression)"]
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return [f"{option} {pattern!r} is not a valid regular expression: {error}"]
+    return []
 
 
 def looks_like_router(module: str) -> bool:

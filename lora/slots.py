@@ -169,3 +169,59 @@ def _as_id_tensor(token_slots) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.int64)
     raise TypeError(f"token slots must be a list/tuple of ints or a 1-D integer tensor, "
                     f"got {type(token_slots).__name__}")
+
+
+class SlotWrites:
+    """Writes into the adapter slots of several LoRA layers, all or nothing.
+
+    Each slot is saved (a copy of its A and B rows, its scaling and rank) the first time this
+    transaction writes it; ``undo`` puts every saved slot back. Used as a context manager, any
+    exception (KeyboardInterrupt included) undoes the writes made so far and propagates, so no layer
+    is ever left holding half an adapter, or a model half of one adapter and half of another:
+
+        with SlotWrites() as writes:
+            for layer in layers:
+                writes.set_lora(layer, slot, lora_a, lora_b, scaling)
+
+    The saved copies are temporaries on the slots' device; the slot buffers themselves are written in
+    place (never reallocated), so captured CUDA graphs stay valid.
+    """
+
+    def __init__(self) -> None:
+        self._saved: dict[tuple[int, int], tuple] = {}
+
+    def __enter__(self) -> SlotWrites:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            self.undo()
+
+    def set_lora(self, layer, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        self._save(layer, slot)
+        layer.set_lora(slot, lora_a, lora_b, scaling)
+
+    def reset_lora(self, layer, slot: int) -> None:
+        self._save(layer, slot)
+        layer.reset_lora(slot)
+
+    def undo(self) -> None:
+        """Restores every slot written since the transaction began, most recent first."""
+        saved, self._saved = self._saved, {}
+        for layer, slot, lora_a, lora_b, scaling, rank in reversed(saved.values()):
+            if rank == 0:
+                layer.reset_lora(slot)
+            else:  # the slot's own previous contents: set_lora accepts them as they were accepted before
+                layer.set_lora(slot, lora_a, lora_b, float(scaling))
+
+    def _save(self, layer, slot: int) -> None:
+        key = (id(layer), slot)
+        if key in self._saved:
+            return
+        if not 0 <= slot < len(layer.slot_ranks):
+            raise ValueError(f"slot {slot} is out of range: the layer has {len(layer.slot_ranks)} slots")
+        rank = layer.slot_ranks[slot]
+        with torch.no_grad():
+            self._saved[key] = (layer, slot, layer.lora_a_stacked[slot, :rank].clone(),
+                                layer.lora_b_stacked[slot, :, :rank].clone(), layer.scaling[slot].clone(),
+                                rank)
