@@ -208,11 +208,19 @@ class SlotWrites:
     def undo(self) -> None:
         """Restores every slot written since the transaction began, most recent first."""
         saved, self._saved = self._saved, {}
+        failed = []
         for layer, slot, lora_a, lora_b, scaling, rank in reversed(saved.values()):
-            if rank == 0:
-                layer.reset_lora(slot)
-            else:  # the slot's own previous contents: set_lora accepts them as they were accepted before
-                layer.set_lora(slot, lora_a, lora_b, float(scaling))
+            try:
+                if rank == 0:
+                    layer.reset_lora(slot)
+                else:  # the slot's own previous contents: accepted now as they were before
+                    layer.set_lora(slot, lora_a, lora_b, float(scaling))
+            except Exception as error:  # restore every other slot before reporting it
+                failed.append((slot, error))
+        if failed:
+            slot, error = failed[0]
+            raise RuntimeError(f"{len(failed)} slot(s) could not be restored (first: slot {slot}: {error}); "
+                               "the layers' slots are inconsistent: reload every adapter") from error
 
     def _save(self, layer, slot: int) -> None:
         key = (id(layer), slot)
