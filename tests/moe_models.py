@@ -169,3 +169,38 @@ def load_peft(model, adapters: dict):
         for name in names[1:]:
             peft_model.load_adapter(str(adapters[name]), adapter_name=name)
     return peft_model.eval()
+
+
+# Sizes that shrink any transformers MoE config to a tiny model (fields a config lacks are skipped).
+_TINY = dict(hidden_size=64, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, num_local_experts=8,
+             num_experts=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+             first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=16, qk_head_dim=16, shared_expert_intermediate_size=32,
+             n_shared_experts=1, num_shared_experts=1, decoder_sparse_step=1, mlp_only_layers=[],
+             max_position_embeddings=128, sliding_window=8, interleave_moe_layer_step=1,
+             intermediate_size_mlp=64, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+
+
+def tiny_moe(model_type: str, seed: int = 0, dtype=torch.float32):
+    """A tiny random-init ``AutoModelForCausalLM`` of a transformers MoE family, in eval mode.
+
+    Router weights get a realistic spread (as ``gpt_oss``), so top-k choices have clear margins.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type)
+    for key, value in _TINY.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    if hasattr(config, "qk_rope_head_dim"):  # multi-head latent attention: rope on part of the head
+        config.head_dim = config.qk_rope_head_dim
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__.endswith("Router"):
+                module.weight.normal_(0.0, 0.5)
+    return model.to(dtype)
