@@ -75,7 +75,7 @@ def bench_command(extra: list[str]) -> int:
 def verify_command(args) -> int:
     import torch
 
-    from gate.integrations.verify import build_model, verify_adapter
+    from gate.integrations.verify import NEAR_TIE_ULPS, build_model, verify_adapter
     from lora.adapter_io import AdapterError
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,24 +96,39 @@ def verify_command(args) -> int:
     print(f"adapter   {args.adapter_dir}: {len(report.modules)} modules checked"
           + (f", {len(report.skipped)} skipped (layers beyond --num-layers)" if report.skipped else ""))
     dtype_name = str(dtype).replace("torch.", "")
+    below_fp32 = dtype != torch.float32
+    print(f"routers   alone: the hidden states each router was served, with the adapter, against float64 "
+          f"x @ (W + scaling * B @ A).T + b; PEFT's router in {dtype_name} on the same inputs beside ours")
+    rows = [[m.module, m.decisions, m.near_ties, m.disagree, m.peft_disagree, f"{m.max_error:.3g}",
+             f"{m.peft_max_error:.3g}", f"{m.error_bound:.3g}", "ok" if m.routes_exactly else "FAIL"]
+            for m in report.modules]
+    _print_table(rows, ["module", "tokens", "near-ties", "top-k != float64", f"PEFT {dtype_name} !=",
+                        "max |d logit| ulps", f"PEFT {dtype_name}", "allowed", "alone"])
+    print(f"          ulps: of {dtype_name} at each token's max |logit|; near-tie: k-th and (k+1)-th float64 "
+          f"logits within {NEAR_TIE_ULPS} ulps; ok: no top-k difference outside near-ties, and max |d logit| "
+          "within 2x PEFT's or the floor")
+    print("end to end" + (f" (informative in {dtype_name}: it measures the drift of attention and experts "
+                          "ahead of the routers, not the routers)" if below_fp32 else "")
+          + ": PEFT in float32 on the same tokens")
     with_bar = report.modules[0].peft_topk_agreement is not None
-    print("reference PEFT in float32" + (f"; the bar: PEFT in {dtype_name} against it" if with_bar else ""))
     header = ["module", "max |d logits|", "top-k agreement"] + ([f"PEFT {dtype_name}"] if with_bar else [])
     rows = [[m.module, f"{m.max_abs_diff:.3g}", f"{100 * m.topk_agreement:.2f}%"]
             + ([f"{100 * m.peft_topk_agreement:.2f}%"] if with_bar else []) for m in report.modules]
     _print_table(rows, header)
     print(f"outputs   max |d logits| {report.logits_max_abs_diff:.3g}, greedy-token agreement "
           f"{100 * report.greedy_agreement:.2f}% over {report.num_tokens} random tokens")
-    # A module passes at --min-agreement, or, below fp32, when it routes as faithfully as PEFT does
-    # in the same dtype (to half a percent): rounding flips near-tied experts for everyone.
-    failing = [m.module for m in report.modules if m.topk_agreement < args.min_agreement and (
-        not with_bar or m.topk_agreement < m.peft_topk_agreement - 0.005)]
-    passed = not failing
+    # The routers alone decide in every dtype; in fp32 only summation order separates us from PEFT,
+    # so end-to-end agreement must reach --min-agreement too.
+    failing = [m.module for m in report.modules if not m.routes_exactly]
+    if not below_fp32:
+        failing += [m.module for m in report.modules
+                    if m.topk_agreement < args.min_agreement and m.module not in failing]
     lowest = min(m.topk_agreement for m in report.modules)
-    rule = f"--min-agreement {100 * args.min_agreement:.2f}%" + (", or PEFT's" if with_bar else "")
-    print(f"verdict   {'PASS' if passed else 'FAIL'}: lowest top-k agreement {100 * lowest:.2f}% ({rule})"
-          + (f"; failing: {', '.join(failing)}" if failing else ""))
-    return 0 if passed else 1
+    rule = ("routers alone" if below_fp32 else
+            f"routers alone, and end-to-end top-k agreement >= {100 * args.min_agreement:.2f}%")
+    print(f"verdict   {'PASS' if not failing else 'FAIL'}: {rule}; lowest end-to-end top-k agreement "
+          f"{100 * lowest:.2f}%" + (f"; failing: {', '.join(failing)}" if failing else ""))
+    return 0 if not failing else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--seq", type=int, default=32)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--min-agreement", type=float, default=0.99,
-                        help="lowest top-k agreement of any layer that passes (default 0.99)")
+                        help="in float32: the lowest end-to-end top-k agreement of any layer that passes "
+                             "(default 0.99); below float32 the routers-alone check decides")
     commands.add_parser("bench", help="run benchmarks/router_gemm.py; other arguments pass through",
                         add_help=False)
     args, extra = parser.parse_known_args(argv)

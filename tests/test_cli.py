@@ -1,8 +1,10 @@
 """The moegate command line: inspect, verify (against the real PEFT), bench pass-through."""
 
 import json
+import re
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 from moe_models import (  # noqa: E402
@@ -11,6 +13,7 @@ from moe_models import (  # noqa: E402
     mixtral_style,
     needs_target_parameters,
     router_config,
+    tiny_moe,
     train_peft_adapter,
 )
 
@@ -55,12 +58,53 @@ def test_verify_passes_against_peft(workspace, capsys):
     assert "model.layers.1.mlp.router" in out and "100.00%" in out and "verdict   PASS" in out
 
 
-def test_verify_in_bf16_reports_peft_in_bf16_as_the_bar(workspace, capsys):
-    code = cli.main(["verify", str(workspace / "adapter"), "--config", str(workspace / "model"),
-                     "--dtype", "bfloat16", "--seq", "16"])
+def verify_bf16(workspace, *extra):
+    return cli.main(["verify", str(workspace / "adapter"), "--config", str(workspace / "model"),
+                     "--dtype", "bfloat16", "--seq", "16", *extra])
+
+
+def test_verify_in_bf16_judges_the_routers_alone_against_float64(workspace, capsys):
+    assert verify_bf16(workspace) == 0
     out = capsys.readouterr().out
-    assert "reference PEFT in float32; the bar: PEFT in bfloat16 against it" in out
-    assert "PEFT bfloat16" in out and code in (0, 1)  # the verdict itself depends on bf16 near-ties
+    assert "against float64 x @ (W + scaling * B @ A).T + b" in out and "PEFT bfloat16 !=" in out
+    for layer in range(2):
+        assert re.search(rf"model\.layers\.{layer}\.mlp\.router +64 +\d+ +0 +\d+ .* ok\n", out), out
+    assert "end to end (informative in bfloat16" in out and "verdict   PASS: routers alone" in out
+
+
+def test_verify_in_bf16_fails_an_adapter_served_wrongly(workspace, capsys, monkeypatch):
+    """A serving defect (every slot's scaling 10% off) must fail the bf16 verdict: top-k sets differ
+    from float64 outside near-ties, and the logit error exceeds twice PEFT's."""
+    from lora import adapter_io
+
+    write = adapter_io.BoundAdapter.write
+
+    def scaled_wrongly(self, slot, writes=None):
+        object.__setattr__(self, "factors", {name: (a, b, 1.1 * scaling)
+                                             for name, (a, b, scaling) in self.factors.items()})
+        return write(self, slot, writes)
+
+    monkeypatch.setattr(adapter_io.BoundAdapter, "write", scaled_wrongly)
+    assert verify_bf16(workspace) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "verdict   FAIL: routers alone" in out
+    assert "failing: model.layers.0.mlp.router, model.layers.1.mlp.router" in out
+
+
+def test_verify_a_generic_transformers_router_in_bf16(tmp_path, capsys):
+    """A Qwen3-MoE (replace_routers' generic router), its adapter written here, PEFT as the bar."""
+    from lora.adapter_io import RouterAdapter, save_adapter
+
+    model = tiny_moe("qwen3_moe", seed=0)
+    model.config.save_pretrained(tmp_path / "model")
+    generator = torch.Generator().manual_seed(3)
+    names = [f"model.layers.{i}.mlp.gate" for i in range(2)]
+    weights = {name: (torch.randn(4, 64, generator=generator) / 8, torch.randn(8, 4, generator=generator))
+               for name in names}
+    save_adapter(RouterAdapter.from_weights(weights, lora_alpha=8), tmp_path / "adapter")
+    assert verify_bf16(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.1.mlp.gate" in out and "verdict   PASS" in out
 
 
 def test_verify_a_truncated_model_from_a_config_file(workspace, capsys):

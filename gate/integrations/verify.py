@@ -5,9 +5,21 @@ adapter into slot 0 (checking it completely first), runs, and puts the original 
 PEFT loads the adapter (``PeftModel.from_pretrained``), runs the same tokens and unloads it. Hooks
 on every adapted module record what each side routed.
 
-The reference is PEFT in fp32 (a bf16 model is widened for that run, exactly, and narrowed back).
-In bf16, rounding flips experts that are nearly tied, whoever computes: PEFT's own run in the
-model's dtype, measured against the same reference, is reported as the bar.
+Two checks:
+
+  routers alone (the verdict in every dtype): the hidden states each adapted router was served in
+      our run, with the adapter, through (a) float64 ``x @ (W + scaling * B @ A).T + b`` from the
+      adapter file's factors, (b) our gate, (c) PEFT's own router module in the model's dtype. Our
+      top-k expert sets must equal float64's at every token that is not a near-tie (k-th and
+      (k+1)-th float64 logits within NEAR_TIE_ULPS units in the last place of the serving dtype at
+      the token's largest |logit|: there rounding may pick either expert, whoever computes), and
+      our largest logit error, in those units, at most twice PEFT's on the same inputs or
+      ERROR_FLOOR_ULPS (PEFT rounds once; our unmerged path rounds the base logits and then the sum,
+      with the factors held in the slots' dtype; in fp32 only summation order differs).
+  end to end (informative below fp32): PEFT in fp32 (a bf16 model is widened for that run, exactly,
+      and narrowed back) on the same tokens; per-module top-k agreement and the output logits. In
+      bf16 this mostly measures how attention and experts drift the hidden states ahead of the
+      routers, not the routers, so it does not decide; in fp32 it must reach ``--min-agreement``.
 """
 
 from __future__ import annotations
@@ -19,20 +31,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from lora.adapter_io import RouterAdapter, read_adapter
+from lora.adapter_io import RouterAdapter, lora_layers, read_adapter
 from lora.registry import get_token_slots, replace_modules
+
+# Near-tie width in units in the last place of the serving dtype (at the token's largest |logit|).
+# Our path rounds each logit twice in bf16 (the base logits, then base + delta), half a unit each; the
+# third unit covers the adapter factors held in the slots' dtype (the demo measured <= 1.2 units).
+NEAR_TIE_ULPS = 3
+# Logit errors always allowed, in those units: two roundings (1) plus bf16 factors (measured <= 1.2
+# units, see the demo) below fp32; in fp32, summation order over K (PEFT's error can be ~0 there).
+ERROR_FLOOR_ULPS = {torch.float32: 64.0}
+DEFAULT_ERROR_FLOOR_ULPS = 2.5
 
 
 @dataclass
 class ModuleAgreement:
-    """One adapted module, moegate against the fp32 PEFT reference."""
+    """One adapted module: end to end against the fp32 PEFT reference, and alone (float64)."""
 
     module: str
-    max_abs_diff: float  # of the router logits (the dense scores for the 2-tuple gpt-oss form)
-    topk_agreement: float  # fraction of tokens whose top-k expert sets are equal
-    peft_topk_agreement: float | None  # PEFT in the model's dtype (None when that is fp32)
+    max_abs_diff: float  # end to end: router logits (the dense scores for the 2-tuple gpt-oss form)
+    topk_agreement: float  # end to end: fraction of tokens whose top-k expert sets are equal
+    peft_topk_agreement: float | None  # end to end, PEFT in the model's dtype (None when that is fp32)
+    decisions: int = 0  # alone: tokens routed
+    near_ties: int = 0  # alone: tokens whose k-th and (k+1)-th float64 logits are within NEAR_TIE_ULPS
+    disagree: int = 0  # alone: our top-k != float64's, outside near-ties
+    peft_disagree: int = 0  # alone: PEFT's (model dtype) top-k != float64's, outside near-ties
+    max_error: float = 0.0  # alone: our max |logit - float64|, in ulps at each token's max |logit|
+    peft_max_error: float = 0.0  # alone: PEFT's (model dtype), in the same units
+    error_bound: float = 0.0  # alone: the most ``max_error`` may be (2x PEFT's, or the floor)
+
+    @property
+    def routes_exactly(self) -> bool:
+        """The routers-alone verdict of this module."""
+        return self.disagree == 0 and self.max_error <= self.error_bound
 
 
 @dataclass
@@ -42,6 +77,7 @@ class VerifyReport:
     logits_max_abs_diff: float
     greedy_agreement: float
     num_tokens: int
+    dtype: torch.dtype = torch.float32
 
 
 @contextlib.contextmanager
@@ -95,15 +131,24 @@ def _logits_and_ids(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _patch(model: nn.Module, adapter: RouterAdapter):
-    """Wraps the model's gates for one adapter of the adapter's largest rank; returns the undo."""
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
-
-    from gate.integrations.transformers import replace_gpt_oss_routers, restore_gpt_oss_routers
+    """Wraps the model's gates for one adapter of the adapter's largest rank; returns the undo.
+    transformers' routers through ``replace_routers``, nn.Linear gates through ``replace_modules``."""
+    from gate.integrations.routers import is_router, replace_routers, restore_routers
+    from gate.integrations.transformers import GptOssTopKRouter
 
     max_rank = max(adapter.ranks.values())
-    if any(isinstance(module, GptOssTopKRouter) for module in model.modules()):
-        replace_gpt_oss_routers(model, max_loras=1, max_rank=max_rank)
-        return lambda: restore_gpt_oss_routers(model)
+    if any(is_router(module) or isinstance(module, GptOssTopKRouter) for module in model.modules()):
+        # Routers computing in float32 get float32 weights (exact): put the dtypes back on undo.
+        dtypes = {name: p.dtype for name, p in model.named_parameters()}
+        replace_routers(model, max_loras=1, max_rank=max_rank)
+
+        def undo_routers():
+            restore_routers(model)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if parameter.dtype != dtypes.get(name, parameter.dtype):
+                        parameter.data = parameter.data.to(dtypes[name])
+        return undo_routers
     originals = {name: model.get_submodule(name) for name in adapter.modules}
     replace_modules(model, 1, max_rank, target=sorted(adapter.modules))
 
@@ -153,12 +198,31 @@ def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: i
     device = next(model.parameters()).device
     tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
 
-    undo = _patch(model, adapter)
-    adapter.bind(model).write(0)
-    get_token_slots(model).fill(tokens.numel(), 0)
-    our_logits, ours = _run(model, names, tokens, top_k)
-    undo()
     dtype = next(model.parameters()).dtype
+    undo = _patch(model, adapter)
+    try:
+        adapter.bind(model).write(0)
+        get_token_slots(model).fill(tokens.numel(), 0)
+        inputs: dict[str, torch.Tensor] = {}
+        hooks = [model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: inputs.__setitem__(name, args[0].detach())) for name in names]
+        try:
+            our_logits, ours = _run(model, names, tokens, top_k)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        # Our gates' logits on the recorded inputs: deterministic, the same slots and mapping.
+        gates = {name: _gate_of(model, name) for name in names}
+        with torch.no_grad():
+            served = {name: (inputs[name].reshape(-1, gates[name].in_features),
+                             gates[name](inputs[name].reshape(-1, gates[name].in_features)
+                                         .to(gates[name].weight.dtype)))
+                      for name in names}
+            bases = {name: (gates[name].weight.detach().clone(), None if gates[name].bias is None
+                            else gates[name].bias.detach().clone()) for name in names}
+    finally:
+        undo()
+    peft_alone = _peft_router_logits(model, adapter_dir, names, {n: x for n, (x, _) in served.items()})
     same_dtype = None if dtype == torch.float32 else _run_peft(model, adapter_dir, names, tokens, top_k)[1]
     model.float()  # exact for bf16/fp16 weights
     ref_logits, reference = _run_peft(model, adapter_dir, names, tokens, top_k)
@@ -167,13 +231,88 @@ def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: i
     def agreement(ids, name):
         return (ids == reference[name][1]).all(dim=-1).double().mean().item()
 
-    modules = [ModuleAgreement(name, (ours[name][0].float() - reference[name][0].float()).abs().max().item(),
-                               agreement(ours[name][1], name),
-                               None if same_dtype is None else agreement(same_dtype[name][1], name))
-               for name in names]
+    modules = []
+    for name in names:
+        x, logits = served[name]
+        weight, bias = bases[name]
+        alone = routers_alone(x, logits, peft_alone[name], weight, bias, adapter.modules[name], top_k, dtype)
+        peft_agreement = None if same_dtype is None else agreement(same_dtype[name][1], name)
+        modules.append(ModuleAgreement(
+            name, (ours[name][0].float() - reference[name][0].float()).abs().max().item(),
+            agreement(ours[name][1], name), peft_agreement, **alone))
     return VerifyReport(modules, skipped, (our_logits - ref_logits).abs().max().item(),
                         (our_logits.argmax(-1) == ref_logits.argmax(-1)).double().mean().item(),
-                        tokens.numel())
+                        tokens.numel(), dtype)
+
+
+def _gate_of(model: nn.Module, name: str) -> nn.Module:
+    """The LoRA gate layer serving adapter module ``name`` (the router's ``linear``, or the gate)."""
+    layers = lora_layers(model)
+    return layers[name] if name in layers else layers[name + ".linear"]
+
+
+def routers_alone(x: torch.Tensor, logits: torch.Tensor, peft_logits: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None, lora, top_k: int, dtype: torch.dtype) -> dict:
+    """Our logits [T, E] and PEFT's (model dtype) on the same inputs x [T, K] against float64
+    ``x @ (W + scaling * B @ A).T + b``: the ``ModuleAgreement`` fields of the routers-alone check."""
+    delta = lora.scaling * (lora.lora_b.double() @ lora.lora_a.double())
+    reference = F.linear(x.double(), weight.double() + delta.to(weight.device),
+                         None if bias is None else bias.double())
+    top = reference.topk(top_k + 1, dim=-1).values
+    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(reference.abs().amax(-1))))
+    near_tie = top[:, top_k - 1] - top[:, top_k] <= NEAR_TIE_ULPS * ulp
+    reference_ids = reference.topk(top_k, dim=-1).indices.sort(-1).values
+
+    def disagree(candidate):
+        ids = candidate.double().topk(top_k, dim=-1).indices.sort(-1).values
+        return int(((ids != reference_ids).any(-1) & ~near_tie).sum())
+
+    def error_ulps(candidate):  # per token, in units of its own scale: big logits are not favoured
+        return ((candidate.double() - reference).abs().amax(-1) / ulp).max().item()
+
+    error, peft_error = error_ulps(logits), error_ulps(peft_logits)
+    floor = ERROR_FLOOR_ULPS.get(dtype, DEFAULT_ERROR_FLOOR_ULPS)
+    return {"decisions": reference.shape[0], "near_ties": int(near_tie.sum()), "disagree": disagree(logits),
+            "peft_disagree": disagree(peft_logits), "max_error": error, "peft_max_error": peft_error,
+            "error_bound": max(2 * peft_error, floor)}
+
+
+class _CaptureLinear(TorchFunctionMode):
+    """Records the outputs of F.linear calls that produce ``num_experts`` columns (a router's logits
+    inside its forward, whatever the router returns)."""
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.outputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (F.linear, torch._C._nn.linear) and result.shape[-1] == self.num_experts:
+            self.outputs.append(result)
+        return result
+
+
+def _peft_router_logits(model: nn.Module, adapter_dir: str, names: list[str],
+                        inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's own router modules, in the model's dtype, with the adapter, on ``inputs``: logits."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    try:
+        logits = {}
+        for name in names:
+            module = peft_model.base_model.model.get_submodule(name)
+            weight = module.get_base_layer().weight if hasattr(module, "get_base_layer") else module.weight
+            capture = _CaptureLinear(weight.shape[0])
+            with torch.no_grad(), capture:
+                output = module(inputs[name])
+            logits[name] = output if isinstance(output, torch.Tensor) else capture.outputs[0]
+        return logits
+    finally:
+        peft_model.unload()
 
 
 def _run_peft(model: nn.Module, adapter_dir: str, names: list[str], tokens: torch.Tensor, top_k: int):
