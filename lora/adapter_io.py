@@ -162,7 +162,7 @@ class RouterAdapter:
         if not layers:
             raise AdapterError(self.source, [
                 f"{type(model).__name__} has no LoRA gate layers; wrap its gates first "
-                "(lora.replace_modules, lora.AdapterManager or replace_gpt_oss_routers(max_loras=...))"])
+                "(gate.integrations.routers.replace_routers, lora.replace_modules or lora.AdapterManager)"])
         by_canonical = {_canonical(name): name for name in layers}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         claimed: dict[str, str] = {}

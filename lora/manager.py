@@ -58,7 +58,8 @@ class AdapterManager:
 
     Args:
         model: a model whose gates are LoRA layers already (``lora.replace_modules``,
-            ``replace_gpt_oss_routers(max_loras=...)``) or GateLinears, which are wrapped here
+            ``gate.integrations.routers.replace_routers(max_loras=...)``) or GateLinears, which are
+            wrapped here (after ``replace_routers(model)``, every transformers router holds one)
             (``target`` is passed to ``replace_modules``: needed for plain nn.Linear gates).
         max_loras: adapters resident at once (at most the layers' slot count).
         max_rank: the largest adapter rank accepted (at most the layers' max_rank).
@@ -76,7 +77,7 @@ class AdapterManager:
             raise ValueError(f"max_cpu_adapters must be >= 1 or None, got {max_cpu_adapters}")
         if not lora_layers(model) and not replace_modules(model, max_loras, max_rank, target=target):
             raise ValueError(f"{type(model).__name__} has no gate to serve adapters on: no LoRA layer "
-                             "and no GateLinear (patch gpt-oss routers with replace_gpt_oss_routers, "
+                             "and no GateLinear (patch transformers routers with replace_routers, "
                              "or pass target= for nn.Linear gates)")
         self._layers = lora_layers(model)
         for name, layer in self._layers.items():
