@@ -292,6 +292,94 @@ def _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenS
         ]
 
 
+def bench_route(replays, progress) -> list[Row]:
+    """Issue-21 rows, gpt-oss routers, cold: the logits alone (router_gemm), the fused routing call
+    (ops.route: logits + top-4 + softmax), transformers' GptOssTopKRouter and our GateGptOssRouter
+    as a model runs them, and a GateLinearWithLoRA's logits and routing (4 rank-16 adapters)."""
+    rows = []
+    jobs = [(E, M) for E in (32, 128) for M in (1, 8, 32, 128)]
+    for E, M in progress(jobs, desc="route"):
+        rows += _route_job(E, M, replays)
+    return rows
+
+
+def _route_job(E: int, M: int, replays: int) -> list[Row]:
+    from torch import nn
+
+    from gate import GateLinear
+    from lora import GateLinearWithLoRA, TokenSlots
+
+    shape = Shape(f"routing E={E}", 2880, E, True, torch.bfloat16, (M,))
+    generator = torch.Generator().manual_seed(E * 7 + M)
+    weights = Weights(shape, True, generator)
+    x = torch.randn(M, shape.K, generator=generator).to("cuda", torch.bfloat16)
+    gates = [GateLinear.from_parameters(*weights[i]) for i in range(weights.copies)]
+    counters = torch.zeros(ops.ROUTE_COUNTERS, dtype=torch.int32, device="cuda")
+    fns = {
+        "route logits": lambda i: ops.router_gemm(x, *weights[i]),
+        "route logits+pdl": lambda i: ops.router_gemm(x, *weights[i], pdl=True),
+        "route fused": lambda i: ops.route(x, *weights[i], 4, counters=counters),
+        "route fused+pdl": lambda i: ops.route(x, *weights[i], 4, pdl=True, counters=counters),
+        "route unfused": lambda i: torch.softmax(
+            torch.topk(ops.router_gemm(x, *weights[i]), 4, dim=-1).values, dim=1,
+            dtype=torch.bfloat16),
+    }
+    try:
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+
+        from gate.integrations.transformers import GateGptOssRouter
+    except ImportError:
+        print("transformers is not importable: no transformers router rows", file=sys.stderr)
+    else:
+        theirs = []
+        for i in range(weights.copies):
+            router = GptOssTopKRouter.__new__(GptOssTopKRouter)
+            nn.Module.__init__(router)
+            router.top_k, router.num_experts, router.hidden_dim = 4, E, shape.K
+            router.weight, router.bias = (nn.Parameter(t, requires_grad=False) for t in weights[i])
+            theirs.append(router)
+        ours = [GateGptOssRouter(gate, 4, returns_logits=True) for gate in gates]
+        fns["route transformers"] = lambda i: theirs[i % len(theirs)](x)
+        fns["route GateGptOssRouter"] = lambda i: ours[i % len(ours)](x)
+    slots = TokenSlots(M, device="cuda")
+    slots.set([i % 5 - 1 for i in range(M)])
+    a = (torch.randn(4, 16, shape.K, generator=generator) / shape.K**0.5).to("cuda", torch.bfloat16)
+    b = (torch.randn(4, E, 16, generator=generator) / 4).to("cuda", torch.bfloat16)
+    layers = []
+    for gate in gates:
+        layer = GateLinearWithLoRA(GateLinear.from_parameters(gate.weight, gate.bias, pdl=True), 4, 16,
+                                   slots)
+        for slot in range(4):
+            layer.set_lora(slot, a[slot], b[slot], 2.0)
+        layers.append(layer)
+    fns["route lora logits+pdl"] = lambda i: layers[i % len(layers)](x)
+    fns["route lora routed+pdl"] = lambda i: layers[i % len(layers)].route(x, 4)
+    with torch.no_grad():
+        return [Row(shape.name, shape.K, E, M, "bfloat16", "cold", name,
+                    per_call_us(fn, weights.calls, replays)) for name, fn in fns.items()]
+
+
+def route_table(rows: list[Row]) -> str:
+    """The issue-21 view: fused routing against the logits alone and against transformers."""
+    table = _lookup(rows)
+    keys = sorted({(r.shape, r.M) for r in rows if r.provider == "route fused"})
+    head = ["shape", "M", "logits", "routed", "+", "logits pdl", "routed pdl", "+", "transformers",
+            "GateGptOssRouter", "x", "LoRA logits", "LoRA routed", "+"]
+    lines = []
+    for shape, M in keys:
+        get = lambda p, shape=shape, M=M: table.get((shape, M, "cold", p), float("nan"))  # noqa: E731
+        t, g = get("route transformers"), get("route GateGptOssRouter")
+        lines.append([shape, str(M), f"{get('route logits'):.2f}", f"{get('route fused'):.2f}",
+                      f"{get('route fused') - get('route logits'):+.2f}",
+                      f"{get('route logits+pdl'):.2f}", f"{get('route fused+pdl'):.2f}",
+                      f"{get('route fused+pdl') - get('route logits+pdl'):+.2f}", f"{t:.2f}",
+                      f"{g:.2f}", f"{t / g:.2f}", f"{get('route lora logits+pdl'):.2f}",
+                      f"{get('route lora routed+pdl'):.2f}",
+                      f"{get('route lora routed+pdl') - get('route lora logits+pdl'):+.2f}"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
+
+
 def write_results(rows: list[Row], out_dir: str, meta: dict) -> str:
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"router_gemm_{meta['gpu_slug']}_{meta['date']}")
@@ -301,6 +389,9 @@ def write_results(rows: list[Row], out_dir: str, meta: dict) -> str:
         f.write(f"# router_gemm on {meta['gpu']} ({meta['date']}, torch {meta['torch']})\n\n")
         f.write("µs per call, CUDA-graph replay, median; ratio = cuBLAS / moegate.\n\n")
         f.write(format_table(rows, markdown=True))
+        if any(r.provider == "route fused" for r in rows):
+            f.write("\n## Routing (logits + top-k + softmax), cold, µs per call\n\n")
+            f.write(route_table(rows))
     plot(rows, stem + ".png")
     return stem
 
@@ -320,7 +411,8 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
         ours, pdl = table[(shape, M, cache, "moegate")], table[(shape, M, cache, "moegate+pdl")]
         lines.append([shape, str(M), cache, f"{cublas:.2f}", f"{ours:.2f}", f"{pdl:.2f}",
                       f"{cublas / ours:.2f}", f"{cublas / pdl:.2f}"])
-    extra = [r for r in rows if r.provider == "floor" or r.provider.startswith(("chain", "lora"))]
+    extra = [r for r in rows
+             if r.provider == "floor" or r.provider.startswith(("chain", "lora", "route"))]
     for r in extra:
         lines.append([r.shape, str(r.M), r.cache, r.provider, f"{r.us:.2f}", "", "", ""])
     if markdown:
@@ -373,6 +465,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tune", action="store_true", help="also time every kernel tile configuration")
     parser.add_argument("--no-chain", action="store_true", help="skip the producer->router->consumer chain")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
+    parser.add_argument("--no-route", action="store_true", help="skip the routing rows")
     parser.add_argument("--only", default=None, metavar="REGEX", help="shapes whose name matches")
     parser.add_argument("--m", default=None, help="comma-separated M values (default: the sweep)")
     parser.add_argument("--caches", default="hot,cold", help="hot, cold or both (default)")
@@ -404,12 +497,16 @@ def main(argv=None) -> int:
         rows += bench_chain(args.replays, progress)
     if not args.no_lora:
         rows += bench_lora(args.replays, progress)
+    if not args.no_route:
+        rows += bench_route(args.replays, progress)
     gpu = torch.cuda.get_device_name()
     meta = {"gpu": gpu, "gpu_slug": gpu.split()[-1].lower(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(),
             "replays": args.replays, "cold_bytes": COLD_BYTES, "min_calls": MIN_CALLS}
     stem = write_results(rows, args.out, meta)
     print(format_table(rows))
+    if not args.no_route:
+        print(route_table(rows))
     if args.tune:
         best = {}
         for r in rows:

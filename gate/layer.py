@@ -57,6 +57,7 @@ class GateLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_experts, **factory)) if bias else None
         self.reset_parameters()
+        self._add_route_counters()
         self._refresh_backend()
 
     def reset_parameters(self) -> None:
@@ -93,15 +94,24 @@ class GateLinear(nn.Module):
             layer.bias = None
         else:
             layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        layer._add_route_counters()
         layer._refresh_backend()
         return layer
+
+    def _add_route_counters(self) -> None:
+        # The fused routing launch's counters (ops.route): zero at rest, on the weight's device,
+        # not in the state dict. One set per layer: a layer must not route on two streams at once.
+        self.register_buffer("route_counters", torch.zeros(
+            ops.ROUTE_COUNTERS, dtype=torch.int32, device=self.weight.device), persistent=False)
 
     def _refresh_backend(self) -> None:
         self._backend = ops.backend_for(self.weight.device, self.weight.dtype)
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() come through here: re-decide the backend once, not per forward.
+        # The counters are zeroed again: to_empty() (meta-device construction) leaves them garbage.
         result = super()._apply(fn, recurse)
+        self.route_counters.zero_()
         self._refresh_backend()
         return result
 
@@ -119,6 +129,29 @@ class GateLinear(nn.Module):
         logits = ops.router_gemm(x.reshape(-1, self.in_features), self.weight, self.bias,
                                  out_dtype=self.out_dtype, pdl=self.pdl, backend=self._backend)
         return logits.view(*leading, self.num_experts)
+
+    def route(
+        self,
+        x: torch.Tensor,
+        top_k: int,
+        scoring: str = "softmax_topk",
+        renormalize: bool = False,
+        weights_dtype: torch.dtype | None = None,
+        ids_dtype: torch.dtype = torch.int64,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing a MoE layer consumes: ``(weights [..., top_k], ids [..., top_k],
+        logits [..., E])`` with ``ops.route``'s semantics (the logits are this layer's forward, bit
+        for bit). One launch on the ``"moegate"`` backend where the kernels serve the call."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        leading = x.shape[:-1]
+        weights, ids, logits = ops.route(
+            x.reshape(-1, self.in_features), self.weight, self.bias, top_k, scoring, renormalize,
+            out_dtype=self.out_dtype, weights_dtype=weights_dtype, ids_dtype=ids_dtype,
+            pdl=self.pdl, backend=self._backend, counters=self.route_counters)
+        return (weights.view(*leading, top_k), ids.view(*leading, top_k),
+                logits.view(*leading, self.num_experts))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_experts={self.num_experts}, "

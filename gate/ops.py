@@ -356,6 +356,155 @@ def lora_expand(
     return lora_expand_torch(logits, xa, lora_b, scaling, slot_ids)
 
 
+SCORINGS = ("softmax_topk", "softmax")
+# Counters a fused routing launch may need (one per token tile: up to 64 in the decode kernel,
+# 32 in the tensor-core kernel); GateLinear keeps this many.
+ROUTE_COUNTERS = 64
+
+
+def _check_route_options(num_experts: int, top_k: int, scoring: str, renormalize: bool,
+                         ids_dtype: torch.dtype) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, {num_experts}] (the number of experts), "
+                         f"got {top_k!r}")
+    if renormalize and scoring != "softmax":
+        raise ValueError("renormalize applies to scoring='softmax' only (softmax_topk weights "
+                         "already sum to 1)")
+    if ids_dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"ids_dtype must be torch.int64 or torch.int32, got {ids_dtype}")
+
+
+def selection_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int64 keys whose order is the routing's selection order of the logits: NaN above +inf, -0.0
+    equal to +0.0, every other value by value. Integers sort the same on every device; float sorts
+    do not (CUDA's radix sort puts +0.0 above -0.0, the CPU's comparison sort does not)."""
+    if logits.dtype == torch.float64:
+        bits, magnitude = (logits + 0.0).view(torch.int64), 0x7FFFFFFFFFFFFFFF
+    else:  # bf16, fp16 and fp32 widen to fp32 exactly
+        bits, magnitude = (logits.float() + 0.0).view(torch.int32).long(), 0x7FFFFFFF
+    keys = torch.where(bits >= 0, bits, -1 - (bits & magnitude))  # + 0.0 made every zero +0.0
+    return keys.masked_fill(torch.isnan(logits), magnitude + 1)
+
+
+def route_torch(
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax_topk",
+    renormalize: bool = False,
+    weights_dtype: torch.dtype | None = None,
+    ids_dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path of ``route_logits`` (CPU, or any device); differentiable in the weights.
+
+    A stable descending sort of ``selection_keys`` gives the kernels' selection order (ties to the
+    lower expert index). The softmax is PyTorch's, in fp32 for half logits; with weights in the
+    logits' own dtype it is transformers' ``softmax(top, dim=1, dtype=top.dtype)`` exactly.
+    """
+    weights_dtype = weights_dtype or logits.dtype
+    ids = torch.sort(selection_keys(logits), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    if scoring == "softmax_topk":
+        top = logits.gather(1, ids)
+        if weights_dtype == logits.dtype:
+            weights = torch.softmax(top, dim=-1, dtype=weights_dtype)
+        else:  # softmax's dtype= casts its input first: the logits would be rounded to it
+            weights = torch.softmax(top, dim=-1, dtype=torch.promote_types(top.dtype, torch.float32))
+            weights = weights.to(weights_dtype)
+    else:
+        wide = torch.promote_types(logits.dtype, torch.float32)
+        probabilities = torch.softmax(logits, dim=-1, dtype=wide).gather(1, ids)
+        if renormalize:
+            probabilities = probabilities / probabilities.sum(dim=-1, keepdim=True)
+        weights = probabilities.to(weights_dtype)
+    return weights, ids.to(ids_dtype)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def route_logits(
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax_topk",
+    renormalize: bool = False,
+    weights_dtype: torch.dtype | None = None,
+    ids_dtype: torch.dtype = torch.int64,
+    pdl: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing of router logits: each token's ``top_k`` experts and their weights.
+
+    Semantics, per token, on the logits l as stored (their dtype), widened to fp32:
+        ids      the top_k largest l in descending order; ties to the lower expert index; NaN
+                 ranks above +inf (a NaN logit is selected and its weights are NaN: visible, never
+                 an out-of-range id); -0.0 equals +0.0. Always distinct ids in [0, E).
+        "softmax_topk" (gpt-oss):  weights = softmax(l[ids])
+        "softmax" (Mixtral, Qwen-MoE): weights = softmax(l)[ids], divided by their sum if
+                 ``renormalize``
+    in fp32, rounded once to ``weights_dtype`` (default: the logits' dtype). Returns
+    ``(weights [M, top_k], ids [M, top_k] ids_dtype)``. On the GPU (``"moegate"`` backend) one
+    kernel, a warp per token, whose weights are within one unit in the last place of
+    ``route_torch``'s in bf16/fp16 (a few fp32 ulps in fp32) and whose ids are the same.
+    pdl: launch the kernel as a programmatic dependent of the kernel before it (it reads the
+    logits after that kernel completes). Where a gradient is needed: ``route_torch``.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [M, E], got shape {tuple(logits.shape)}")
+    _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype)
+    if backend is None:
+        backend = backend_for(logits.device, logits.dtype)
+    if backend == "moegate" and logits.dtype in _KERNEL_DTYPES and not _needs_grad(logits):
+        return torch.ops.moegate.route_logits(logits, top_k, scoring, renormalize, weights_dtype,
+                                              ids_dtype, pdl)
+    return route_torch(logits, top_k, scoring, renormalize, weights_dtype, ids_dtype)
+
+
+def route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    scoring: str = "softmax_topk",
+    renormalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+    weights_dtype: torch.dtype | None = None,
+    ids_dtype: torch.dtype = torch.int64,
+    pdl: bool = False,
+    backend: str | None = None,
+    counters: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole router: logits, then each token's top_k experts and weights.
+
+    Semantics: ``logits = router_gemm(x, weight, bias, out_dtype)`` (bit for bit), then
+    ``route_logits(logits, top_k, scoring, renormalize, weights_dtype, ids_dtype)`` on the logits
+    as rounded to ``out_dtype``; weights_dtype defaults to the logits' dtype.
+    Returns ``(weights [M, top_k], ids [M, top_k], logits [M, E])``.
+
+    One launch where our Hopper kernels serve the router call (E <= 512, top_k <= 8): the last CTA
+    to finish each token tile routes its tokens. It finds out through ``counters`` (int32, at least
+    ``ROUTE_COUNTERS``, all zero, and left zero by every call): calls that may run at the same time
+    on one GPU need counters of their own (a GateLinear holds its own). None allocates fresh zeros
+    per call (one more small kernel). Elsewhere: router_gemm then route_logits.
+    Where a gradient is needed: router_gemm (differentiable) then ``route_torch``.
+    """
+    _check_router_inputs(x, weight, bias)
+    _check_route_options(weight.shape[0], top_k, scoring, renormalize, ids_dtype)
+    if backend is None:
+        backend = backend_for(weight.device, weight.dtype)
+    if backend == "moegate" and not _needs_grad(x, weight, bias):
+        if counters is None:
+            counters = torch.zeros(ROUTE_COUNTERS, dtype=torch.int32, device=x.device)
+        return torch.ops.moegate.route(
+            x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            counters, top_k, scoring, renormalize, out_dtype, weights_dtype, ids_dtype, pdl)
+    logits = router_gemm(x, weight, bias, out_dtype, pdl, backend)
+    weights, ids = route_logits(logits, top_k, scoring, renormalize, weights_dtype, ids_dtype, pdl,
+                                backend)
+    return weights, ids, logits
+
+
 if _C is not None:
 
     def _logits_like(x, weight, out_dtype):
@@ -386,3 +535,20 @@ if _C is not None:
     @torch.library.register_fake("moegate::lora_expand")
     def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids, pdl=False):
         return torch.empty_like(logits)
+
+    def _route_outputs(like, num_tokens, top_k, weights_dtype, ids_dtype):
+        return (like.new_empty((num_tokens, top_k), dtype=weights_dtype),
+                like.new_empty((num_tokens, top_k), dtype=ids_dtype or torch.int64))
+
+    @torch.library.register_fake("moegate::route")
+    def _route_fake(x, weight, bias, counters, top_k, scoring="softmax_topk", renormalize=False,
+                    out_dtype=None, weights_dtype=None, ids_dtype=None, pdl=False):
+        logits = _logits_like(x, weight, out_dtype)
+        return (*_route_outputs(x, x.shape[0], top_k, weights_dtype or logits.dtype, ids_dtype),
+                logits)
+
+    @torch.library.register_fake("moegate::route_logits")
+    def _route_logits_fake(logits, top_k, scoring="softmax_topk", renormalize=False,
+                           weights_dtype=None, ids_dtype=None, pdl=False):
+        return _route_outputs(logits, logits.shape[0], top_k, weights_dtype or logits.dtype,
+                              ids_dtype)

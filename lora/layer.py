@@ -268,6 +268,26 @@ class GateLinearWithLoRA(nn.Module):
                               backend=backend)
         return out if x.dim() == 2 else out.view(*x.shape[:-1], base.num_experts)
 
+    def route(
+        self,
+        x: torch.Tensor,
+        top_k: int,
+        scoring: str = "softmax_topk",
+        renormalize: bool = False,
+        weights_dtype: torch.dtype | None = None,
+        ids_dtype: torch.dtype = torch.int64,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing of the adapted logits: ``(weights [..., top_k], ids [..., top_k],
+        logits [..., E])``, where the logits are this layer's forward bit for bit and the rest is
+        ``gate.ops.route_logits`` on them (one more kernel on the GPU, PDL-launched with the base
+        gate's ``pdl``)."""
+        logits = self(x)
+        flat = logits.reshape(-1, self.base_layer.num_experts)
+        weights, ids = ops.route_logits(flat, top_k, scoring, renormalize, weights_dtype, ids_dtype,
+                                        pdl=self.base_layer.pdl, backend=self.base_layer.backend_for())
+        leading = logits.shape[:-1]
+        return weights.view(*leading, top_k), ids.view(*leading, top_k), logits
+
     # -- delegation to the base layer ------------------------------------------------------------
 
     @property

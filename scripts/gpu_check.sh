@@ -6,6 +6,7 @@
 #   bench: the full benchmark                        final: all GPU tests + synccheck + the main demo
 #   full: all GPU tests + the three sanitizers + the full benchmark
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
+#   route: the GPU tests (no slow) + the routing rows of the benchmark
 # Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
@@ -67,6 +68,11 @@ case "$mode" in
     run_tests "gpu or kernel" gpu_all
     sanitize
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+  route)
+    run_tests "(gpu or kernel) and not slow" gpu
+    python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
+      2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   profile)
     for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do

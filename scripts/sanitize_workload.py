@@ -2,8 +2,9 @@
 
 Every kernel path once or twice: the Hopper kernel in each tile configuration at tile-boundary
 sizes, PDL on and off, bias on and off, bf16 and fp32 output; both kernels fused with a LoRA
-shrink; the foundation kernel on odd sizes; the LoRA expand kernel with every slot, no
-adapter and out-of-range ids.
+shrink; both kernels fused with routing (top-k + softmax) and the routing kernel alone; the
+foundation kernel on odd sizes; the LoRA expand kernel with every slot, no adapter and
+out-of-range ids.
 Exits non-zero if any result is off, so the sanitizer run checks answers as well as accesses.
 """
 
@@ -20,6 +21,14 @@ def check(out, x, w, b):
     err = ((out.double() - ref).norm() / ref.norm()).item()
     if not err < 1e-2:
         sys.exit(f"wrong result: relative error {err:.3e}")
+
+
+def check_routing(weights, ids, logits, top_k, scoring="softmax_topk", renormalize=False):
+    want_weights, want_ids = ops.route_torch(logits, top_k, scoring, renormalize)
+    if not torch.equal(ids, want_ids):
+        sys.exit(f"wrong routing ids for E={logits.shape[1]}, top_k={top_k}")
+    if not torch.allclose(weights.double(), want_weights.double(), rtol=1e-2, atol=1e-6):
+        sys.exit(f"wrong routing weights for E={logits.shape[1]}, top_k={top_k}")
 
 
 def main():
@@ -46,6 +55,14 @@ def main():
                 logits, xa = ops.router_gemm_with_shrink(x, w, b, lora_a, pdl=pdl)
                 check(logits, x, w, b)
                 check(xa, x, lora_a, None)
+        counters = torch.zeros(ops.ROUTE_COUNTERS, dtype=torch.int32, device="cuda")
+        for top_k, scoring, renormalize, pdl in ((4, "softmax_topk", False, False),
+                                                 (8, "softmax", True, True)):
+            weights, ids, logits = ops.route(x, w, b, top_k, scoring, renormalize, pdl=pdl,
+                                             counters=counters)
+            check_routing(weights, ids, logits, top_k, scoring, renormalize)
+        if counters.any():
+            sys.exit("route left its counters non-zero")
     for M, K, E in [(3, 13, 5), (17, 100, 1)]:
         x = torch.randn(M, K, generator=generator).cuda()
         w = torch.randn(E, K, generator=generator).cuda()
@@ -61,6 +78,10 @@ def main():
             out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl).double()
             if not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
                 sys.exit(f"wrong lora_expand result at M={M}, E={E}, S={S}, R={R}, pdl={pdl}")
+    for M, E in [(1, 8), (7, 33), (129, 128), (5, 512)]:
+        logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
+        weights, ids = ops.route_logits(logits, 4, "softmax", False, pdl=True)
+        check_routing(weights, ids, logits, 4, "softmax")
     torch.cuda.synchronize()
     print("sanitize workload: all results correct")
 

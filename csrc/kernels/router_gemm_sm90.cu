@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "kernels/route.h"
 #include "kernels/router_gemm.h"
 #include "kernels/router_gemm_sm90.cuh"
 
@@ -16,11 +17,13 @@ dim3 grid_for(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
 }
 
 using sm90::aligned_16B;
+using sm90::FusedPart;
+using sm90::Fusion;
 using sm90::ShrinkPart;
 
-// `shrink` null: the plain launch; else the fused one, its shrink tiles after the expert tiles.
+// The plain launch, or a fused one (a shrink: its tiles after the expert tiles; or routing).
 template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
-cudaError_t launch_tiles(const RouterGemmArgs& a, const ShrinkPart* shrink) {
+cudaError_t launch_tiles(const RouterGemmArgs& a, const FusedPart& fused) {
   const RouterGemmSm90Config tiles{kExpertTiles, kTokenTiles, kCluster};
   cudaLaunchConfig_t config = {};
   config.gridDim = grid_for(a, tiles);
@@ -38,55 +41,64 @@ cudaError_t launch_tiles(const RouterGemmArgs& a, const ShrinkPart* shrink) {
   const auto* x = static_cast<const __nv_bfloat16*>(a.x);
   const auto* weight = static_cast<const __nv_bfloat16*>(a.weight);
   const auto* bias = static_cast<const __nv_bfloat16*>(a.bias);
-  if (shrink != nullptr) {
-    ShrinkPart part = *shrink;
+  Out* out = static_cast<Out*>(a.out);
+  if (fused.kind == Fusion::kShrink) {
+    ShrinkPart part = fused.shrink;
     part.first_expert_block = static_cast<int>(config.gridDim.y);
     config.gridDim.y += sm90::ceil_div(part.rows, 16 * kExpertTiles);
     return cudaLaunchKernelEx(
-        &config, sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, true>, x,
-        weight, bias, static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, part);
+        &config,
+        sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, Fusion::kShrink>,
+        x, weight, bias, out, a.M, a.E, a.K, a.pdl, part, fused.route);
+  }
+  if (fused.kind == Fusion::kRoute) {
+    return cudaLaunchKernelEx(
+        &config,
+        sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, Fusion::kRoute>,
+        x, weight, bias, out, a.M, a.E, a.K, a.pdl, fused.shrink, fused.route);
   }
   return cudaLaunchKernelEx(
-      &config, sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, false>, x,
-      weight, bias, static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, ShrinkPart{});
+      &config,
+      sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, Fusion::kNone>, x,
+      weight, bias, out, a.M, a.E, a.K, a.pdl, fused.shrink, fused.route);
 }
 
 template <int kExpertTiles, int kTokenTiles, typename Out>
-cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster, const ShrinkPart* shrink) {
+cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster, const FusedPart& fused) {
   switch (cluster) {
-    case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a, shrink);
-    case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a, shrink);
+    case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a, fused);
+    case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a, fused);
   }
   return cudaErrorInvalidValue;
 }
 
 template <int kExpertTiles, typename Out>
 cudaError_t launch_token_tiles(const RouterGemmArgs& a, const RouterGemmSm90Config& c,
-                               const ShrinkPart* shrink) {
+                               const FusedPart& fused) {
   switch (c.token_tiles) {
-    case 1: return launch_cluster<kExpertTiles, 1, Out>(a, c.cluster, shrink);
-    case 2: return launch_cluster<kExpertTiles, 2, Out>(a, c.cluster, shrink);
-    case 4: return launch_cluster<kExpertTiles, 4, Out>(a, c.cluster, shrink);
+    case 1: return launch_cluster<kExpertTiles, 1, Out>(a, c.cluster, fused);
+    case 2: return launch_cluster<kExpertTiles, 2, Out>(a, c.cluster, fused);
+    case 4: return launch_cluster<kExpertTiles, 4, Out>(a, c.cluster, fused);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename Out>
 cudaError_t launch_out(const RouterGemmArgs& a, const RouterGemmSm90Config& c,
-                       const ShrinkPart* shrink) {
+                       const FusedPart& fused) {
   switch (c.expert_tiles) {
-    case 1: return launch_token_tiles<1, Out>(a, c, shrink);
-    case 2: return launch_token_tiles<2, Out>(a, c, shrink);
+    case 1: return launch_token_tiles<1, Out>(a, c, fused);
+    case 2: return launch_token_tiles<2, Out>(a, c, fused);
   }
   return cudaErrorInvalidValue;
 }
 
-// The launch of launch_router_gemm_sm90, and of its fused form when `shrink` is not null.
+// The plain launch of launch_router_gemm_sm90, and the fused ones with `fused`.
 cudaError_t launch_resolved(const RouterGemmArgs& a, RouterGemmSm90Config c,
-                            const ShrinkPart* shrink) {
+                            const FusedPart& fused) {
   c = router_gemm_sm90_resolve(a, c);
-  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, c, shrink);
-  return launch_out<__nv_bfloat16>(a, c, shrink);
+  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, c, fused);
+  return launch_out<__nv_bfloat16>(a, c, fused);
 }
 
 }  // namespace
@@ -139,7 +151,7 @@ RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGem
 }
 
 cudaError_t launch_router_gemm_sm90(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  return launch_resolved(a, c, nullptr);
+  return launch_resolved(a, c, FusedPart{});
 }
 
 const char* router_gemm_sm90_with_shrink_unsupported(const RouterGemmArgs& a, const void* lora_a,
@@ -150,8 +162,24 @@ const char* router_gemm_sm90_with_shrink_unsupported(const RouterGemmArgs& a, co
 
 cudaError_t launch_router_gemm_sm90_with_shrink(const RouterGemmArgs& a, const void* lora_a,
                                                 int rows, float* xa) {
-  const ShrinkPart shrink = ShrinkPart::of(lora_a, rows, xa);
-  return launch_resolved(a, RouterGemmSm90Config{}, &shrink);
+  FusedPart fused;
+  fused.kind = Fusion::kShrink;
+  fused.shrink = ShrinkPart::of(lora_a, rows, xa);
+  return launch_resolved(a, RouterGemmSm90Config{}, fused);
+}
+
+// Routing rides in the tiles of the plain call, so the logits keep its bits; one counter per
+// token tile (grid z).
+int router_gemm_sm90_route_counters(const RouterGemmArgs& a) {
+  const RouterGemmSm90Config c = router_gemm_sm90_resolve(a, RouterGemmSm90Config{});
+  return static_cast<int>(grid_for(a, c).z);
+}
+
+cudaError_t launch_router_gemm_sm90_route(const RouterGemmArgs& a, const RouteArgs& route) {
+  FusedPart fused;
+  fused.kind = Fusion::kRoute;
+  fused.route = route;
+  return launch_resolved(a, RouterGemmSm90Config{}, fused);
 }
 
 }  // namespace moegate

@@ -41,6 +41,8 @@
 #include <cstdint>
 
 #include "kernels/grid_dependency.cuh"
+#include "kernels/route.h"
+#include "kernels/routing.cuh"
 
 namespace moegate {
 namespace sm90 {
@@ -186,21 +188,17 @@ __host__ __device__ constexpr int lanes_per_output(int threads, int outputs, int
   return lanes;
 }
 
-// Independent accumulator sets per MMA tile, for a warp with `tiles` MMA tiles, in the plain or the
-// fused launch (`with_shrink`). Every MMA into one accumulator waits for the one before it: with
-// one tile per warp, a chain of 2 * kBlocksPerChunk MMAs stood between the warp's last load and
-// its handoff (MMAs replaced by adds ran 0.22-0.33 us faster at M <= 32). H200, cold, K = 2880,
-// torch-free harness, PDL off, us, one chain / this rule (benchmarks/results/README.md): one tile,
-// eight chains: E = 128, M = 16: 2.64 / 2.58; E = 32, M = 64: 2.54 / 2.48; two tiles, two chains:
-// E = 128, M = 32: 2.88 / 2.83. More chains cost registers, and registers set the CTAs per SM
-// that let a grid of clusters fit in one wave (tests/test_kernel_sass.py holds each kernel to
-// what its grids need). The fused launch's grids are up to three times the plain call's: two
-// chains on its two-tile warps took it from four CTAs per SM to three and the LoRA layer at
-// M = 32 from 6.18 to 7.02 us. On four-tile warps two chains took the kernel from three CTAs per
-// SM to two and E = 128, M = 128 from 3.77 to 4.86 us.
-__host__ __device__ constexpr int chains_per_tile(int tiles, bool with_shrink) {
-  return tiles == 1 ? 8 : tiles == 2 && !with_shrink ? 2 : 1;
-}
+// Independent accumulator sets per MMA tile, for a warp with `tiles` MMA tiles. Every MMA into one
+// accumulator waits for the one before it: with one tile per warp, a chain of 2 * kBlocksPerChunk
+// MMAs stood between the warp's last load and its handoff, and eight chains recover part of that
+// (benchmarks/results/README.md, "MMA chains"). The chain count fixes the summation order, so every
+// launch form of one tile shape (plain, fused with a shrink, fused with routing) must use the same
+// count for the logits to keep their bits. More chains cost registers, and registers set the CTAs
+// per SM that let a grid of clusters fit in one wave (tests/test_kernel_sass.py holds each kernel
+// to what its grids need): two chains on two-tile warps pushed the fused shrink launch, whose grids
+// are up to three times the plain call's, from four CTAs per SM to three, so warps of two or more
+// tiles keep one chain in every form.
+__host__ __device__ constexpr int chains_per_tile(int tiles) { return tiles == 1 ? 8 : 1; }
 
 template <typename Out>
 __device__ __forceinline__ Out store_cast(float v);
@@ -280,16 +278,27 @@ struct ShrinkPart {
   }
 };
 
+// What a launch adds to the router GEMM: nothing, a second GEMM over the same x (a LoRA shrink),
+// or the routing of the logits by the last CTA of each token tile (routing.cuh).
+enum class Fusion { kNone, kShrink, kRoute };
+struct FusedPart {
+  Fusion kind = Fusion::kNone;
+  ShrinkPart shrink;
+  RouteArgs route;
+};
+
 // Grid: (kCluster, ceil(E / (16 * kExpertTiles)), ceil(M / (8 * kTokenTiles))); cluster
 // (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of
-// kCluster * kWarps contiguous slices of whole k32 blocks. kWithShrink: ceil(shrink.rows /
+// kCluster * kWarps contiguous slices of whole k32 blocks. Fusion::kRoute: the last CTA of each
+// token tile (grid z) routes its tokens. Fusion::kShrink: ceil(shrink.rows /
 // (16 * kExpertTiles)) more expert tiles along y, for the ShrinkPart (whole clusters).
-template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out, bool kWithShrink>
+template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out, Fusion kFusion>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     router_gemm_sm90_kernel(const __nv_bfloat16* __restrict__ x,
                             const __nv_bfloat16* __restrict__ weight,
                             const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                            int E, int K, bool pdl, ShrinkPart shrink) {
+                            int E, int K, bool pdl, ShrinkPart shrink, RouteArgs route) {
+  constexpr bool kWithShrink = kFusion == Fusion::kShrink;
   constexpr int kTileE = 16 * kExpertTiles;  // experts of one CTA
   constexpr int kTileM = 8 * kTokenTiles;    // tokens of one CTA
   constexpr int kTileOut = kTileE * kTileM;
@@ -355,7 +364,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
   // Independent accumulators (chains_per_tile): the two k16 MMAs of k32 block b add into chain
   // (2b + h) % kChains; the chains are added in a fixed order at the end.
-  constexpr int kChains = chains_per_tile(kExpertTiles * kTokenTiles, kWithShrink);
+  constexpr int kChains = chains_per_tile(kExpertTiles * kTokenTiles);
   float acc[kChains][kExpertTiles][kTokenTiles][4];
 #pragma unroll
   for (int s = 0; s < kChains; ++s)
@@ -505,6 +514,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         out[static_cast<long long>(out_m) * E + out_e] =
             store_cast<Out>(sum + bias_value(bias_bits[p]));
     }
+  }
+  if constexpr (kFusion == Fusion::kRoute) {
+    if (routing::last_of_tile(route, blockIdx.z, gridDim.x * gridDim.y))
+      routing::route_tile(out + static_cast<long long>(m0) * E, E, m0,
+                          M - m0 < kTileM ? M - m0 : kTileM, route);
   }
   // After all of this CTA's output stores (see the PDL notes at the top).
   cta_barrier();

@@ -25,8 +25,10 @@
 
 #include <cstdint>
 
+#include "kernels/route.h"
 #include "kernels/router_gemm.h"
 #include "kernels/router_gemm_sm90.cuh"  // griddepcontrol and the weight/activation loads
+#include "kernels/routing.cuh"
 
 namespace moegate {
 namespace {
@@ -102,20 +104,24 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[N], int lane) {
 }
 
 using sm90::aligned_16B;
+using sm90::FusedPart;
+using sm90::Fusion;
 using sm90::ShrinkPart;  // the second GEMM of a fused launch (expert blocks along the grid's x)
 
 // Grid: (ceil(E / kExperts), ceil(M / kTokens)) CTAs of kThreads; CTA (i, j) owns experts
 // [i * kExperts, ...) of tokens [j * kTokens, ...). Thread t reads 16-byte chunk
 // c = pass + j * kThreads + t of each row (consecutive threads, consecutive chunks: coalesced).
-// kWithShrink: the grid has ceil(shrink.rows / kExperts) more CTAs along x, for the ShrinkPart.
-template <int kThreads, int kExperts, int kTokens, typename Out, bool kWithShrink>
+// Fusion::kShrink: the grid has ceil(shrink.rows / kExperts) more CTAs along x, for the ShrinkPart.
+// Fusion::kRoute: the last CTA of each row of the grid routes that row's tokens (routing.cuh).
+template <int kThreads, int kExperts, int kTokens, typename Out, Fusion kFusion>
 __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
                                                 ? long_row_ctas_per_sm(kExperts * kTokens)
                                                 : 1)
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
                                const __nv_bfloat16* __restrict__ weight,
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                               int E, int K, bool pdl, ShrinkPart shrink) {
+                               int E, int K, bool pdl, ShrinkPart shrink, RouteArgs route) {
+  constexpr bool kWithShrink = kFusion == Fusion::kShrink;
   constexpr int kWarps = kThreads / 32;
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
@@ -198,6 +204,10 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
       out[static_cast<long long>(my_m) * E + my_e] =
           sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits));
   }
+  if constexpr (kFusion == Fusion::kRoute) {
+    if (routing::last_of_tile(route, blockIdx.y, gridDim.x))
+      routing::route_tile(out, E, m0, M < kTokens ? M : kTokens, route);
+  }
   sm90::cta_barrier();  // every output store of the CTA precedes the trigger
   sm90::trigger_dependents();
 }
@@ -207,53 +217,58 @@ dim3 grid_for(const RouterGemmArgs& a) {
   return dim3(sm90::ceil_div(a.E, kExperts), sm90::ceil_div(a.M, kTokens), 1);
 }
 
-template <int kThreads, int kExperts, int kTokens, typename Out, bool kWithShrink>
-cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid, const ShrinkPart& shrink) {
+template <int kThreads, int kExperts, int kTokens, typename Out, Fusion kFusion>
+cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid, const FusedPart& fused) {
   return sm90::launch_maybe_dependent(
-      router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kWithShrink>, grid,
+      router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kFusion>, grid,
       dim3(kThreads, 1, 1), a.stream, a.pdl, static_cast<const __nv_bfloat16*>(a.x),
       static_cast<const __nv_bfloat16*>(a.weight), static_cast<const __nv_bfloat16*>(a.bias),
-      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, shrink);
+      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, fused.shrink, fused.route);
 }
 
-// `shrink` null: the plain launch; else the fused one (short rows only: 256 threads).
+// The plain launch, or a fused one (a shrink: short rows only, 256 threads; or routing).
 template <int kExperts, int kTokens, typename Out>
-cudaError_t launch_typed(const RouterGemmArgs& a, const ShrinkPart* shrink) {
+cudaError_t launch_typed(const RouterGemmArgs& a, const FusedPart& fused) {
   dim3 grid = grid_for<kExperts, kTokens>(a);
-  if (shrink != nullptr) {
-    ShrinkPart part = *shrink;
-    part.first_expert_block = static_cast<int>(grid.x);
-    grid.x += sm90::ceil_div(part.rows, kExperts);
-    return launch_threads<kShortRowThreads, kExperts, kTokens, Out, true>(a, grid, part);
+  if (fused.kind == Fusion::kShrink) {
+    FusedPart part = fused;
+    part.shrink.first_expert_block = static_cast<int>(grid.x);
+    grid.x += sm90::ceil_div(part.shrink.rows, kExperts);
+    return launch_threads<kShortRowThreads, kExperts, kTokens, Out, Fusion::kShrink>(a, grid, part);
   }
   // 4 x 8 tiles need more than the 128 registers a thread of a 512-thread CTA may have (ptxas
   // spilled): they keep 256 threads and take two passes over long rows.
   if constexpr (kExperts * kTokens <= 16) {
     const long long ctas = static_cast<long long>(grid.x) * grid.y;
-    if (a.K > kShortRowMaxK && ctas <= kWaveSms * long_row_ctas_per_sm(kExperts * kTokens))
-      return launch_threads<kLongRowThreads, kExperts, kTokens, Out, false>(a, grid, ShrinkPart{});
+    if (a.K > kShortRowMaxK && ctas <= kWaveSms * long_row_ctas_per_sm(kExperts * kTokens)) {
+      if (fused.kind == Fusion::kRoute)
+        return launch_threads<kLongRowThreads, kExperts, kTokens, Out, Fusion::kRoute>(a, grid, fused);
+      return launch_threads<kLongRowThreads, kExperts, kTokens, Out, Fusion::kNone>(a, grid, fused);
+    }
   }
-  return launch_threads<kShortRowThreads, kExperts, kTokens, Out, false>(a, grid, ShrinkPart{});
+  if (fused.kind == Fusion::kRoute)
+    return launch_threads<kShortRowThreads, kExperts, kTokens, Out, Fusion::kRoute>(a, grid, fused);
+  return launch_threads<kShortRowThreads, kExperts, kTokens, Out, Fusion::kNone>(a, grid, fused);
 }
 
 template <int kExperts, typename Out>
-cudaError_t launch_tokens(const RouterGemmArgs& a, int tokens_per_cta, const ShrinkPart* shrink) {
+cudaError_t launch_tokens(const RouterGemmArgs& a, int tokens_per_cta, const FusedPart& fused) {
   switch (tokens_per_cta) {
-    case 1: return launch_typed<kExperts, 1, Out>(a, shrink);
-    case 2: return launch_typed<kExperts, 2, Out>(a, shrink);
-    case 4: return launch_typed<kExperts, 4, Out>(a, shrink);
-    case 8: return launch_typed<kExperts, 8, Out>(a, shrink);
+    case 1: return launch_typed<kExperts, 1, Out>(a, fused);
+    case 2: return launch_typed<kExperts, 2, Out>(a, fused);
+    case 4: return launch_typed<kExperts, 4, Out>(a, fused);
+    case 8: return launch_typed<kExperts, 8, Out>(a, fused);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename Out>
 cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta,
-                       const ShrinkPart* shrink) {
+                       const FusedPart& fused) {
   switch (experts_per_cta) {
-    case 1: return launch_tokens<1, Out>(a, tokens_per_cta, shrink);
-    case 2: return launch_tokens<2, Out>(a, tokens_per_cta, shrink);
-    case 4: return launch_tokens<4, Out>(a, tokens_per_cta, shrink);
+    case 1: return launch_tokens<1, Out>(a, tokens_per_cta, fused);
+    case 2: return launch_tokens<2, Out>(a, tokens_per_cta, fused);
+    case 4: return launch_tokens<4, Out>(a, tokens_per_cta, fused);
   }
   return cudaErrorInvalidValue;
 }
@@ -300,9 +315,8 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
 
 namespace {
 
-// The launch of launch_router_gemm_small_m, and of its fused form when `shrink` is not null.
-cudaError_t launch_resolved(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta,
-                            const ShrinkPart* shrink) {
+// Fills the zero tile sizes (experts and tokens per CTA) for this problem.
+void resolve_tiles(const RouterGemmArgs& a, int& experts_per_cta, int& tokens_per_cta) {
   // Square-ish CTA tiles from 512 logits on (M >= 4): 2 experts x 2 tokens, and 2 x 4 from 768.
   // Each CTA loads 4 or 6 rows where 1 x 4 or 1 x 8 would load 5 or 9 (the bytes each SM moves
   // into registers are what costs here; benchmarks/results/README.md, "Where the decode kernel's
@@ -321,16 +335,22 @@ cudaError_t launch_resolved(const RouterGemmArgs& a, int experts_per_cta, int to
     tokens_per_cta = square_tokens > 0 && experts_per_cta == 2
                          ? square_tokens
                          : auto_tokens_per_cta(a, experts_per_cta);
+}
+
+// The plain launch of launch_router_gemm_small_m, and the fused ones with `fused`.
+cudaError_t launch_resolved(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta,
+                            const FusedPart& fused) {
+  resolve_tiles(a, experts_per_cta, tokens_per_cta);
   if (a.out_dtype == DType::kFloat32)
-    return launch_out<float>(a, experts_per_cta, tokens_per_cta, shrink);
-  return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta, shrink);
+    return launch_out<float>(a, experts_per_cta, tokens_per_cta, fused);
+  return launch_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta, fused);
 }
 
 }  // namespace
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
                                        int tokens_per_cta) {
-  return launch_resolved(a, experts_per_cta, tokens_per_cta, nullptr);
+  return launch_resolved(a, experts_per_cta, tokens_per_cta, FusedPart{});
 }
 
 const char* router_gemm_small_m_with_shrink_unsupported(const RouterGemmArgs& a,
@@ -342,8 +362,25 @@ const char* router_gemm_small_m_with_shrink_unsupported(const RouterGemmArgs& a,
 
 cudaError_t launch_router_gemm_small_m_with_shrink(const RouterGemmArgs& a, const void* lora_a,
                                                    int rows, float* xa) {
-  const ShrinkPart shrink = ShrinkPart::of(lora_a, rows, xa);
-  return launch_resolved(a, 0, 0, &shrink);
+  FusedPart fused;
+  fused.kind = Fusion::kShrink;
+  fused.shrink = ShrinkPart::of(lora_a, rows, xa);
+  return launch_resolved(a, 0, 0, fused);
+}
+
+// Routing rides in the tiles of the plain call, so the logits keep its bits; one counter per row
+// of the grid (a token group).
+int router_gemm_small_m_route_counters(const RouterGemmArgs& a) {
+  int experts_per_cta = 0, tokens_per_cta = 0;
+  resolve_tiles(a, experts_per_cta, tokens_per_cta);
+  return sm90::ceil_div(a.M, tokens_per_cta);
+}
+
+cudaError_t launch_router_gemm_small_m_route(const RouterGemmArgs& a, const RouteArgs& route) {
+  FusedPart fused;
+  fused.kind = Fusion::kRoute;
+  fused.route = route;
+  return launch_resolved(a, 0, 0, fused);
 }
 
 }  // namespace moegate

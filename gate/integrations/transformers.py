@@ -27,7 +27,6 @@ Not covered: ``use_kernels=True`` replaces ``GptOssMLP.forward`` with a hub kern
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -82,9 +81,9 @@ class GateGptOssRouter(GptOssTopKRouter):
     def forward(self, hidden_states: torch.Tensor):
         if not self.returns_logits:
             hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        router_logits = self.linear(hidden_states)
-        top_values, router_indices = torch.topk(router_logits, self.top_k, dim=-1)
-        top_scores = F.softmax(top_values, dim=1, dtype=top_values.dtype)
+        # The gate's routing call: one launch on the GPU kernels; elsewhere transformers' softmax
+        # over the same top-k (ties to the lower expert index).
+        top_scores, router_indices, router_logits = self.linear.route(hidden_states, self.top_k)
         if self.returns_logits:
             return router_logits, top_scores, router_indices
         router_scores = torch.zeros_like(router_logits).scatter_(1, router_indices, top_scores)
