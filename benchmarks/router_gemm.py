@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gate import ops  # noqa: E402
+from gate import ops, tuning  # noqa: E402
 
 COLD_BYTES = 96 * 1024 * 1024
 SETTLE_GRAPHS = 4  # floor measurements before the first kept row (bench_floor)
@@ -139,7 +139,7 @@ def tuning_providers(shape: Shape, M: int):
     result = {}
     for pdl in (False, True):  # the Hopper kernel's own defaults, whatever the dispatch picks
         result["sm90 auto" + ("+pdl" if pdl else "")] = _sm90_config(shape.out_dtype, pdl, 0, 0, 0)
-    if M <= ops.SMALL_M_MAX_M:
+    if M <= tuning.SMALL_M_MAX_M:
         for experts in (1, 2, 4):
             for pdl in (False, True):
                 name = f"small_m x{experts}" + ("+pdl" if pdl else "")
@@ -161,12 +161,12 @@ def tuning_providers(shape: Shape, M: int):
 
 
 def _small_m_config(out_dtype, pdl, experts_per_cta, tokens_per_cta):
-    return lambda x, w, b: ops.router_gemm_small_m(x, w, b, out_dtype, pdl, experts_per_cta,
+    return lambda x, w, b: tuning.router_gemm_small_m(x, w, b, out_dtype, pdl, experts_per_cta,
                                                    tokens_per_cta)
 
 
 def _sm90_config(out_dtype, pdl, expert_tiles, token_tiles, cluster):
-    return lambda x, w, b: ops.router_gemm_sm90(x, w, b, out_dtype, pdl, expert_tiles, token_tiles,
+    return lambda x, w, b: tuning.router_gemm_sm90(x, w, b, out_dtype, pdl, expert_tiles, token_tiles,
                                                 cluster)
 
 
@@ -327,7 +327,7 @@ def _route_job(E: int, M: int, replays: int) -> list[Row]:
     try:
         from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 
-        from gate.integrations.transformers import GateGptOssRouter
+        from moegate.transformers import GateGptOssRouter
     except ImportError:
         print("transformers is not importable: no transformers router rows", file=sys.stderr)
     else:

@@ -27,6 +27,10 @@
    in the last place of the serving dtype at the token's largest |logit|: rounding may swap those
    experts.
 6. The router time per call, ours and PEFT's: the whole router module, hooked alike in both.
+7. Prints the next commands: ``moegate inspect`` / ``moegate verify`` of what it made (the model's
+   ``config.json`` is saved next to the adapters, so ``verify --config`` rebuilds the same model).
+   Without ``--adapter-dir`` it works in a temporary ``moegate_adapters_*`` directory that it
+   removes at the end, saying so.
 
 Verdict. In fp32 only summation order separates us from PEFT: end to end, ~100% top-k agreement and
 identical tokens. In bf16, what we own, the routers alone: top-k sets equal to float64's at every
@@ -36,9 +40,11 @@ token and layer outside near-ties, and a largest logit error at most twice PEFT 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -50,9 +56,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from gate.integrations.transformers import GateGptOssRouter, replace_gpt_oss_routers  # noqa: E402
-from gate.integrations.verify import peft_adapter  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
+from moegate.transformers import GateGptOssRouter, replace_gpt_oss_routers  # noqa: E402
+from moegate.verify import peft_adapter  # noqa: E402
 
 ADAPTERS = ("math", "code", "chat", "code_v2")
 REQUESTS = ("math", "code", None, "chat", "code", "math")  # adapter per sequence, None = base model
@@ -367,7 +373,8 @@ def main(argv=None) -> int:
                         help="the served model's dtype; auto: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--quick", action="store_true", help="2 layers, fewer tokens and training steps")
     parser.add_argument("--adapter-dir", default=None,
-                        help="where adapters are saved, or loaded when there (default: a temp dir)")
+                        help="where adapters (and the model's config.json) are saved, or loaded when there, "
+                             "and kept (default: a temporary directory, removed at the end)")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -388,7 +395,41 @@ def main(argv=None) -> int:
     print(f"model     gpt-oss, {config.num_hidden_layers} layers, router K={config.hidden_size} "
           f"E={config.num_local_experts} top-{config.num_experts_per_tok}, {device} {str(dtype)[6:]}, "
           "random weights")
-    directory = args.adapter_dir or tempfile.mkdtemp(prefix="moegate_adapters_")
+    with adapter_directory(args.adapter_dir) as directory:
+        config.save_pretrained(directory)  # config.json: `moegate verify --config` rebuilds this model
+        passed = run_demo(args, base, config, directory, device, dtype, new_tokens, started)
+        print_next_commands(directory, kept=args.adapter_dir is not None)
+    return 0 if passed else 1
+
+
+@contextlib.contextmanager
+def adapter_directory(requested: str | None):
+    """``requested`` (created if missing, kept), or a temporary ``moegate_adapters_*`` directory
+    removed on the way out, whatever happens."""
+    if requested is not None:
+        os.makedirs(requested, exist_ok=True)
+        yield requested
+        return
+    directory = tempfile.mkdtemp(prefix="moegate_adapters_")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        print(f"cleanup   removed the temporary {directory} (pass --adapter-dir DIR to keep the adapters)")
+
+
+def print_next_commands(directory: str, kept: bool) -> None:
+    where = directory if kept else "DIR"
+    keep = "" if kept else "with the adapters kept (--adapter-dir DIR, scripts/demo.sh passes it on), "
+    print(f"next      {keep}check one against PEFT, or serve them again:")
+    print(f"            moegate inspect {os.path.join(where, 'math')}")
+    print(f"            moegate verify {os.path.join(where, 'math')} --config {where} [--dtype bfloat16]")
+    print(f"            python examples/serve_router_adapters.py --adapter-dir {where}")
+
+
+def run_demo(args, base, config, directory: str, device: str, dtype: torch.dtype, new_tokens: int,
+             started: float) -> bool:
+    """Steps 2-6 of the module docstring on the adapters in ``directory``; True when the verdict passes."""
     dirs = train_adapters(base, directory, device, steps=4 if args.quick else 8)
 
     served = copy.deepcopy(base)
@@ -397,7 +438,7 @@ def main(argv=None) -> int:
     for name in ("math", "code", "chat"):
         manager.add(name, dirs[name])
     router = next(m for m in served.modules() if isinstance(m, GateGptOssRouter))
-    print(f"serving   backend {router.linear.base_layer.backend_for()!r}, {manager.max_loras} slots of rank "
+    print(f"serving   backend {router.linear.base_layer.backend!r}, {manager.max_loras} slots of rank "
           f"<= {manager.max_rank}; requests use {list(REQUESTS)}")
 
     prompts = torch.randint(3, config.vocab_size, (len(REQUESTS), 24), device=device,
@@ -491,7 +532,7 @@ def main(argv=None) -> int:
                    f"end to end (informative): top-k agreement {100 * ours_rate:.2f}% ({peft_name}: "
                    f"{100 * peft_rate:.2f}%), tokens {tokens}")
     print(f"verdict   {'PASS' if passed else 'FAIL'}: {verdict}; {time.perf_counter() - started:.0f}s in all")
-    return 0 if passed else 1
+    return passed
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ class GateLinear(nn.Module):
             (benchmarks/results/README.md, the chain rows). The logits are the same bits either way.
 
     Forward takes x of shape [..., K] and returns [..., E]. It is differentiable on every backend,
-    with the gradients F.linear gives (bit for bit on the same device). The backend
-    (``"moegate"``, ``"cublas"`` or ``"torch"``, see ``gate.ops``) is decided when the layer is
-    built or moved, not per call; ``backend_for(x)`` says which one an input gets.
+    with the gradients F.linear gives (bit for bit on the same device). The parameters are checked
+    when the layer is built or moved and the backend (``"moegate"``, ``"cublas"`` or ``"torch"``,
+    see ``gate.ops``) decided then, so a call checks only x (``ops.check_input``); ``backend``
+    says which one it is.
     """
 
     def __init__(
@@ -83,6 +84,9 @@ class GateLinear(nn.Module):
             raise ValueError(f"weight must be 2-D [E, K], got shape {tuple(weight.shape)}")
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):
+            raise ValueError(f"bias is {bias.dtype} on {bias.device} but weight is {weight.dtype} on "
+                             f"{weight.device}; convert the bias with .to(weight.dtype, weight.device)")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features = weight.shape[1]
@@ -115,20 +119,23 @@ class GateLinear(nn.Module):
         self._refresh_backend()
         return result
 
-    def backend_for(self, x: torch.Tensor | None = None) -> str:
-        """The backend a forward on ``x`` uses: ``"moegate"``, ``"cublas"`` or ``"torch"``."""
-        if x is not None and x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device} but the gate's weight is on {self.weight.device}")
+    @property
+    def backend(self) -> str:
+        """The backend every forward uses: ``"moegate"``, ``"cublas"`` or ``"torch"`` (decided from
+        the weight's device and dtype, as ``ops.backend_for``, when the layer is built or moved)."""
         return self._backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
-        leading = x.shape[:-1]
-        logits = ops.router_gemm(x.reshape(-1, self.in_features), self.weight, self.bias,
-                                 out_dtype=self.out_dtype, pdl=self.pdl, backend=self._backend)
-        return logits.view(*leading, self.num_experts)
+        # The parameters through the module's own dict: nn.Module's attribute lookup of each costs
+        # more than the whole per-call check.
+        parameters = self._parameters
+        weight, bias = parameters["weight"], parameters.get("bias")
+        ops.check_input(x, weight)
+        if x.dim() == 2:  # what transformers' routers pass: no reshape on the way
+            return ops.router_gemm_unchecked(x, weight, bias, self.out_dtype, self.pdl, self._backend)
+        logits = ops.router_gemm_unchecked(x.reshape(-1, self.in_features), weight, bias,
+                                           self.out_dtype, self.pdl, self._backend)
+        return logits.view(*x.shape[:-1], self.num_experts)
 
     def route(
         self,
@@ -142,14 +149,11 @@ class GateLinear(nn.Module):
         """The routing a MoE layer consumes: ``(weights [..., top_k], ids [..., top_k],
         logits [..., E])`` with ``ops.route``'s semantics (the logits are this layer's forward, bit
         for bit). One launch on the ``"moegate"`` backend where the kernels serve the call."""
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"x must have shape [..., {self.in_features}], got {tuple(x.shape)}")
+        ops.check_input(x, self.weight)
         leading = x.shape[:-1]
-        weights, ids, logits = ops.route(
+        weights, ids, logits = ops.route_unchecked(
             x.reshape(-1, self.in_features), self.weight, self.bias, top_k, scoring, renormalize,
-            out_dtype=self.out_dtype, weights_dtype=weights_dtype, ids_dtype=ids_dtype,
-            pdl=self.pdl, backend=self._backend, counters=self.route_counters)
+            self.out_dtype, weights_dtype, ids_dtype, self.pdl, self._backend, self.route_counters)
         return (weights.view(*leading, top_k), ids.view(*leading, top_k),
                 logits.view(*leading, self.num_experts))
 

@@ -8,6 +8,11 @@ Backends, in the order a router layer prefers them:
   ``"moegate"``  our CUDA kernels (``torch.ops.moegate.router_gemm``), CUDA device of a built arch;
   ``"cublas"``   ``torch.addmm`` / ``torch.mm`` on a CUDA device without a usable extension;
   ``"torch"``    ``F.linear`` everywhere else (CPU).
+
+Every public op checks its arguments. Layers, which check their parameters when built or changed,
+call the ``*_unchecked`` twins with the backend they decided: per call they check only x, once,
+with ``check_input`` (its shape, dtype and device are all that can change between calls).
+The kernels' tuning entry points (one kernel alone, with its tiles) are in ``gate.tuning``.
 """
 
 from __future__ import annotations
@@ -57,19 +62,13 @@ def backend_for(device: torch.device, dtype: torch.dtype) -> str:
     return "cublas"
 
 
-def _check_router_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+def check_router_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raises ValueError naming the problem (and the fix) unless x [M, K], weight [E, K] and bias
+    [E] or None fit together: the checks of every public op here."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [E, K], got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight has E=0 experts; a router needs at least one")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x has K={x.shape[1]} but weight has K={weight.shape[1]}")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"x is {x.dtype} but weight is {weight.dtype}; they must match")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
     if bias is not None:
         if bias.dtype != weight.dtype:
             raise ValueError(f"bias is {bias.dtype} but weight is {weight.dtype}; they must match")
@@ -77,6 +76,24 @@ def _check_router_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias.device != weight.device:
             raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    check_input(x, weight)
+
+
+def check_input(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """What a router's input x [..., K] must share with its weight [E, K]: the only per-call check
+    of a layer, whose parameters were checked when it was built. Raises ValueError saying the fix."""
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        got = f"K={x.shape[-1]}" if x.dim() else "a 0-d tensor"
+        raise ValueError(f"x has {got} but the router's weight has K={weight.shape[1]}: x must have "
+                         f"shape [..., {weight.shape[1]}], got {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but the router's weight is {weight.dtype}: cast the input "
+                         f"(x.to({weight.dtype})) or the router (.to({x.dtype}))")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the router's weight is on {weight.device}: move the "
+                         f"input (x.to('{weight.device}')) or the router (.to('{x.device}'))")
 
 
 def router_gemm_torch(
@@ -133,17 +150,22 @@ def router_gemm(
     ``pdl`` launches the CUDA kernel with programmatic dependent launch (ignored elsewhere).
     ``backend`` forces one of ``BACKENDS``; None picks the best for the weight's device and dtype.
     """
-    _check_router_inputs(x, weight, bias)
-    if backend is None:
-        backend = backend_for(weight.device, weight.dtype)
+    check_router_inputs(x, weight, bias)
+    return router_gemm_unchecked(x, weight, bias, out_dtype, pdl,
+                                 backend or backend_for(weight.device, weight.dtype))
+
+
+def router_gemm_unchecked(x, weight, bias, out_dtype, pdl, backend: str) -> torch.Tensor:
+    """``router_gemm`` for a caller that has checked its inputs (a layer: its parameters when built,
+    x with ``check_input`` per call), on a given backend. Nothing is checked again here."""
+    if backend == "torch":
+        return router_gemm_torch(x, weight, bias, out_dtype)
     if backend == "moegate":
         return torch.ops.moegate.router_gemm(
             x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             out_dtype, pdl)
     if backend == "cublas":
         return router_gemm_cublas(x, weight, bias, out_dtype)
-    if backend == "torch":
-        return router_gemm_torch(x, weight, bias, out_dtype)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
@@ -153,6 +175,12 @@ def lora_shrink(
     """A LoRA shrink for every slot at once: x @ lora_a^T as a router GEMM (lora_a: [rows, K], every
     slot's A flattened), in float32 straight from the fp32 accumulator (float64 for float64 x)."""
     return router_gemm(x, lora_a, None, torch.promote_types(x.dtype, torch.float32), pdl, backend)
+
+
+def lora_shrink_unchecked(x, lora_a, pdl, backend: str) -> torch.Tensor:
+    """``lora_shrink`` for a caller that has checked its inputs (see ``router_gemm_unchecked``)."""
+    return router_gemm_unchecked(x, lora_a, None, torch.promote_types(x.dtype, torch.float32), pdl,
+                                 backend)
 
 
 def router_gemm_with_shrink(
@@ -173,120 +201,25 @@ def router_gemm_with_shrink(
     router's grid. Elsewhere (cuBLAS, the foundation kernel), and wherever a gradient is needed,
     they are the two calls.
     """
-    _check_router_inputs(x, weight, bias)
+    check_router_inputs(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[1] or lora_a.shape[0] == 0:
         raise ValueError(f"lora_a must be [rows >= 1, {x.shape[1]}], got {tuple(lora_a.shape)}")
     if lora_a.dtype != x.dtype or lora_a.device != x.device:
         raise ValueError(f"lora_a must be {x.dtype} on {x.device}, got {lora_a.dtype} on {lora_a.device}")
-    if backend is None:
-        backend = backend_for(weight.device, weight.dtype)
+    return router_gemm_with_shrink_unchecked(x, weight, bias, lora_a, out_dtype, pdl,
+                                             backend or backend_for(weight.device, weight.dtype))
+
+
+def router_gemm_with_shrink_unchecked(x, weight, bias, lora_a, out_dtype, pdl,
+                                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``router_gemm_with_shrink`` for a caller that has checked its inputs (see
+    ``router_gemm_unchecked``)."""
     if backend == "moegate" and x.dtype != torch.float64:  # the op's shrink is float32
         return torch.ops.moegate.router_gemm_with_shrink(
             x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             lora_a.contiguous(), out_dtype, pdl)
-    return router_gemm(x, weight, bias, out_dtype, pdl, backend), lora_shrink(x, lora_a, pdl, backend)
-
-
-SM90_MAX_M = 256
-SM90_MAX_E = 512
-SMALL_M_MAX_M = 64
-
-
-def _check_hopper_kernel_inputs(x, weight, bias, out_dtype, max_m, kernel):
-    """The Hopper kernels' limits, checked here so that bad input is a ValueError before any launch
-    (the C++ side checks the same things again)."""
-    problems = []
-    if x.dtype != torch.bfloat16:
-        problems.append(f"x and weight must be bfloat16, got {x.dtype}")
-    if out_dtype not in (None, torch.bfloat16, torch.float32):
-        problems.append(f"out_dtype must be bfloat16 or float32, got {out_dtype}")
-    if not 1 <= x.shape[0] <= max_m:
-        problems.append(f"M must be in [1, {max_m}], got {x.shape[0]}")
-    if x.shape[1] % 8 != 0:
-        problems.append(f"K must be a multiple of 8, got {x.shape[1]}")
-    if problems:
-        raise ValueError(f"{kernel} cannot take these inputs: " + "; ".join(problems))
-
-
-def router_gemm_simple(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The foundation CUDA kernel alone (any shape, bf16/fp16/fp32); ``router_gemm``'s semantics."""
-    _check_router_inputs(x, weight, bias)
-    return torch.ops.moegate.router_gemm_simple(x.contiguous(), weight.contiguous(),
-                                                None if bias is None else bias.contiguous(),
-                                                out_dtype)
-
-
-def router_gemm_sm90(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    pdl: bool = False,
-    expert_tiles: int = 0,
-    token_tiles: int = 0,
-    cluster: int = 0,
-) -> torch.Tensor:
-    """The Hopper kernel alone, with its tile configuration exposed for tuning and tests.
-
-    bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 256, E a multiple of 8 up to 512, K a multiple
-    of 8. ``expert_tiles`` (1, 2: 16 experts each), ``token_tiles`` (1, 2, 4: 8 tokens each) and
-    ``cluster`` (4 or 8 CTAs splitting K) are per warp / per cluster; 0 picks the heuristic.
-    """
-    _check_router_inputs(x, weight, bias)
-    _check_hopper_kernel_inputs(x, weight, bias, out_dtype, SM90_MAX_M, "router_gemm_sm90")
-    E = weight.shape[0]
-    if E % 8 != 0 or E > SM90_MAX_E:
-        raise ValueError(f"router_gemm_sm90 needs E a multiple of 8 up to {SM90_MAX_E}, got {E}")
-    if expert_tiles not in (0, 1, 2) or token_tiles not in (0, 1, 2, 4) or cluster not in (0, 4, 8):
-        raise ValueError(f"unsupported tile configuration expert_tiles={expert_tiles}, "
-                         f"token_tiles={token_tiles}, cluster={cluster}")
-    return torch.ops.moegate.router_gemm_sm90(x.contiguous(), weight.contiguous(),
-                                              None if bias is None else bias.contiguous(),
-                                              out_dtype, pdl, expert_tiles, token_tiles, cluster)
-
-
-def router_gemm_small_m(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    pdl: bool = False,
-    experts_per_cta: int = 0,
-    tokens_per_cta: int = 0,
-) -> torch.Tensor:
-    """The decode-size Hopper kernel alone (one CTA per expert group and token group, CUDA-core FMA).
-
-    bf16 x/weight/bias, bf16 or fp32 out, 1 <= M <= 64, any E, K a multiple of 8.
-    ``experts_per_cta`` is 1, 2 or 4; ``tokens_per_cta`` is 1, 2, 4 or 8; 0 picks by E and M (the
-    measured best: 2 x 2 from 512 logits and 2 x 4 from 768, else 1 x 2).
-    """
-    _check_router_inputs(x, weight, bias)
-    _check_hopper_kernel_inputs(x, weight, bias, out_dtype, SMALL_M_MAX_M, "router_gemm_small_m")
-    if experts_per_cta not in (0, 1, 2, 4):
-        raise ValueError(f"experts_per_cta must be 0 (auto), 1, 2 or 4, got {experts_per_cta}")
-    if tokens_per_cta not in (0, 1, 2, 4, 8):
-        raise ValueError(f"tokens_per_cta must be 0 (auto), 1, 2, 4 or 8, got {tokens_per_cta}")
-    return torch.ops.moegate.router_gemm_small_m(x.contiguous(), weight.contiguous(),
-                                                 None if bias is None else bias.contiguous(),
-                                                 out_dtype, pdl, experts_per_cta, tokens_per_cta)
-
-
-ROUTES = ("cublas", "small_m", "sm90", "simple")  # router_gemm_route's answers, by code
-
-
-def router_gemm_route(x: torch.Tensor, weight: torch.Tensor,
-                      out_dtype: torch.dtype | None = None) -> str:
-    """Which implementation ``router_gemm`` on the ``"moegate"`` backend runs for these inputs:
-    ``"small_m"`` (decode kernel), ``"sm90"`` (tensor-core kernel), ``"cublas"`` (above the measured
-    crossover) or ``"simple"`` (the foundation kernel). Decided inside the op, per call, and the
-    same with or without ``pdl``."""
-    _check_router_inputs(x, weight, None)
-    return ROUTES[torch.ops.moegate.router_gemm_route(x.contiguous(), weight.contiguous(), out_dtype)]
+    return (router_gemm_unchecked(x, weight, bias, out_dtype, pdl, backend),
+            lora_shrink_unchecked(x, lora_a, pdl, backend))
 
 
 def lora_expand_torch(
@@ -312,6 +245,23 @@ def lora_expand_torch(
     has_adapter = (slot == slot_ids).unsqueeze(1)
     # torch.where, not a zero delta for no-adapter tokens: -0.0 + 0.0 is +0.0, not the base bits.
     return torch.where(has_adapter, (logits + delta.squeeze(0)).to(logits.dtype), logits)
+
+
+def lora_expand_one_slot_torch(logits: torch.Tensor, xa: torch.Tensor, slot: int,
+                               scaled_b_t: torch.Tensor) -> torch.Tensor:
+    """``lora_expand_torch`` when every token uses slot ``slot``, with its B scaled ahead of time.
+
+    xa: [M, S*R], the shrink of every slot, contiguous (as ``router_gemm_torch`` returns it);
+    scaled_b_t: [1, R, E], ``(lora_b[slot].to(xa.dtype) * scaling[slot]).t().unsqueeze(0)``. The same
+    ops on operands of the same layouts as ``lora_expand_torch`` (a bmm, one addition, one rounding),
+    so the same bits, with none of its per-token gather.
+    """
+    num_tokens, width = xa.shape
+    rank = scaled_b_t.shape[1]
+    # xa[None, :, slot*R:(slot+1)*R] as one view (the same strides; indexing costs two ops).
+    xa_slot = xa.as_strided((1, num_tokens, rank), (num_tokens * width, width, 1), slot * rank)
+    out = logits + torch.bmm(xa_slot, scaled_b_t)[0]
+    return out if out.dtype == logits.dtype else out.to(logits.dtype)
 
 
 def lora_expand(
@@ -347,8 +297,13 @@ def lora_expand(
     if scaling.shape != (num_slots,) or slot_ids.shape != (num_tokens,):
         raise ValueError(f"scaling must be [{num_slots}] and slot_ids [{num_tokens}], got "
                          f"{tuple(scaling.shape)} and {tuple(slot_ids.shape)}")
-    if backend is None:
-        backend = backend_for(logits.device, lora_b.dtype)
+    return lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl,
+                                 backend or backend_for(logits.device, lora_b.dtype))
+
+
+def lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl, backend: str) -> torch.Tensor:
+    """``lora_expand`` for a caller whose slots were checked when built (see
+    ``router_gemm_unchecked``)."""
     if backend == "moegate" and xa.dtype == torch.float32:
         return torch.ops.moegate.lora_expand(logits.contiguous(), xa.contiguous(), lora_b.contiguous(),
                                              scaling.float().contiguous(), slot_ids.long().contiguous(),
@@ -489,48 +444,42 @@ def route(
     per call (one more small kernel). Elsewhere: router_gemm then route_logits.
     Where a gradient is needed: router_gemm (differentiable) then ``route_torch``.
     """
-    _check_router_inputs(x, weight, bias)
+    check_router_inputs(x, weight, bias)
+    return route_unchecked(x, weight, bias, top_k, scoring, renormalize, out_dtype, weights_dtype,
+                           ids_dtype, pdl, backend or backend_for(weight.device, weight.dtype), counters)
+
+
+def route_unchecked(x, weight, bias, top_k, scoring, renormalize, out_dtype, weights_dtype, ids_dtype,
+                    pdl, backend: str, counters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``route`` for a caller that has checked x, weight and bias (see ``router_gemm_unchecked``);
+    the routing options, which may change per call, are checked here."""
     _check_route_options(weight.shape[0], top_k, scoring, renormalize, ids_dtype)
-    if backend is None:
-        backend = backend_for(weight.device, weight.dtype)
     if backend == "moegate" and not _needs_grad(x, weight, bias):
         if counters is None:
             counters = torch.zeros(ROUTE_COUNTERS, dtype=torch.int32, device=x.device)
         return torch.ops.moegate.route(
             x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             counters, top_k, scoring, renormalize, out_dtype, weights_dtype, ids_dtype, pdl)
-    logits = router_gemm(x, weight, bias, out_dtype, pdl, backend)
+    logits = router_gemm_unchecked(x, weight, bias, out_dtype, pdl, backend)
     weights, ids = route_logits(logits, top_k, scoring, renormalize, weights_dtype, ids_dtype, pdl,
                                 backend)
     return weights, ids, logits
 
 
-if _C is not None:
+def logits_like(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """An uninitialised [M, E] output of a router GEMM (the fake kernels' answer)."""
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
 
-    def _logits_like(x, weight, out_dtype):
-        return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
+
+if _C is not None:
 
     @torch.library.register_fake("moegate::router_gemm")
     def _router_gemm_fake(x, weight, bias=None, out_dtype=None, pdl=False):
-        return _logits_like(x, weight, out_dtype)
-
-    @torch.library.register_fake("moegate::router_gemm_simple")
-    def _router_gemm_simple_fake(x, weight, bias=None, out_dtype=None):
-        return _logits_like(x, weight, out_dtype)
-
-    @torch.library.register_fake("moegate::router_gemm_sm90")
-    def _router_gemm_sm90_fake(x, weight, bias=None, out_dtype=None, pdl=False, expert_tiles=0,
-                               token_tiles=0, cluster=0):
-        return _logits_like(x, weight, out_dtype)
-
-    @torch.library.register_fake("moegate::router_gemm_small_m")
-    def _router_gemm_small_m_fake(x, weight, bias=None, out_dtype=None, pdl=False,
-                                  experts_per_cta=0, tokens_per_cta=0):
-        return _logits_like(x, weight, out_dtype)
+        return logits_like(x, weight, out_dtype)
 
     @torch.library.register_fake("moegate::router_gemm_with_shrink")
     def _router_gemm_with_shrink_fake(x, weight, bias, lora_a, out_dtype=None, pdl=False):
-        return _logits_like(x, weight, out_dtype), _logits_like(x, lora_a, torch.float32)
+        return logits_like(x, weight, out_dtype), logits_like(x, lora_a, torch.float32)
 
     @torch.library.register_fake("moegate::lora_expand")
     def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids, pdl=False):
@@ -543,7 +492,7 @@ if _C is not None:
     @torch.library.register_fake("moegate::route")
     def _route_fake(x, weight, bias, counters, top_k, scoring="softmax_topk", renormalize=False,
                     out_dtype=None, weights_dtype=None, ids_dtype=None, pdl=False):
-        logits = _logits_like(x, weight, out_dtype)
+        logits = logits_like(x, weight, out_dtype)
         return (*_route_outputs(x, x.shape[0], top_k, weights_dtype or logits.dtype, ids_dtype),
                 logits)
 

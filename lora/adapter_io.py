@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lora import peft_keys
@@ -44,7 +43,9 @@ from lora.adapter_files import (
     read_snapshot,
     write_directory,
 )
+from lora.casts import cast_problem
 from lora.peft_keys import MODULE, PARAMETER
+from lora.registry import lora_layers
 from lora.slots import SlotWrites
 
 if TYPE_CHECKING:  # peft (which imports transformers) loads on first use, not with `import lora`
@@ -162,7 +163,7 @@ class RouterAdapter:
         if not layers:
             raise AdapterError(self.source, [
                 f"{type(model).__name__} has no LoRA gate layers; wrap its gates first "
-                "(gate.integrations.routers.replace_routers, lora.replace_modules or lora.AdapterManager)"])
+                "(moegate.routers.replace_routers, lora.replace_modules or lora.AdapterManager)"])
         by_canonical = {_canonical(name): name for name in layers}
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
         claimed: dict[str, str] = {}
@@ -228,14 +229,6 @@ class BoundAdapter:
                     transaction.reset_lora(layer, slot)
 
 
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's LoRA gate layers by qualified name: modules with slots (``set_lora``,
-    ``reset_lora``, ``lora_a_stacked [S, R, K]``, ``lora_b_stacked [S, E, R]``)."""
-    return {name: module for name, module in model.named_modules()
-            if callable(getattr(module, "set_lora", None)) and callable(getattr(module, "reset_lora", None))
-            and isinstance(getattr(module, "lora_a_stacked", None), torch.Tensor)}
-
-
 def _canonical(name: str) -> str:
     # `…router.linear` is the gate held by a patched router: the adapter may name either.
     return name[: -len(".linear")] if name.endswith(".linear") else name
@@ -275,9 +268,10 @@ def _fit_to_layer(module: str, weights: LoraWeights, layer: nn.Module):
         problems.append(f"{module}: scaling {weights.scaling} is not finite")
     lora_a = weights.lora_a.to(dtype)
     lora_b = weights.lora_b.to(dtype)
-    for factor, tensor in (("lora_A", lora_a), ("lora_B", lora_b)):
-        if not bool(torch.isfinite(tensor).all()):
-            problems.append(f"{module}: {factor} is not finite once cast to the slots' {dtype}")
+    for factor, original, cast in (("lora_A", weights.lora_a, lora_a), ("lora_B", weights.lora_b, lora_b)):
+        problem = cast_problem(f"{module}: {factor}", original, cast)
+        if problem is not None:
+            problems.append(problem)
     return (lora_a, lora_b, weights.scaling), problems
 
 
@@ -503,6 +497,8 @@ def save_adapter(adapter: RouterAdapter, path: str | os.PathLike) -> None:
     for module, weights in adapter.modules.items():
         tensors[peft_keys.lora_key(module, "lora_A")] = weights.lora_a.detach().cpu().contiguous()
         tensors[peft_keys.lora_key(module, "lora_B")] = weights.lora_b.detach().cpu().contiguous()
+
+    from safetensors.torch import save_file  # on first save, not with `import lora`
 
     def write_files(directory: str) -> None:
         adapter.config.save_pretrained(directory)

@@ -10,6 +10,7 @@ from torch import nn
 
 from gate import ops
 from gate.layer import GateLinear
+from lora.casts import cast_factor
 from lora.slots import TokenSlots, _as_int
 
 
@@ -20,8 +21,8 @@ def add_lora_delta(
     lora_b: torch.Tensor,
     scaling: torch.Tensor,
     slot_ids: torch.Tensor,
-    backend: str | None = None,
     pdl: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Adds each token's adapter delta to the base logits; tokens without an adapter are untouched.
 
@@ -145,8 +146,25 @@ class GateLinearWithLoRA(nn.Module):
         self.register_buffer("scaling", torch.zeros(max_loras, dtype=torch.float32, device=weight.device),
                              persistent=False)
         self._slot_ranks = [0] * max_loras
+        self._make_slot_views()
         if self.token_slots is not None:
             self.token_slots.limit_slots(max_loras)
+
+    def _make_slot_views(self) -> None:
+        # For the PyTorch backend's one-slot forward: every slot's A as one [S*R, K] matrix, and per
+        # slot B scaled (B^T [1, R, E] in the compute dtype, as ops.lora_expand_torch scales it),
+        # rewritten when a slot is written, not per forward.
+        compute = torch.promote_types(self.lora_b_stacked.dtype, torch.float32)
+        self._scaled_b = torch.empty(self.lora_b_stacked.shape, dtype=compute,
+                                     device=self.lora_b_stacked.device)
+        self._lora_a_flat = self.lora_a_stacked.view(-1, self.in_features)
+        self._scaled_b_t = [self._scaled_b[slot].t().unsqueeze(0) for slot in range(self.max_loras)]
+        for slot in range(self.max_loras):
+            self._scale_b(slot)
+
+    def _scale_b(self, slot: int) -> None:
+        with torch.no_grad():
+            self._scaled_b[slot] = self.lora_b_stacked[slot].to(self._scaled_b.dtype) * self.scaling[slot]
 
     def set_token_slots(self, token_slots: TokenSlots | None) -> None:
         """Attaches the shared token -> slot mapping (None detaches it)."""
@@ -164,15 +182,18 @@ class GateLinearWithLoRA(nn.Module):
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
         """Loads one adapter into ``slot``, in place: lora_a [r, K], lora_b [E, r], 1 <= r <= max_rank.
 
-        lora_a/lora_b must already have the slots' dtype and device (``lora_a_stacked.dtype`` /
-        ``.device``): casting is the caller's decision, not a silent one here. Everything is checked
-        before anything is written, so on error the slot keeps its previous adapter.
+        lora_a/lora_b may have any floating dtype (PEFT's are float32) and are cast to the slots'
+        (``lora_a_stacked.dtype``), refused when the cast overflows or loses a whole factor
+        (``lora.casts``); they must be on the slots' device. Everything is checked before anything
+        is written, so on error the slot keeps its previous adapter.
         """
         slot = self._check_slot(slot)
         if slot == self.merged_slot:
             raise RuntimeError(f"slot {slot} is merged into the base weight; unmerge() before changing it")
         rank = self._check_adapter(lora_a, lora_b)
         scale = _check_scaling(scaling)
+        lora_a = cast_factor("lora_a", lora_a, self.lora_a_stacked.dtype)
+        lora_b = cast_factor("lora_b", lora_b, self.lora_b_stacked.dtype)
         with torch.no_grad():
             slot_a = self.lora_a_stacked[slot]
             slot_a[:rank].copy_(lora_a)
@@ -184,6 +205,7 @@ class GateLinearWithLoRA(nn.Module):
             # before the kernel just ahead of them completes (PDL weights), scaling only after it.
             self.scaling[slot].fill_(scale)
         self._slot_ranks[slot] = rank
+        self._scale_b(slot)
 
     def reset_lora(self, slot: int) -> None:
         """Empties ``slot`` (zero A, B and scaling) in place."""
@@ -195,6 +217,7 @@ class GateLinearWithLoRA(nn.Module):
             self.lora_b_stacked[slot].zero_()
             self.scaling[slot].zero_()
         self._slot_ranks[slot] = 0
+        self._scale_b(slot)
 
     @property
     def slot_ranks(self) -> tuple[int, ...]:
@@ -241,32 +264,44 @@ class GateLinearWithLoRA(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+        # The base layer, its parameters and the slots through the modules' own dicts: nn.Module's
+        # attribute lookup of each costs more than the whole per-call check.
+        base = self._modules["base_layer"]
         if self.merged_slot is not None:
             return base(x)
-        if self.token_slots is None:
+        token_slots = self.token_slots
+        if token_slots is None:
             raise RuntimeError("GateLinearWithLoRA has no TokenSlots attached: call set_token_slots(), "
                                "or wrap the model with lora.replace_modules()")
-        # At decode sizes a router costs host time, not GPU time: the base gate's op is called here
-        # directly, without GateLinear.forward's module call, shape check and two reshapes, and a 2-D
-        # x (what transformers' routers get) is used as it is.
-        x_flat = x
-        if x.dim() != 2:
-            if x.dim() == 0 or x.shape[-1] != base.in_features:
-                raise ValueError(f"x must have shape [..., {base.in_features}], got {tuple(x.shape)}")
-            x_flat = x.reshape(-1, base.in_features)
-        # The base gate and the shrink (every slot's A) in one op: one launch where our Hopper
-        # kernels serve the base gate, with the base gate's logits bit for bit.
-        backend = base.backend_for()
-        num_slots, rank, in_features = self.lora_a_stacked.shape
-        logits, xa = ops.router_gemm_with_shrink(
-            x_flat, base.weight, base.bias, self.lora_a_stacked.view(num_slots * rank, in_features),
-            out_dtype=base.out_dtype, pdl=base.pdl, backend=backend)
-        # The mapping's device is the weight's: checked when attached, moved with the layer.
-        slot_ids = self.token_slots.for_tokens(x_flat.shape[0])
-        out = ops.lora_expand(logits, xa, self.lora_b_stacked, self.scaling, slot_ids, pdl=base.pdl,
-                              backend=backend)
-        return out if x.dim() == 2 else out.view(*x.shape[:-1], base.num_experts)
+        # The slots and the mapping were checked when written and attached (same device as the
+        # weight, moved with the layer): per call only x is checked, once.
+        parameters = base._parameters
+        weight, bias = parameters["weight"], parameters.get("bias")
+        ops.check_input(x, weight)
+        flat = x.dim() == 2
+        x_flat = x if flat else x.reshape(-1, base.in_features)
+        slot_ids = token_slots.for_tokens(x_flat.shape[0])
+        backend = base._backend
+        slot = token_slots.uniform_slot
+        if backend == "torch" and slot is not None and not torch.compiler.is_compiling():
+            # Every token uses one slot (the host saw the mapping): the shrink of every slot, then
+            # that slot's expand alone, with lora_expand_torch's ops and operand layouts, so its
+            # bits with a third of its ops. Eager only: compiled code must not depend on the mapping.
+            out = ops.router_gemm_torch(x_flat, weight, bias, base.out_dtype)
+            if 0 <= slot < self.max_loras:  # else -1 (or an unchecked id): the base bits
+                scaled_b = self._scaled_b_t[slot]
+                xa = ops.router_gemm_torch(x_flat, self._lora_a_flat, None, scaled_b.dtype)
+                out = ops.lora_expand_one_slot_torch(out, xa, slot, scaled_b)
+        else:
+            # The base gate and the shrink (every slot's A) in one op: one launch where our Hopper
+            # kernels serve the base gate, with the base gate's logits bit for bit.
+            buffers = self._buffers
+            logits, xa = ops.router_gemm_with_shrink_unchecked(
+                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
+                base.out_dtype, base.pdl, backend)
+            out = ops.lora_expand_unchecked(logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
+                                            slot_ids, base.pdl, backend)
+        return out if flat else out.view(*x.shape[:-1], base.num_experts)
 
     def route(
         self,
@@ -284,7 +319,7 @@ class GateLinearWithLoRA(nn.Module):
         logits = self(x)
         flat = logits.reshape(-1, self.base_layer.num_experts)
         weights, ids = ops.route_logits(flat, top_k, scoring, renormalize, weights_dtype, ids_dtype,
-                                        pdl=self.base_layer.pdl, backend=self.base_layer.backend_for())
+                                        pdl=self.base_layer.pdl, backend=self.base_layer.backend)
         leading = logits.shape[:-1]
         return weights.view(*leading, top_k), ids.view(*leading, top_k), logits
 
@@ -316,6 +351,7 @@ class GateLinearWithLoRA(nn.Module):
             self._buffers["scaling"] = scaling
         device = self.base_layer.weight.device
         self._buffers["scaling"] = scaling.to(device)
+        self._make_slot_views()
         if self.token_slots is not None:
             self.token_slots.to(device)
         return result
@@ -339,12 +375,12 @@ class GateLinearWithLoRA(nn.Module):
                 raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
             if tensor.dim() != 2:
                 raise ValueError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
-            if tensor.dtype != self.lora_a_stacked.dtype:
-                raise ValueError(f"{name} is {tensor.dtype} but the slots hold {self.lora_a_stacked.dtype}; "
-                                 f"cast it with .to({self.lora_a_stacked.dtype})")
+            if not tensor.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
             if tensor.device != self.lora_a_stacked.device:
-                raise ValueError(f"{name} is on {tensor.device} but the slots are on "
-                                 f"{self.lora_a_stacked.device}")
+                slots = self.lora_a_stacked.device
+                raise ValueError(f"{name} is on {tensor.device} but the slots are on {slots}; move it "
+                                 f"with .to('{slots}')")
         rank = lora_a.shape[0]
         if lora_a.shape[1] != self.in_features:
             raise ValueError(f"lora_a must be [r, K={self.in_features}], got {tuple(lora_a.shape)}")

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora.adapter_io import AdapterError, BoundAdapter, RouterAdapter, lora_layers, read_adapter
-from lora.registry import get_token_slots, replace_modules
+from lora.adapter_io import AdapterError, BoundAdapter, RouterAdapter, read_adapter
+from lora.registry import get_token_slots, lora_layers, replace_modules
 from lora.slots import NO_ADAPTER, SlotWrites
 
 
@@ -58,7 +58,7 @@ class AdapterManager:
 
     Args:
         model: a model whose gates are LoRA layers already (``lora.replace_modules``,
-            ``gate.integrations.routers.replace_routers(max_loras=...)``) or GateLinears, which are
+            ``moegate.routers.replace_routers(max_loras=...)``) or GateLinears, which are
             wrapped here (after ``replace_routers(model)``, every transformers router holds one)
             (``target`` is passed to ``replace_modules``: needed for plain nn.Linear gates).
         max_loras: adapters resident at once (at most the layers' slot count).

@@ -3,9 +3,12 @@
 A LoRA class is an ``nn.Module`` with two classmethods:
     can_replace(module) -> bool
     from_module(module, max_loras, max_rank, token_slots) -> the wrapper
-and optionally ``replaces_by_default(module) -> bool``, which says what ``replace_modules`` wraps
-when no target is given. Classes are tried in registration order and the first whose
-``can_replace`` is true wraps the module. ``GateLinearWithLoRA`` is registered at import.
+the slot interface (``set_lora``, ``reset_lora``, buffers ``lora_a_stacked [S, R, K]`` and
+``lora_b_stacked [S, E, R]``), and optionally ``replaces_by_default(module) -> bool``, which says
+what ``replace_modules`` wraps when no target is given. Classes are tried in registration order and
+the first whose ``can_replace`` is true wraps the module. ``GateLinearWithLoRA`` is registered at
+import. A LoRA layer is an instance of a registered class (``is_lora_layer``): adapter loading,
+the manager and ``replace_modules`` all go by this one definition.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ def register_lora_layer(cls: type[nn.Module] | None = None, *, first: bool = Fal
     def register(lora_cls):
         if not (isinstance(lora_cls, type) and issubclass(lora_cls, nn.Module)):
             raise TypeError(f"a LoRA layer class must be an nn.Module subclass, got {lora_cls!r}")
-        for method in ("can_replace", "from_module"):
+        for method in ("can_replace", "from_module", "set_lora", "reset_lora"):
             if not callable(getattr(lora_cls, method, None)):
-                raise TypeError(f"{lora_cls.__name__} has no classmethod {method}()")
+                raise TypeError(f"{lora_cls.__name__} has no method {method}(), which a LoRA layer "
+                                "class needs (see lora.registry)")
         if lora_cls in _LORA_LAYER_CLASSES:
             _LORA_LAYER_CLASSES.remove(lora_cls)
         _LORA_LAYER_CLASSES.insert(0 if first else len(_LORA_LAYER_CLASSES), lora_cls)
@@ -55,6 +59,17 @@ def unregister_lora_layer(cls: type[nn.Module]) -> None:
 def lora_layer_classes() -> tuple[type[nn.Module], ...]:
     """The registered LoRA classes, in the order they are tried."""
     return tuple(_LORA_LAYER_CLASSES)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a LoRA layer: an instance of a registered LoRA class."""
+    return isinstance(module, tuple(_LORA_LAYER_CLASSES))
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's LoRA layers (``is_lora_layer``) by qualified name."""
+    lora_classes = tuple(_LORA_LAYER_CLASSES)
+    return {name: module for name, module in model.named_modules() if isinstance(module, lora_classes)}
 
 
 def get_token_slots(model: nn.Module) -> TokenSlots:
@@ -82,9 +97,10 @@ def replace_modules(
     target:
         None: every module some registered class ``replaces_by_default`` (every GateLinear, not
             plain nn.Linear: in a model every projection is an nn.Linear).
-        a str or compiled ``re.Pattern``, or a list of them: a str matches a module name suffix on
-            dot boundaries (``"gate"`` matches ``layers.0.block_sparse_moe.gate``, not ``...ungate``);
-            a pattern must ``fullmatch`` the whole module name.
+        PEFT's ``target_modules`` semantics: a str is a regular expression that must ``fullmatch``
+            the whole module name (``r".*[.]mlp[.]gate"``); a list's str items match a module name
+            suffix on dot boundaries (``["gate"]`` matches ``layers.0.block_sparse_moe.gate``, not
+            ``...ungate``). A compiled ``re.Pattern``, alone or in a list, must ``fullmatch``.
     Each targeted module is wrapped by the first registered class whose ``can_replace`` accepts it.
     A targeted module that no class can replace, a target that matches no module, or an already
     wrapped target raises ValueError listing all of them, and nothing is replaced. LoRA layers
@@ -122,7 +138,7 @@ def replace_modules(
         else:
             plan.append((name, module, lora_cls, places))
     if targets is not None:
-        problems += [f"target {targets[i]!r} matches no module"
+        problems += [f"target {_shown(targets[i])} matches no module"
                      for i in range(len(targets)) if i not in matched_targets]
     if problems:
         registered = ", ".join(cls.__name__ for cls in lora_classes) or "none"
@@ -171,7 +187,14 @@ def _walk(model: nn.Module, lora_classes) -> Iterator[tuple[str, nn.Module, list
 def _normalise_target(target) -> list[str | re.Pattern] | None:
     if target is None:
         return None
-    items = [target] if isinstance(target, (str, re.Pattern)) else list(target)
+    if isinstance(target, str):  # one string: a full-match regex, as PEFT's target_modules
+        try:
+            return [re.compile(target)]
+        except re.error as error:
+            raise ValueError(f"target {target!r} is not a valid regular expression ({error}); a single "
+                             "string is a full-match regex (PEFT's target_modules): pass a list for "
+                             "name suffixes") from None
+    items = [target] if isinstance(target, re.Pattern) else list(target)
     if not items:
         raise ValueError("target is empty; pass None to replace every GateLinear")
     for item in items:
@@ -180,6 +203,10 @@ def _normalise_target(target) -> list[str | re.Pattern] | None:
         if isinstance(item, str) and not item:
             raise ValueError("an empty target string would match nothing")
     return items
+
+
+def _shown(target: str | re.Pattern) -> str:
+    return f"regex {target.pattern!r} (a full match)" if isinstance(target, re.Pattern) else repr(target)
 
 
 def _matches(target: str | re.Pattern, name: str) -> bool:
@@ -195,9 +222,8 @@ def _by_default(lora_cls, module: nn.Module) -> bool:
 
 def _attached_token_slots(model: nn.Module) -> list[TokenSlots]:
     found: list[TokenSlots] = []
-    lora_classes = tuple(_LORA_LAYER_CLASSES)
-    for module in model.modules():
-        slots = getattr(module, "token_slots", None) if isinstance(module, lora_classes) else None
+    for module in lora_layers(model).values():
+        slots = getattr(module, "token_slots", None)
         if isinstance(slots, TokenSlots) and all(slots is not seen for seen in found):
             found.append(slots)
     return found

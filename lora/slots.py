@@ -42,8 +42,11 @@ class TokenSlots:
         self.max_tokens = max_tokens
         self.num_slots = num_slots
         self.num_tokens = 0
+        # The slot every token of the current mapping uses, when set() saw it on the host (a list,
+        # a validated tensor, fill()); None for a mixed or unread mapping. Read by the CPU fast path.
+        self.uniform_slot: int | None = None
         self.slot_ids = torch.full((max_tokens,), NO_ADAPTER, dtype=torch.int64, device=device)
-        self._current = self.slot_ids[:0]  # the view for_tokens returns, made once per set, not per layer
+        self._attach_buffer()
 
     @property
     def device(self) -> torch.device:
@@ -58,12 +61,18 @@ class TokenSlots:
         never fault on a bad id: anything outside [0, max_loras) reads as no adapter.
         On error nothing is written.
         """
+        if isinstance(token_slots, (list, tuple)):
+            self._set_list([_as_int(value, "a token's slot id") for value in token_slots], validate)
+            return
         ids = _as_id_tensor(token_slots)
         count = ids.shape[0]
         if count > self.max_tokens:
             raise ValueError(f"{count} tokens do not fit in a TokenSlots of max_tokens={self.max_tokens}")
+        uniform = None
         if validate and count:
-            self._check_ids(int(ids.min()), int(ids.max()))
+            lowest, highest = int(ids.min()), int(ids.max())
+            self._check_ids(lowest, highest)
+            uniform = lowest if lowest == highest else None
         if self.slot_ids.is_cuda and not ids.is_cuda:
             # From pinned memory, asynchronously: a copy from pageable memory waits for the GPU to
             # finish all queued work, a host sync every step. The caching host allocator keeps the
@@ -71,7 +80,24 @@ class TokenSlots:
             self.slot_ids[:count].copy_(ids.to(torch.int64).pin_memory(), non_blocking=True)
         else:
             self.slot_ids[:count].copy_(ids)
-        self._set_count(count)
+        self._set_count(count, uniform)
+
+    def _set_list(self, ids: list[int], validate: bool) -> None:
+        # A list is read on the host anyway: checked there, and written without a tensor on the way
+        # into a CPU buffer (through its NumPy view), since a decode step sets a short list per step.
+        count = len(ids)
+        if count > self.max_tokens:
+            raise ValueError(f"{count} tokens do not fit in a TokenSlots of max_tokens={self.max_tokens}")
+        lowest, highest = (min(ids), max(ids)) if count else (NO_ADAPTER, NO_ADAPTER)
+        if validate:
+            self._check_ids(lowest, highest)
+        if self._host_ids is not None:
+            self._host_ids[:count] = ids
+        elif self.slot_ids.is_cuda:  # pinned and asynchronous, as in set()
+            self.slot_ids[:count].copy_(torch.tensor(ids, dtype=torch.int64).pin_memory(), non_blocking=True)
+        else:
+            self.slot_ids[:count].copy_(torch.tensor(ids, dtype=torch.int64))
+        self._set_count(count, lowest if count and lowest == highest else None)
 
     def fill(self, num_tokens: int, slot: int) -> None:
         """Every one of ``num_tokens`` tokens uses ``slot`` (or -1): the single-adapter batch."""
@@ -81,7 +107,7 @@ class TokenSlots:
             raise ValueError(f"num_tokens must be in [0, {self.max_tokens}], got {num_tokens}")
         self._check_ids(slot, slot)
         self.slot_ids[:num_tokens].fill_(slot)
-        self._set_count(num_tokens)
+        self._set_count(num_tokens, slot if num_tokens else None)
 
     def for_tokens(self, num_tokens: int) -> torch.Tensor:
         """The mapping of a batch of ``num_tokens`` tokens: a [num_tokens] view of ``slot_ids``.
@@ -124,16 +150,29 @@ class TokenSlots:
         device = torch.device(device)
         if device != self.slot_ids.device:
             self.slot_ids = self.slot_ids.to(device)
-            self._set_count(self.num_tokens)
+            self._attach_buffer()
         return self
 
-    def _set_count(self, num_tokens: int) -> None:
+    def _attach_buffer(self) -> None:
+        # The host's view of a CPU buffer (None where there is none: a GPU buffer, or no NumPy), and
+        # for_tokens' view, made anew only when the token count changes.
+        self._host_ids = None
+        if self.slot_ids.device.type == "cpu":
+            try:
+                self._host_ids = self.slot_ids.numpy()
+            except RuntimeError:  # PyTorch built or run without NumPy
+                pass
+        self._current = self.slot_ids[:self.num_tokens]
+
+    def _set_count(self, num_tokens: int, uniform_slot: int | None) -> None:
         # Entries past num_tokens already hold -1 except those the previous mapping used: reset only
         # those, not the whole buffer, every step.
         if num_tokens < self.num_tokens:
             self.slot_ids[num_tokens:self.num_tokens].fill_(NO_ADAPTER)
         self.num_tokens = num_tokens
-        self._current = self.slot_ids[:num_tokens]
+        self.uniform_slot = uniform_slot
+        if self._current.shape[0] != num_tokens:
+            self._current = self.slot_ids[:num_tokens]
 
     def _check_ids(self, lowest: int, highest: int) -> None:
         if lowest < NO_ADAPTER:
@@ -158,17 +197,14 @@ def _as_int(value, name: str) -> int:
 
 def _as_id_tensor(token_slots) -> torch.Tensor:
     """A 1-D integer tensor of ids, without copying a tensor argument."""
-    if isinstance(token_slots, torch.Tensor):
-        if token_slots.dim() != 1:
-            raise ValueError(f"token slots must be 1-D [num_tokens], got shape {tuple(token_slots.shape)}")
-        if token_slots.dtype == torch.bool or token_slots.is_floating_point() or token_slots.is_complex():
-            raise TypeError(f"token slots must be an integer tensor, got {token_slots.dtype}")
-        return token_slots
-    if isinstance(token_slots, (list, tuple)):
-        ids = [_as_int(value, "a token's slot id") for value in token_slots]
-        return torch.tensor(ids, dtype=torch.int64)
-    raise TypeError(f"token slots must be a list/tuple of ints or a 1-D integer tensor, "
-                    f"got {type(token_slots).__name__}")
+    if not isinstance(token_slots, torch.Tensor):
+        raise TypeError(f"token slots must be a list/tuple of ints or a 1-D integer tensor, "
+                        f"got {type(token_slots).__name__}")
+    if token_slots.dim() != 1:
+        raise ValueError(f"token slots must be 1-D [num_tokens], got shape {tuple(token_slots.shape)}")
+    if token_slots.dtype == torch.bool or token_slots.is_floating_point() or token_slots.is_complex():
+        raise TypeError(f"token slots must be an integer tensor, got {token_slots.dtype}")
+    return token_slots
 
 
 class SlotWrites:

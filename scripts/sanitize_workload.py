@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from gate import ops
+from gate import ops, tuning
 
 
 def check(out, x, w, b):
@@ -41,15 +41,15 @@ def main():
         b = torch.randn(E, generator=generator).to("cuda", torch.bfloat16)
         for et, tt, cluster in itertools.product((1, 2), (1, 2, 4), (4, 8)):
             for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
-                check(ops.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
-        if M <= ops.SMALL_M_MAX_M:
+                check(tuning.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
+        if M <= tuning.SMALL_M_MAX_M:
             for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (2, 2, True),
                                                          (2, 4, False), (4, 8, False), (0, 0, True)):
-                check(ops.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta),
+                check(tuning.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta),
                       x, w, b)
-        if ops.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check
+        if tuning.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check
             check(ops.router_gemm(x, w, b), x, w, b)
-        if ops.router_gemm_route(x, w) in ("small_m", "sm90"):  # the base gate + a LoRA shrink
+        if tuning.router_gemm_route(x, w) in ("small_m", "sm90"):  # the base gate + a LoRA shrink
             lora_a = (torch.randn(72, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
             for pdl in (False, True):
                 logits, xa = ops.router_gemm_with_shrink(x, w, b, lora_a, pdl=pdl)
@@ -66,7 +66,7 @@ def main():
     for M, K, E in [(3, 13, 5), (17, 100, 1)]:
         x = torch.randn(M, K, generator=generator).cuda()
         w = torch.randn(E, K, generator=generator).cuda()
-        check(ops.router_gemm_simple(x, w, None), x, w, None)
+        check(tuning.router_gemm_simple(x, w, None), x, w, None)
     for M, E, S, R in [(1, 32, 4, 16), (7, 13, 3, 5), (129, 128, 8, 64), (5, 40, 2, 72)]:
         logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
         xa = torch.randn(M, S * R, generator=generator).cuda()

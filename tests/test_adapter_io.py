@@ -22,17 +22,16 @@ from moe_models import (  # noqa: E402
 from peft import IA3Config, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from gate.integrations.transformers import replace_gpt_oss_routers  # noqa: E402
 from lora.adapter_io import (  # noqa: E402
     AdapterError,
     RouterAdapter,
     load_adapter,
-    lora_layers,
     read_adapter,
     save_adapter,
 )
 from lora.peft_keys import MODULE, PARAMETER  # noqa: E402
-from lora.registry import get_token_slots, replace_modules  # noqa: E402
+from lora.registry import get_token_slots, lora_layers, replace_modules  # noqa: E402
+from moegate.transformers import replace_gpt_oss_routers  # noqa: E402
 
 pytestmark = needs_target_parameters
 ROUTERS = ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
@@ -226,8 +225,17 @@ def test_file_level_errors(base, adapter_dir, tmp_path):
 def test_values_that_overflow_the_slot_dtype_are_refused(base):
     model = served(base).to(torch.float16)
     huge = {name: (torch.full((2, 64), 1e5), torch.full((8, 2), 1.0)) for name in ROUTERS}
-    with pytest.raises(AdapterError, match="not finite once cast"):
+    with pytest.raises(AdapterError, match="lora_A overflows torch.float16 .* serve it in a wider dtype"):
         RouterAdapter.from_weights(huge, lora_alpha=2).bind(model)
+
+
+def test_factors_that_underflow_the_slot_dtype_are_refused(base):
+    model = served(base).to(torch.float16)
+    tiny = {name: (torch.full((2, 64), 1.0), torch.full((8, 2), 1e-9)) for name in ROUTERS}
+    with pytest.raises(AdapterError, match="lora_B underflows torch.float16: every non-zero value"):
+        RouterAdapter.from_weights(tiny, lora_alpha=2).bind(model)
+    small = {name: (torch.full((2, 64), 1.0), torch.full((8, 2), 1e-3)) for name in ROUTERS}
+    RouterAdapter.from_weights(small, lora_alpha=2).bind(model)  # rounded, not lost: served
 
 
 def test_saved_adapter_loads_in_peft_unchanged(base, adapter_dir, tmp_path):

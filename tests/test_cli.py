@@ -17,7 +17,7 @@ from moe_models import (  # noqa: E402
     train_peft_adapter,
 )
 
-import gate.__main__ as cli  # noqa: E402
+import moegate.__main__ as cli  # noqa: E402
 
 pytestmark = needs_target_parameters
 

@@ -115,16 +115,24 @@ def test_state_dict_round_trip_with_nn_linear():
 
 def test_backend_is_torch_on_cpu_and_decided_once():
     layer = GateLinear(16, 8)
-    x = torch.randn(2, 16)
-    assert layer.backend_for(x) == "torch"
+    assert layer.backend == "torch"
     assert ops.backend_for(torch.device("cpu"), torch.bfloat16) == "torch"
     assert "backend='torch'" in repr(layer)
+    layer.to(torch.bfloat16)
+    assert layer.backend == ops.backend_for(layer.weight.device, torch.bfloat16)
 
 
-def test_backend_for_rejects_other_device():
+def test_inputs_on_another_device_or_dtype_say_the_fix():
     layer = GateLinear(16, 8)
-    with pytest.raises(ValueError, match="device|on "):
-        layer.backend_for(torch.randn(2, 16, device="meta"))
+    with pytest.raises(ValueError, match=r"x is on meta .* on cpu: move the input \(x.to\('cpu'\)\)"):
+        layer(torch.randn(2, 16, device="meta"))
+    with pytest.raises(ValueError, match=r"cast the input \(x.to\(torch.float32\)\) or the router "
+                                         r"\(.to\(torch.bfloat16\)\)"):
+        layer(torch.randn(2, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"x has K=12 .* K=16"):
+        layer.route(torch.randn(3, 12), 2)
+    with pytest.raises(ValueError, match="0-d"):
+        layer(torch.tensor(1.0))
 
 
 def test_non_contiguous_input_is_correct():

@@ -15,9 +15,10 @@ pytest.importorskip("transformers")
 from moe_models import gpt_oss  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from gate.integrations.transformers import replace_gpt_oss_routers  # noqa: E402
 from lora import adapter_files  # noqa: E402
-from lora.adapter_io import AdapterError, RouterAdapter, load_adapter, lora_layers, read_adapter, save_adapter  # noqa: E402
+from lora.adapter_io import AdapterError, RouterAdapter, load_adapter, read_adapter, save_adapter  # noqa: E402
+from lora.registry import lora_layers  # noqa: E402
+from moegate.transformers import replace_gpt_oss_routers  # noqa: E402
 
 ROUTERS = ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
 KEY_A = "base_model.model.model.layers.0.mlp.router.lora_A.weight"

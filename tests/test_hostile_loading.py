@@ -11,10 +11,11 @@ import torch
 pytest.importorskip("transformers")
 from moe_models import VOCAB, gpt_oss  # noqa: E402
 
-from gate.integrations.transformers import replace_gpt_oss_routers  # noqa: E402
-from lora.adapter_io import AdapterError, RouterAdapter, lora_layers  # noqa: E402
+from lora.adapter_io import AdapterError, RouterAdapter  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
+from lora.registry import lora_layers  # noqa: E402
 from lora.slots import SlotWrites  # noqa: E402
+from moegate.transformers import replace_gpt_oss_routers  # noqa: E402
 
 ROUTERS = ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]
 

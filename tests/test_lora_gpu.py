@@ -32,7 +32,7 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
     generator = torch.Generator().manual_seed(M * 1009 + E)
     layer, adapters, mapping = loaded_layer(K, E, 8, 64, num_adapters, M, torch.bfloat16, generator,
                                             device="cuda")
-    assert layer.base_layer.backend_for() == "moegate"
+    assert layer.base_layer.backend == "moegate"
     x = torch.randn(M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
     unadapted = (mapping < 0).cuda()
     # With gradients (the base gate and the shrink as two calls) and without (one fused launch
@@ -96,7 +96,7 @@ def test_gradients_reach_x_and_the_base_gate_as_on_the_torch_path(out_dtype):
         def forward(x_leaf):
             logits = ops.router_gemm(x_leaf, base.weight, base.bias, out_dtype, backend=backend)
             return add_lora_delta(logits, x_leaf, layer.lora_a_stacked, layer.lora_b_stacked,
-                                  layer.scaling, mapping.cuda(), backend)
+                                  layer.scaling, mapping.cuda(), backend=backend)
         return forward
 
     through_layer, kernels, torch_path = (gradients(layer), gradients(composed("moegate")),

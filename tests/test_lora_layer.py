@@ -210,7 +210,8 @@ def _bad_set_lora_cases():
         ("rank mismatch", (1, ok_a, torch.ones(E, 3, dtype=bf16), 1.0), ValueError, "r=2"),
         ("1-D A", (1, torch.ones(K, dtype=bf16), ok_b, 1.0), ValueError, "2-D"),
         ("3-D B", (1, ok_a, ok_b[None], 1.0), ValueError, "2-D"),
-        ("wrong dtype", (1, ok_a.float(), ok_b, 1.0), ValueError, "cast"),
+        ("integer A", (1, ok_a.int(), ok_b, 1.0), TypeError, "floating-point"),
+        ("B overflows bf16", (1, ok_a, torch.full((E, 2), 3.4e38), 1.0), ValueError, "lora_b overflows"),
         ("wrong device", (1, ok_a, ok_b.to("meta"), 1.0), ValueError, "meta"),
         ("not a tensor", (1, ok_a.tolist(), ok_b, 1.0), TypeError, "tensor"),
         ("NaN in A", (1, nan_a, ok_b, 1.0), ValueError, "non-finite"),
@@ -351,3 +352,38 @@ def test_merge_refuses_overflow_after_rounding_to_the_weight_dtype():
     with pytest.raises(ValueError, match="non-finite"):
         layer.merge(0)
     assert torch.equal(bits(layer.weight), bits(original))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("K, E, rank, M", [(64, 8, 8, 1), (360, 32, 16, 3), (2880, 128, 64, 17)])
+def test_one_slot_batches_give_the_mixed_paths_bits(K, E, rank, M, dtype):
+    # When set() saw every token use one slot, the CPU forward runs that slot's expand alone: it
+    # must give exactly what the mixed-mapping path gives for the same mapping.
+    generator = torch.Generator().manual_seed(K + M)
+    layer = GateLinearWithLoRA(random_gate(K, E, dtype, generator), 4, rank, TokenSlots(32))
+    for slot in range(3):
+        layer.set_lora(slot, *random_adapter(rank - slot, K, E, dtype, generator))
+    x = torch.randn(M, K, generator=generator).to(dtype)
+    for slot in (-1, 0, 2, 3):
+        layer.token_slots.set([slot] * M)
+        assert layer.token_slots.uniform_slot == slot
+        one_slot = layer(x)
+        layer.token_slots.set(torch.full((M,), slot), validate=False)  # not read on the host
+        assert layer.token_slots.uniform_slot is None
+        assert torch.equal(bits(one_slot), bits(layer(x)))
+    layer.token_slots.set([0] * (M - 1) + [1])
+    assert layer.token_slots.uniform_slot is (None if M > 1 else 1)
+
+
+def test_set_lora_casts_float32_factors_and_refuses_what_the_cast_loses():
+    generator = torch.Generator().manual_seed(12)
+    layer = GateLinearWithLoRA(random_gate(48, 8, torch.float16, generator), 2, 4, TokenSlots(4))
+    lora_a, lora_b = torch.randn(3, 48, generator=generator), torch.randn(8, 3, generator=generator)
+    layer.set_lora(0, lora_a, lora_b, 2.0)  # PEFT's float32 factors
+    assert torch.equal(layer.lora_a_stacked[0, :3], lora_a.half())
+    assert torch.equal(layer.lora_b_stacked[0, :, :3], lora_b.half())
+    with pytest.raises(ValueError, match="lora_a overflows torch.float16 .* rescale the factors"):
+        layer.set_lora(1, lora_a * 1e6, lora_b, 1.0)
+    with pytest.raises(ValueError, match="lora_b underflows torch.float16: every non-zero value"):
+        layer.set_lora(1, lora_a, lora_b * 1e-12, 1.0)
+    assert layer.slot_ranks == (3, 0)

@@ -68,7 +68,7 @@ def test_nn_linear_gates_convert_sharing_parameters_and_keep_base_bits():
     gates = [layer.mlp.gate for layer in model.layers]
     x = torch.randn(5, K).to(torch.bfloat16)
     before = model(x)
-    names = replace_modules(model, 2, 4, target="mlp.gate")
+    names = replace_modules(model, 2, 4, target=["mlp.gate"])
     assert names == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
     for layer, gate in zip(model.layers, gates):
         assert isinstance(layer.mlp.gate, GateLinearWithLoRA)
@@ -207,7 +207,7 @@ def test_user_classes_are_tried_in_order(restore_registry):
 
     assert lora.lora_layer_classes()[0] is Everything
     model = Model()
-    replace_modules(model, 2, 2, target="mlp.router")
+    replace_modules(model, 2, 2, target=["mlp.router"])
     assert all(type(layer.mlp.router) is Everything for layer in model.layers)
     lora.unregister_lora_layer(Everything)
     assert Everything not in lora.lora_layer_classes()
@@ -229,3 +229,15 @@ def test_register_checks_the_protocol(restore_registry):
         replace_modules(Model(), 2, 2, target=[])
     with pytest.raises(TypeError, match="re.Pattern"):
         replace_modules(Model(), 2, 2, target=[3])
+
+
+def test_target_follows_peft_target_modules():
+    # PEFT: a single string is a regex that must match the whole name; a list holds name suffixes.
+    model = Model()
+    with pytest.raises(ValueError, match=r"regex 'mlp.gate' \(a full match\) matches no module"):
+        replace_modules(model, 2, 2, target="mlp.gate")
+    assert replace_modules(model, 2, 2, target=r"layers\.1\.mlp\.(gate|router)") == [
+        "layers.1.mlp.gate", "layers.1.mlp.router"]
+    assert replace_modules(Model(), 2, 2, target=["gate"]) == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        replace_modules(Model(), 2, 2, target="mlp.(gate")

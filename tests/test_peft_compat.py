@@ -26,10 +26,10 @@ from moe_models import (  # noqa: E402
     train_peft_adapter,
 )
 
-from gate.integrations.transformers import replace_gpt_oss_routers  # noqa: E402
-from gate.integrations.verify import peft_adapter  # noqa: E402
-from lora.adapter_io import lora_layers  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
+from lora.registry import lora_layers  # noqa: E402
+from moegate.transformers import replace_gpt_oss_routers  # noqa: E402
+from moegate.verify import peft_adapter  # noqa: E402
 
 ATOL = 1e-5
 

@@ -16,7 +16,7 @@ from gpu_helpers import (
     topk_agreement,
 )
 
-from gate import GateLinear, ops
+from gate import GateLinear, ops, tuning
 
 pytestmark = pytest.mark.kernel
 
@@ -27,7 +27,7 @@ def check_against_cublas(fn, M, K, E, bias, out_dtype, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)
     x = realistic_activations(M, K, generator)
     weight, b = router_weights(E, K, generator, bias=bias)
-    cublas = fn is ops.router_gemm and ops.router_gemm_route(x, weight, out_dtype) == "cublas"
+    cublas = fn is ops.router_gemm and tuning.router_gemm_route(x, weight, out_dtype) == "cublas"
     out = call_poisoned(fn, (M, E), out_dtype or torch.bfloat16, x, weight, b, out_dtype,
                         require_poisoned=not cublas, **kwargs)  # cuBLAS allocates on its own terms
     assert out.shape == (M, E) and out.dtype == (out_dtype or torch.bfloat16)
@@ -57,7 +57,7 @@ def test_simple_kernel_any_shape_and_dtype(M, K, E, dtype):
     weight = torch.randn(E, K, generator=generator).to("cuda", dtype)
     bias = torch.randn(E, generator=generator).to("cuda", dtype)
     for out_dtype in (None, torch.float32):
-        out = call_poisoned(ops.router_gemm_simple, (M, E), out_dtype or dtype, x, weight, bias,
+        out = call_poisoned(tuning.router_gemm_simple, (M, E), out_dtype or dtype, x, weight, bias,
                             out_dtype)
         ref = reference_logits(x, weight, bias)
         expected = ref.to(out_dtype or dtype)  # one rounding of the exact result
@@ -73,7 +73,7 @@ CONFIGS = list(itertools.product([1, 2], [1, 2, 4], [4, 8]))
                                    (129, 7168, 256), (256, 1000, 512)])
 def test_sm90_every_tile_config(expert_tiles, token_tiles, cluster, M, K, E):
     for out_dtype in (None, torch.float32):
-        check_against_cublas(ops.router_gemm_sm90, M, K, E, True, out_dtype, seed=M + K + E,
+        check_against_cublas(tuning.router_gemm_sm90, M, K, E, True, out_dtype, seed=M + K + E,
                              expert_tiles=expert_tiles, token_tiles=token_tiles, cluster=cluster)
 
 
@@ -83,7 +83,7 @@ def test_sm90_every_tile_config(expert_tiles, token_tiles, cluster, M, K, E):
 def test_small_m_kernel(experts_per_cta, M, K, E):
     for out_dtype in (None, torch.float32):
         for bias in (True, False):
-            check_against_cublas(ops.router_gemm_small_m, M, K, E, bias, out_dtype, seed=M + K + E,
+            check_against_cublas(tuning.router_gemm_small_m, M, K, E, bias, out_dtype, seed=M + K + E,
                                  experts_per_cta=experts_per_cta)
 
 
@@ -92,19 +92,19 @@ def test_small_m_kernel(experts_per_cta, M, K, E):
 @pytest.mark.parametrize("K,E,experts_per_cta", [(40, 3, 2), (2880, 32, 1), (4104, 513, 4)])
 def test_small_m_kernel_token_split(tokens_per_cta, M, K, E, experts_per_cta):
     for out_dtype in (None, torch.float32):
-        check_against_cublas(ops.router_gemm_small_m, M, K, E, True, out_dtype, seed=M + K + E,
+        check_against_cublas(tuning.router_gemm_small_m, M, K, E, True, out_dtype, seed=M + K + E,
                              experts_per_cta=experts_per_cta, tokens_per_cta=tokens_per_cta)
 
 
 def test_small_m_refuses_unsupported_shapes():
     w = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="M must be"):
-        ops.router_gemm_small_m(torch.randn(65, 16, device="cuda", dtype=torch.bfloat16), w)
+        tuning.router_gemm_small_m(torch.randn(65, 16, device="cuda", dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="experts_per_cta"):
-        ops.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
+        tuning.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
                                 experts_per_cta=3)
     with pytest.raises(ValueError, match="tokens_per_cta"):
-        ops.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
+        tuning.router_gemm_small_m(torch.randn(2, 16, device="cuda", dtype=torch.bfloat16), w,
                                 tokens_per_cta=3)
 
 
@@ -112,9 +112,9 @@ def test_sm90_refuses_unsupported_shapes():
     x = torch.randn(4, 12, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8, 12, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 8"):
-        ops.router_gemm_sm90(x, w)
+        tuning.router_gemm_sm90(x, w)
     with pytest.raises(ValueError, match="M must be"):
-        ops.router_gemm_sm90(torch.randn(257, 16, device="cuda", dtype=torch.bfloat16),
+        tuning.router_gemm_sm90(torch.randn(257, 16, device="cuda", dtype=torch.bfloat16),
                              torch.randn(8, 16, device="cuda", dtype=torch.bfloat16))
 
 
@@ -212,7 +212,7 @@ def test_bitwise_deterministic_with_and_without_load():
 def test_cuda_graph_capture_and_replay(pdl):
     generator = torch.Generator().manual_seed(12)
     layer = GateLinear(2880, 128, dtype=torch.bfloat16, device="cuda", pdl=pdl)
-    assert layer.backend_for() == "moegate"
+    assert layer.backend == "moegate"
     static_x = realistic_activations(8, 2880, generator)
     layer(static_x)  # warm-up outside capture
     graph = torch.cuda.CUDAGraph()
@@ -254,7 +254,7 @@ GRAD_CASES = [
 def test_gradients_are_the_torch_paths_bit_for_bit(M, K, E, dtype, out_dtype, bias):
     generator = torch.Generator().manual_seed(M + K + E + bias)
     layer = GateLinear(K, E, bias=bias, dtype=dtype, device="cuda", out_dtype=out_dtype)
-    assert layer.backend_for() == "moegate"
+    assert layer.backend == "moegate"
     x = realistic_activations(M, K, generator).to(dtype)
     grad_out = torch.randn(M, E, generator=generator).to("cuda", out_dtype or dtype)
     params = [layer.weight] + ([layer.bias] if bias else [])
@@ -271,9 +271,9 @@ def test_gradients_are_the_torch_paths_bit_for_bit(M, K, E, dtype, out_dtype, bi
 
 
 @pytest.mark.parametrize("op,kwargs", [
-    (ops.router_gemm_small_m, {"pdl": True, "experts_per_cta": 2, "tokens_per_cta": 4}),
-    (ops.router_gemm_sm90, {"pdl": True, "expert_tiles": 2, "token_tiles": 1, "cluster": 4}),
-    (ops.router_gemm_simple, {}),
+    (tuning.router_gemm_small_m, {"pdl": True, "experts_per_cta": 2, "tokens_per_cta": 4}),
+    (tuning.router_gemm_sm90, {"pdl": True, "expert_tiles": 2, "token_tiles": 1, "cluster": 4}),
+    (tuning.router_gemm_simple, {}),
 ])
 def test_every_kernel_op_has_gradients(op, kwargs):
     generator = torch.Generator().manual_seed(21)
@@ -310,15 +310,15 @@ def test_gate_linear_trains_under_torch_compile_like_eager():
 def test_gate_linear_uses_the_kernel_and_matches_reference():
     generator = torch.Generator().manual_seed(14)
     layer = GateLinear(2880, 32, dtype=torch.bfloat16).cuda()
-    assert layer.backend_for() == "moegate"
+    assert layer.backend == "moegate"
     x = realistic_activations(3 * 5, 2880, generator).view(3, 5, 2880)
     out = layer(x)
     assert out.shape == (3, 5, 32)
     ref = reference_logits(x.view(15, 2880), layer.weight, layer.bias)
     cublas = ops.router_gemm_cublas(x.view(15, 2880), layer.weight, layer.bias)
     assert rel_error(out.view(15, 32), ref) <= 2 * rel_error(cublas, ref) + 1e-7
-    assert GateLinear(16, 8).cuda().backend_for() == "moegate"
-    assert GateLinear(16, 8).backend_for() == "torch"
+    assert GateLinear(16, 8).cuda().backend == "moegate"
+    assert GateLinear(16, 8).backend == "torch"
 
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -355,7 +355,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 def test_router_gemm_route_follows_the_measured_crossover(M, K, E, dtype, out_dtype, route):
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     weight = torch.randn(E, K, device="cuda", dtype=dtype)
-    assert ops.router_gemm_route(x, weight, out_dtype) == route
+    assert tuning.router_gemm_route(x, weight, out_dtype) == route
 
 
 @pytest.mark.parametrize("E", [32, 128])
@@ -402,7 +402,7 @@ def test_router_gemm_with_shrink(K, E, rows, out_dtype):
             assert rel_error(xa, ref) <= 2 * cublas + 1e-7, M
         launches = kernels_launched(
             lambda x=x: ops.router_gemm_with_shrink(x, weight, bias, lora_a, out_dtype))
-        if ops.router_gemm_route(x, weight, out_dtype) in ("small_m", "sm90"):
+        if tuning.router_gemm_route(x, weight, out_dtype) in ("small_m", "sm90"):
             assert len(launches) == 1, (M, launches)
         else:
             assert len(launches) >= 2, (M, launches)

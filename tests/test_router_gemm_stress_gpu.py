@@ -5,7 +5,7 @@ import pytest
 import torch
 from gpu_helpers import realistic_activations, router_weights
 
-from gate import ops
+from gate import ops, tuning
 
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def _memory_hog(stream, big_a, big_b, rounds):
                                           (128, 128, 2880, "sm90")])
 def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
     probe = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
-    assert ops.router_gemm_route(probe, torch.empty(E, K, device="cuda", dtype=torch.bfloat16)) == kernel
+    assert tuning.router_gemm_route(probe, torch.empty(E, K, device="cuda", dtype=torch.bfloat16)) == kernel
     generator = torch.Generator().manual_seed(77)
     gpu_generator = torch.Generator(device="cuda").manual_seed(78)
     weight, bias = router_weights(E, K, generator)

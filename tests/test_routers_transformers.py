@@ -11,12 +11,12 @@ transformers = pytest.importorskip("transformers")
 from moe_models import VOCAB, load_peft, needs_target_parameters, tiny_moe  # noqa: E402
 
 from gate import GateLinear  # noqa: E402
-from gate.integrations.routers import replace_routers, restore_routers  # noqa: E402
-from gate.integrations.transformers import GateGptOssRouter, replace_gpt_oss_routers  # noqa: E402
 from lora.adapter_io import RouterAdapter, save_adapter  # noqa: E402
 from lora.layer import GateLinearWithLoRA  # noqa: E402
 from lora.manager import AdapterManager  # noqa: E402
 from lora.registry import get_token_slots  # noqa: E402
+from moegate.routers import replace_routers, restore_routers  # noqa: E402
+from moegate.transformers import GateGptOssRouter, replace_gpt_oss_routers  # noqa: E402
 
 # One model type per routing scheme in transformers 5.x: softmax then top-k (Mixtral, Qwen, OLMoE,
 # PhiMoE, Granite...), sigmoid with groups and a correction bias in float32 (DeepSeek V2/V3, GLM-4,

@@ -33,15 +33,16 @@ try:
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 except ImportError as error:
     raise ImportError(
-        "gate.integrations.transformers needs transformers with gpt-oss support (>= 4.55): "
+        "moegate.transformers needs transformers with gpt-oss support (>= 4.55): "
         f"{error}") from error
 
 from gate.layer import GateLinear
+from moegate.router_gate import HoldsGate, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 
 
-class GateGptOssRouter(GptOssTopKRouter):
+class GateGptOssRouter(HoldsGate, GptOssTopKRouter):
     """A gpt-oss top-k router whose logits come from moegate's gate layer.
 
     Args:
@@ -67,16 +68,6 @@ class GateGptOssRouter(GptOssTopKRouter):
         self.linear = linear
         self.register_state_dict_post_hook(_save_in_transformers_layout)
         self.register_load_state_dict_pre_hook(_load_from_transformers_layout)
-
-    @property
-    def weight(self) -> nn.Parameter:
-        """The base gate weight ``[E, K]`` (without LoRA), as ``GptOssTopKRouter.weight``."""
-        return self.linear.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        """The base gate bias ``[E]``, as ``GptOssTopKRouter.bias``."""
-        return self.linear.bias
 
     def forward(self, hidden_states: torch.Tensor):
         if not self.returns_logits:
@@ -186,14 +177,7 @@ def replace_gpt_oss_routers(
                 GateGptOssRouter(linear, router.top_k, returns_logits[type(router)]))
         replaced.append(name)
     if max_loras > 0:
-        from lora.registry import replace_modules
-
-        # Routers whose gate a LoRA layer already wraps keep it.
-        plain = [name for name, module in model.named_modules()
-                 if isinstance(module, GateGptOssRouter) and isinstance(module.linear, GateLinear)]
-        if plain:
-            replace_modules(model, max_loras, max_rank, target=[f"{name}.linear" for name in plain],
-                            token_slots=token_slots)
+        wrap_gates_with_lora(model, (GateGptOssRouter,), max_loras, max_rank, token_slots)
     return replaced
 
 

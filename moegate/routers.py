@@ -7,7 +7,7 @@ then each its own routing: softmax then top-k, top-k then softmax, sigmoid with 
 score-correction bias, and so on. ``replace_routers`` keeps every router's own forward and swaps only
 that one product for moegate's gate:
 
-  gpt-oss      ``GateGptOssRouter`` (gate/integrations/transformers.py), its own explicit forward.
+  gpt-oss      ``GateGptOssRouter`` (moegate/transformers.py), its own explicit forward.
   all others   ``Gate<RouterClass>``, a subclass of the router's class made once per class, holding
                the gate as the child ``linear`` (a GateLinear, or a GateLinearWithLoRA once wrapped).
                Its forward is the router class's forward, run under a torch function mode that
@@ -38,6 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gate.layer import GateLinear
+from moegate.router_gate import HoldsGate, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 # Router classes: defined by transformers, named ...Router (TopKRouter, TopkRouter, Router) and
@@ -51,16 +52,11 @@ _gate_classes: dict[type, type] = {}
 
 
 class _GateRouterMixin:
-    """The part of ``Gate<RouterClass>`` that is not the router class: the gate and its weight."""
+    """The part of ``Gate<RouterClass>`` that is not the router class: the gate and its forward."""
 
-    @property
-    def weight(self) -> nn.Parameter:
-        """The base gate weight ``[E, K]`` (without LoRA), the router's ``weight``."""
-        return self.linear.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.linear.bias
+    # HoldsGate's properties, not HoldsGate as a base: the router class stays second in the MRO.
+    weight = HoldsGate.weight
+    bias = HoldsGate.bias
 
     def forward(self, *args, **kwargs):
         with _GateLinearMode(self):
@@ -153,7 +149,7 @@ def make_gate_router(router: nn.Module, *, out_dtype=None, pdl: bool = False) ->
     gate._modules.update(router._modules)
     gate._parameters.update({k: p for k, p in router._parameters.items() if k not in _PUBLIC_PARAMETERS})
     gate.linear = GateLinear.from_parameters(weight, bias, out_dtype=out_dtype, pdl=pdl)
-    from gate.integrations.transformers import _load_from_transformers_layout, _save_in_transformers_layout
+    from moegate.transformers import _load_from_transformers_layout, _save_in_transformers_layout
 
     gate.register_state_dict_post_hook(_save_in_transformers_layout)
     gate.register_load_state_dict_pre_hook(_load_from_transformers_layout)
@@ -184,7 +180,7 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
     ``token_slots``. Returns the qualified names of the replaced routers. Routers already replaced
     are left alone; a model with no router raises ValueError naming what was looked for.
     """
-    from gate.integrations.transformers import GateGptOssRouter, GptOssTopKRouter, replace_gpt_oss_routers
+    from moegate.transformers import GateGptOssRouter, GptOssTopKRouter, replace_gpt_oss_routers
 
     modules = list(model.named_modules())
     gpt_oss = any(isinstance(m, GptOssTopKRouter) for _, m in modules)
@@ -194,7 +190,7 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
         raise ValueError(f"{type(model).__name__} holds no transformers MoE router (a transformers "
                          "class named …Router with a 2-D weight); for nn.Linear gates use "
                          "lora.replace_modules(model, ..., target=[...])")
-    from gate.integrations.transformers import _check_replaceable
+    from moegate.transformers import _check_replaceable
 
     for name, router in found:
         _check_replaceable(model, name, router)
@@ -207,19 +203,13 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
         setattr(model.get_submodule(parent), child, gate)
         replaced.append(name)
     if max_loras > 0:
-        from lora.registry import replace_modules
-
-        plain = [name for name, m in model.named_modules()
-                 if isinstance(m, (_GateRouterMixin, GateGptOssRouter)) and isinstance(m.linear, GateLinear)]
-        if plain:
-            replace_modules(model, max_loras, max_rank, target=[f"{name}.linear" for name in plain],
-                            token_slots=token_slots)
+        wrap_gates_with_lora(model, (_GateRouterMixin, GateGptOssRouter), max_loras, max_rank, token_slots)
     return sorted(replaced, key=[name for name, _ in modules].index)
 
 
 def restore_routers(model: nn.Module) -> list[str]:
     """Puts the original routers back (the inverse of ``replace_routers``); returns their names."""
-    from gate.integrations.transformers import restore_gpt_oss_routers
+    from moegate.transformers import restore_gpt_oss_routers
 
     restored = restore_gpt_oss_routers(model)
     for name, module in list(model.named_modules()):

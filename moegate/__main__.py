@@ -1,4 +1,4 @@
-"""The ``moegate`` command line (also ``python -m gate``).
+"""The ``moegate`` command line (also ``python -m moegate``).
 
     moegate inspect ADAPTER_DIR                      targets, ranks, scaling, validation verdict
     moegate verify ADAPTER_DIR --config CONFIG_OR_MODEL_DIR
@@ -75,8 +75,8 @@ def bench_command(extra: list[str]) -> int:
 def verify_command(args) -> int:
     import torch
 
-    from gate.integrations.verify import NEAR_TIE_ULPS, build_model, verify_adapter
     from lora.adapter_io import AdapterError
+    from moegate.verify import NEAR_TIE_ULPS, build_model, verify_adapter
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))

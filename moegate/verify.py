@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lora.adapter_io import RouterAdapter, lora_layers, read_adapter
-from lora.registry import get_token_slots, replace_modules
+from lora.adapter_io import RouterAdapter, read_adapter
+from lora.registry import get_token_slots, lora_layers, replace_modules
 
 # Near-tie width in units in the last place of the serving dtype (at the token's largest |logit|).
 # Our path rounds each logit twice in bf16 (the base logits, then base + delta), half a unit each; the
@@ -133,8 +133,8 @@ def _logits_and_ids(output, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _patch(model: nn.Module, adapter: RouterAdapter):
     """Wraps the model's gates for one adapter of the adapter's largest rank; returns the undo.
     transformers' routers through ``replace_routers``, nn.Linear gates through ``replace_modules``."""
-    from gate.integrations.routers import is_router, replace_routers, restore_routers
-    from gate.integrations.transformers import GptOssTopKRouter
+    from moegate.routers import is_router, replace_routers, restore_routers
+    from moegate.transformers import GptOssTopKRouter
 
     max_rank = max(adapter.ranks.values())
     if any(is_router(module) or isinstance(module, GptOssTopKRouter) for module in model.modules()):

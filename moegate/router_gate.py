@@ -1,0 +1,37 @@
+"""What every router moegate installs shares (``GateGptOssRouter`` and the ``Gate<RouterClass>``
+classes of ``replace_routers``): its gate is the child ``linear`` (a GateLinear, or a LoRA layer
+wrapping one), and its ``weight`` / ``bias`` read through to the gate's base parameters."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gate.layer import GateLinear
+from lora.registry import replace_modules
+
+
+class HoldsGate:
+    """The router's ``weight`` and ``bias`` as the replaced router had them: the gate's base
+    parameters (without LoRA), shared, not copied. (GateLinearWithLoRA reads through to its
+    ``base_layer`` the same way: a mirror of the nn.Linear interface, not shared code.)"""
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The base gate weight ``[E, K]``."""
+        return self.linear.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The base gate bias ``[E]`` (None without one)."""
+        return self.linear.bias
+
+
+def wrap_gates_with_lora(model: nn.Module, router_classes: tuple[type, ...], max_loras: int, max_rank: int,
+                         token_slots) -> None:
+    """Wraps the gate of every router of ``router_classes`` in ``model`` with a LoRA layer
+    (``lora.replace_modules``, sharing ``token_slots``). Gates a LoRA layer already wraps keep it."""
+    plain = [name for name, module in model.named_modules()
+             if isinstance(module, router_classes) and isinstance(module.linear, GateLinear)]
+    if plain:
+        replace_modules(model, max_loras, max_rank, target=[f"{name}.linear" for name in plain],
+                        token_slots=token_slots)
