@@ -565,8 +565,10 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink_autograd(
 }
 
 // The multi-adapter LoRA expand (kernels/lora_expand.h); xa is the fp32 shrink for every slot.
-at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
-                       const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
+// lora_expand's checks; fills every field of the kernel arguments but `out`.
+LoraExpandArgs lora_expand_args(const at::Tensor& logits, const at::Tensor& xa,
+                                const at::Tensor& lora_b, const at::Tensor& scaling,
+                                const at::Tensor& slot_ids, bool pdl) {
   TORCH_CHECK(logits.is_cuda(), "moegate: logits must be a CUDA tensor, got device ", logits.device());
   for (const at::Tensor* t : {&xa, &lora_b, &scaling, &slot_ids}) {
     TORCH_CHECK(t->device() == logits.device(), "moegate: lora_expand's tensors must all be on ",
@@ -586,17 +588,12 @@ at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at:
               "moegate: slot_ids must be int64 [", num(M), "]");
   TORCH_CHECK(M <= INT32_MAX && E * std::max<int64_t>(R, 1) * std::max<int64_t>(S, 1) <= INT32_MAX,
               "moegate: lora_expand sizes must fit in int32");
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor out = at::empty_like(logits);
-  if (M == 0 || E == 0) return out;
-  if (S == 0 || R == 0) return out.copy_(logits);
   LoraExpandArgs args;
   args.logits = logits.data_ptr();
   args.xa = xa.data_ptr<float>();
   args.lora_b = lora_b.data_ptr();
   args.scaling = scaling.data_ptr<float>();
   args.slot_ids = slot_ids.data_ptr<int64_t>();
-  args.out = out.data_ptr();
   args.M = static_cast<int>(M);
   args.E = static_cast<int>(E);
   args.S = static_cast<int>(S);
@@ -605,8 +602,43 @@ at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at:
   args.b_dtype = to_dtype(lora_b.scalar_type());
   args.pdl = pdl;
   args.stream = at::cuda::getCurrentCUDAStream(logits.get_device()).stream();
+  return args;
+}
+
+at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+                       const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
+  LoraExpandArgs args = lora_expand_args(logits, xa, lora_b, scaling, slot_ids, pdl);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor out = at::empty_like(logits);
+  if (args.M == 0 || args.E == 0) return out;
+  if (args.S == 0 || args.R == 0) return out.copy_(logits);
+  args.out = out.data_ptr();
   check_launch(launch_lora_expand(args), "lora_expand");
   return out;
+}
+
+// lora_expand and the routing of its outputs: one launch where the routing kernels take E and
+// top_k (kernels/lora_expand.h), else lora_expand then route_logits. `out` has lora_expand's bits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_route(
+    const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const at::Tensor& slot_ids, int64_t top_k, c10::string_view scoring,
+    bool renormalize, std::optional<at::ScalarType> weights_dtype,
+    std::optional<at::ScalarType> ids_dtype, bool pdl) {
+  LoraExpandArgs args = lora_expand_args(logits, xa, lora_b, scaling, slot_ids, pdl);
+  TORCH_CHECK(args.E >= 1, "moegate: logits must be [M, E >= 1]");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  RouteOutputs o = allocate_route(logits, args.M, args.E, top_k, scoring, renormalize,
+                                  weights_dtype.value_or(logits.scalar_type()),
+                                  ids_dtype.value_or(at::kLong));
+  if (args.M > 0 && args.S > 0 && args.R > 0 && route_unsupported(o.args, args.E) == nullptr) {
+    at::Tensor out = at::empty_like(logits);
+    args.out = out.data_ptr();
+    check_launch(launch_lora_expand_route(args, o.args), "lora_expand_route");
+    return {out, o.weights, o.ids};
+  }
+  at::Tensor out = lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
+  route_logits_into(out, o, pdl);
+  return {out, o.weights, o.ids};
 }
 
 }  // namespace
@@ -630,6 +662,10 @@ TORCH_LIBRARY(moegate, m) {
         "str scoring=\"softmax_topk\", bool renormalize=False, ScalarType? out_dtype=None, "
         "ScalarType? weights_dtype=None, ScalarType? ids_dtype=None, bool pdl=False) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("lora_expand_route(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, "
+        "Tensor slot_ids, int top_k, str scoring=\"softmax_topk\", bool renormalize=False, "
+        "ScalarType? weights_dtype=None, ScalarType? ids_dtype=None, bool pdl=False) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("route_logits(Tensor logits, int top_k, str scoring=\"softmax_topk\", "
         "bool renormalize=False, ScalarType? weights_dtype=None, ScalarType? ids_dtype=None, "
         "bool pdl=False) -> (Tensor, Tensor)");
@@ -645,6 +681,7 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("lora_expand", &moegate::lora_expand);
   m.impl("route", &moegate::route);
   m.impl("route_logits", &moegate::route_logits);
+  m.impl("lora_expand_route", &moegate::lora_expand_route);
 }
 
 TORCH_LIBRARY_IMPL(moegate, Autograd, m) {

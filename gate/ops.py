@@ -264,6 +264,19 @@ def lora_expand_one_slot_torch(logits: torch.Tensor, xa: torch.Tensor, slot: int
     return out if out.dtype == logits.dtype else out.to(logits.dtype)
 
 
+def _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids) -> None:
+    num_slots, num_experts, rank = lora_b.shape
+    num_tokens = logits.shape[0]
+    if logits.dim() != 2 or logits.shape[1] != num_experts:
+        raise ValueError(f"logits must be [M, {num_experts}], got {tuple(logits.shape)}")
+    if xa.shape != (num_tokens, num_slots * rank) or xa.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"xa must be float32 (or float64) [{num_tokens}, {num_slots * rank}], got "
+                         f"{xa.dtype} {tuple(xa.shape)}")
+    if scaling.shape != (num_slots,) or slot_ids.shape != (num_tokens,):
+        raise ValueError(f"scaling must be [{num_slots}] and slot_ids [{num_tokens}], got "
+                         f"{tuple(scaling.shape)} and {tuple(slot_ids.shape)}")
+
+
 def lora_expand(
     logits: torch.Tensor,
     xa: torch.Tensor,
@@ -287,16 +300,7 @@ def lora_expand(
     ``pdl``: it may start before that kernel completes and prefetch ``lora_b`` (so that kernel must
     not write ``lora_b``); everything else is read after it completes. Ignored off the kernel path.
     """
-    num_slots, num_experts, rank = lora_b.shape
-    num_tokens = logits.shape[0]
-    if logits.dim() != 2 or logits.shape[1] != num_experts:
-        raise ValueError(f"logits must be [M, {num_experts}], got {tuple(logits.shape)}")
-    if xa.shape != (num_tokens, num_slots * rank) or xa.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"xa must be float32 (or float64) [{num_tokens}, {num_slots * rank}], got "
-                         f"{xa.dtype} {tuple(xa.shape)}")
-    if scaling.shape != (num_slots,) or slot_ids.shape != (num_tokens,):
-        raise ValueError(f"scaling must be [{num_slots}] and slot_ids [{num_tokens}], got "
-                         f"{tuple(scaling.shape)} and {tuple(slot_ids.shape)}")
+    _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids)
     return lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl,
                                  backend or backend_for(logits.device, lora_b.dtype))
 
@@ -466,6 +470,40 @@ def route_unchecked(x, weight, bias, top_k, scoring, renormalize, out_dtype, wei
     return weights, ids, logits
 
 
+def lora_expand_route(
+    logits: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: torch.Tensor,
+    slot_ids: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax_topk",
+    renormalize: bool = False,
+    weights_dtype: torch.dtype | None = None,
+    ids_dtype: torch.dtype = torch.int64,
+    pdl: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lora_expand`` and the routing of its output: ``(out, weights, ids)`` with
+    ``out = lora_expand(...)`` bit for bit and ``(weights, ids) = route_logits(out, ...)``.
+
+    One kernel on the GPU (E <= 512, top_k <= 8): a CTA per token computes its E outputs and its
+    first warp routes them. Elsewhere, and where a gradient is needed, the two calls.
+    """
+    _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids)
+    _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype)
+    backend = backend or backend_for(logits.device, lora_b.dtype)
+    if (backend == "moegate" and xa.dtype == torch.float32 and logits.dtype in _KERNEL_DTYPES
+            and not _needs_grad(logits, xa, lora_b, scaling)):
+        return torch.ops.moegate.lora_expand_route(
+            logits.contiguous(), xa.contiguous(), lora_b.contiguous(), scaling.float().contiguous(),
+            slot_ids.long().contiguous(), top_k, scoring, renormalize, weights_dtype, ids_dtype, pdl)
+    out = lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl, backend)
+    weights, ids = route_logits(out, top_k, scoring, renormalize, weights_dtype, ids_dtype, pdl,
+                                backend)
+    return out, weights, ids
+
+
 def logits_like(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
     """An uninitialised [M, E] output of a router GEMM (the fake kernels' answer)."""
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype or x.dtype)
@@ -501,3 +539,11 @@ if _C is not None:
                            weights_dtype=None, ids_dtype=None, pdl=False):
         return _route_outputs(logits, logits.shape[0], top_k, weights_dtype or logits.dtype,
                               ids_dtype)
+
+    @torch.library.register_fake("moegate::lora_expand_route")
+    def _lora_expand_route_fake(logits, xa, lora_b, scaling, slot_ids, top_k,
+                                scoring="softmax_topk", renormalize=False, weights_dtype=None,
+                                ids_dtype=None, pdl=False):
+        return (torch.empty_like(logits),
+                *_route_outputs(logits, logits.shape[0], top_k, weights_dtype or logits.dtype,
+                                ids_dtype))

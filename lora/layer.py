@@ -314,8 +314,25 @@ class GateLinearWithLoRA(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routing of the adapted logits: ``(weights [..., top_k], ids [..., top_k],
         logits [..., E])``, where the logits are this layer's forward bit for bit and the rest is
-        ``gate.ops.route_logits`` on them (one more kernel on the GPU, PDL-launched with the base
-        gate's ``pdl``)."""
+        ``gate.ops.route_logits`` on them. On our GPU kernels the expand routes its own output
+        (``gate.ops.lora_expand_route``): the layer's two launches, no third."""
+        base = self._modules["base_layer"]
+        if self.merged_slot is None and self.token_slots is not None and base.backend == "moegate":
+            parameters = base._parameters
+            weight, bias = parameters["weight"], parameters.get("bias")
+            ops.check_input(x, weight)
+            x_flat = x if x.dim() == 2 else x.reshape(-1, base.in_features)
+            buffers = self._buffers
+            logits, xa = ops.router_gemm_with_shrink_unchecked(
+                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
+                base.out_dtype, base.pdl, "moegate")
+            out, weights, ids = ops.lora_expand_route(
+                logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
+                self.token_slots.for_tokens(x_flat.shape[0]), top_k, scoring, renormalize,
+                weights_dtype, ids_dtype, pdl=base.pdl, backend="moegate")
+            leading = x.shape[:-1]
+            return (weights.view(*leading, top_k), ids.view(*leading, top_k),
+                    out.view(*leading, base.num_experts))
         logits = self(x)
         flat = logits.reshape(-1, self.base_layer.num_experts)
         weights, ids = ops.route_logits(flat, top_k, scoring, renormalize, weights_dtype, ids_dtype,

@@ -7,6 +7,8 @@
 #   full: all GPU tests + the three sanitizers + the full benchmark
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
+#   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
+#   the GPU eager host time of the layers
 # Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
@@ -71,6 +73,19 @@ case "$mode" in
     ;;
   route)
     run_tests "(gpu or kernel) and not slow" gpu
+    python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
+      2>"$out/bench.err" | tee "$out/bench.txt"
+    ;;
+  route-final)
+    run_tests "(gpu or kernel) and not slow" gpu
+    python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py >"$out/pytest_route_slow.log" 2>&1
+    summary+=("pytest routing stress: exit $?: $(tail -1 "$out/pytest_route_slow.log")")
+    for tool in memcheck racecheck synccheck; do
+      timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
+      summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+    done
+    python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
+    summary+=("host time, cuda: $(tail -3 "$out/host_cuda.txt" | tr '\n' ' ')")
     python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
       2>"$out/bench.err" | tee "$out/bench.txt"
     ;;

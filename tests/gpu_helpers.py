@@ -49,3 +49,11 @@ def topk_agreement(logits, ref, k=4):
     ours = torch.topk(logits.double(), k, dim=-1).indices.sort(dim=-1).values
     theirs = torch.topk(ref, k, dim=-1).indices.sort(dim=-1).values
     return (ours == theirs).all(dim=-1).double().mean().item()
+
+
+def memory_hog(stream, big_a, big_b, rounds):
+    """Copies that saturate HBM on another stream, so a router's loads arrive late and unevenly."""
+    with torch.cuda.stream(stream):
+        for _ in range(rounds):
+            big_a.copy_(big_b)
+            big_b.add_(1.0)

@@ -139,7 +139,8 @@ def lora_expand_pdl_violations(ops: list[str]) -> list[str]:
 def test_lora_expand_keeps_the_pdl_order(tools, tmp_path):
     functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", "lora_expand.cu"), tmp_path)
     kernels = {name: ops for name, ops in functions.items() if "lora_expand" in name}
-    assert len(kernels) == 18, f"expected 3 logits x 3 B dtypes x 2 load paths, found {sorted(kernels)}"
+    assert len(kernels) == 36, (f"expected 3 logits x 3 B dtypes x 2 load paths x 2 forms (plain, "
+                                f"routed), found {sorted(kernels)}")
     broken = {name: lora_expand_pdl_violations(ops) for name, ops in kernels.items()
               if lora_expand_pdl_violations(ops)}
     assert not broken, broken
@@ -188,12 +189,12 @@ def ctas_per_sm_by_registers(registers: int, threads: int) -> int:
 
 # CTAs per SM that the tensor-core kernels must keep, by (expert tiles, token tiles) per warp
 # (router_gemm_sm90.cuh). The tile rule (router_gemm_sm90_resolve) launches up to 256 CTAs in
-# clusters of 8, a fused LoRA launch adds up to twice as many for the shrink (4 rank-64 slots
-# at E = 128), and a fused routing launch has the plain call's grid. On an H200 such grids fit in one wave only with these residencies: a 1 x 4 kernel
-# at 182 registers (two per SM) ran E = 128, M = 128 in 4.86 us against 3.77 at 168 (three), and
-# the fused 1 x 2 kernel at 132 registers (three per SM) took the LoRA layer at M = 32 from 6.18
-# to 7.02 us (four per SM at 126). The rule picks 2 x 1 tiles never and 2 x 4 only for grids
-# past one wave, so those two are free.
+# clusters of 8, a fused LoRA launch adds up to twice as many for the shrink (4 rank-64 slots at
+# E = 128), and a fused routing launch has the plain call's grid. Such grids fit in one wave only
+# with these residencies (benchmarks/results/README.md, "Current build: independent MMA chains":
+# a 1 x 4 kernel at two CTAs per SM, and the fused 1 x 2 kernel at three, each cost about a
+# microsecond). The rule picks 2 x 1 tiles never and 2 x 4 only for grids past one wave, so those
+# two are free.
 MIN_CTAS_PER_SM = {(1, 1): 4, (1, 2): 4, (1, 4): 3, (2, 2): 3}
 
 

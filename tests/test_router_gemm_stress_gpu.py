@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from gpu_helpers import realistic_activations, router_weights
+from gpu_helpers import memory_hog, realistic_activations, router_weights
 
 from gate import ops, tuning
 
@@ -11,14 +11,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 CALLS_PER_BATCH = 1000
 BATCHES = 100  # 100,000 checked calls
-
-
-def _memory_hog(stream, big_a, big_b, rounds):
-    """Copies that saturate HBM on another stream, so the router's loads arrive late and unevenly."""
-    with torch.cuda.stream(stream):
-        for _ in range(rounds):
-            big_a.copy_(big_b)
-            big_b.add_(1.0)
 
 
 @pytest.mark.parametrize("M,E,K,kernel", [(4, 128, 2880, "small_m"), (32, 32, 2880, "small_m"),
@@ -37,7 +29,7 @@ def test_100k_calls_under_memory_pressure_are_exact(M, E, K, kernel):
         xs = realistic_activations(CALLS_PER_BATCH * M, K, gpu_generator).view(CALLS_PER_BATCH, M, K)
         pdl = batch % 2 == 1
         torch.cuda.synchronize()
-        _memory_hog(side, big_a, big_b, rounds=6)
+        memory_hog(side, big_a, big_b, rounds=6)
         loaded = torch.stack([ops.router_gemm(xs[i], weight, bias, pdl=pdl)
                               for i in range(CALLS_PER_BATCH)])
         torch.cuda.synchronize()

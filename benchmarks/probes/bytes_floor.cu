@@ -26,7 +26,9 @@
 
 #include "graph_timing.cuh"
 #include "kernels/router_gemm.h"
-#include "kernels/router_gemm_sm90.cuh"  // the shipped kernels' load helpers and PDL helpers
+#include "kernels/cluster_exchange.cuh"  // the shipped kernels' split-K handoff,
+#include "kernels/grid_dependency.cuh"   // PDL helpers
+#include "kernels/memory_access.cuh"    // and loads
 
 namespace {
 

@@ -26,6 +26,9 @@
 #include "kernels/float_convert.cuh"
 #include "kernels/grid_dependency.cuh"
 #include "kernels/lora_expand.h"
+#include "kernels/memory_access.cuh"
+#include "kernels/route.h"
+#include "kernels/routing.cuh"
 
 namespace moegate {
 namespace {
@@ -36,6 +39,7 @@ constexpr int kValuesPerLane = 8;
 constexpr int kChunk = kLanesPerOutput * kValuesPerLane;    // rank values per pass
 constexpr int kOutputsPerCta = kThreads / kLanesPerOutput;  // experts per CTA
 constexpr int kMaxGridRows = 65535;                         // gridDim.y limit; more tokens loop
+constexpr int kRouteThreads = 256;  // the routing form: 32 outputs per pass over a token's E
 
 __device__ __forceinline__ float2 widen2(uint32_t bits, __nv_bfloat16) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
@@ -81,13 +85,35 @@ __device__ __forceinline__ void load8(const T* row, int first, int count, float 
 }
 
 // Asks L2 for every line of bytes [begin, begin + size) (size > 0), one line per thread and pass.
+template <int kCtaThreads>
 __device__ __forceinline__ void prefetch_l2(const char* begin, long long size) {
   constexpr int kLine = 128;
   const char* first = begin - reinterpret_cast<std::uintptr_t>(begin) % kLine;
   const int lines = static_cast<int>((begin + size - first + kLine - 1) / kLine);
 #pragma unroll 1
-  for (int i = threadIdx.x; i < lines; i += kThreads)
+  for (int i = threadIdx.x; i < lines; i += kCtaThreads)
     asm volatile("prefetch.global.L2 [%0];" ::"l"(first + static_cast<long long>(i) * kLine));
+}
+
+// sum_r xa_row[r] * b_row[r] for r < R, over the kLanesPerOutput lanes of a group (group_mask):
+// each lane sums its values in order, then three shuffles add the group's partial sums in a fixed
+// tree. Every lane of the group gets the sum.
+template <bool kVector, typename B>
+__device__ __forceinline__ float group_dot(const float* xa_row, const B* b_row, int R, int lane,
+                                           unsigned group_mask) {
+  float dot = 0.f;
+  for (int r0 = 0; r0 < R; r0 += kChunk) {
+    const int first = r0 + lane * kValuesPerLane;
+    float b[kValuesPerLane], x[kValuesPerLane];
+    load8<kVector>(b_row, first, R, b);
+    load8<kVector>(xa_row, first, R, x);
+#pragma unroll
+    for (int i = 0; i < kValuesPerLane; ++i) dot = fmaf(x[i], b[i], dot);
+  }
+#pragma unroll
+  for (int offset = kLanesPerOutput / 2; offset > 0; offset /= 2)
+    dot += __shfl_xor_sync(group_mask, dot, offset);
+  return dot;
 }
 
 // Grid: (ceil(E / kOutputsPerCta), min(M, kMaxGridRows)); group g of a CTA owns expert
@@ -104,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 1
     for (int s = blockIdx.y; s < S; s += gridDim.y) {
       const B* rows = lora_b + (static_cast<long long>(s) * E + e_begin) * R;
-      prefetch_l2(reinterpret_cast<const char*>(rows),
+      prefetch_l2<kThreads>(reinterpret_cast<const char*>(rows),
                   static_cast<long long>(experts) * R * static_cast<long long>(sizeof(B)));
     }
   }
@@ -125,25 +151,59 @@ __global__ void __launch_bounds__(kThreads)
     const float scale = scaling[s];
     const float* xa_row = xa + (m * S + s) * R;
     const B* b_row = lora_b + (s * E + e) * static_cast<long long>(R);
-    float dot = 0.f;
-    for (int r0 = 0; r0 < R; r0 += kChunk) {
-      const int first = r0 + lane * kValuesPerLane;
-      float b[kValuesPerLane], x[kValuesPerLane];
-      load8<kVector>(b_row, first, R, b);
-      load8<kVector>(xa_row, first, R, x);
-#pragma unroll
-      for (int i = 0; i < kValuesPerLane; ++i) dot = fmaf(x[i], b[i], dot);
-    }
-#pragma unroll
-    for (int offset = kLanesPerOutput / 2; offset > 0; offset /= 2)
-      dot += __shfl_xor_sync(group_mask, dot, offset);
+    const float dot = group_dot<kVector>(xa_row, b_row, R, lane, group_mask);
     if (lane == 0) out[index] = from_float<Logit>(base + scale * dot);
   }
   sm90::cta_barrier();  // every output store of the CTA precedes the trigger
   sm90::trigger_dependents();
 }
 
-bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
+// The expand and the routing of its outputs (route.h) in one launch. Grid: (1, min(M,
+// kMaxGridRows)); a CTA computes all E outputs of its tokens (token y, y + gridDim.y, ...), each as
+// lora_expand_kernel does (the same bits), keeps them in shared memory too, and its first warp
+// routes the token. No CTA needs another's outputs, so no counters.
+template <bool kVector, typename Logit, typename B>
+__global__ void __launch_bounds__(kRouteThreads)
+    lora_expand_route_kernel(const Logit* __restrict__ logits, const float* __restrict__ xa,
+                             const B* __restrict__ lora_b, const float* __restrict__ scaling,
+                             const int64_t* __restrict__ slot_ids, Logit* __restrict__ out, int M,
+                             int E, int S, int R, bool pdl, RouteArgs route) {
+  __shared__ Logit row[kRouteMaxE];
+  if (pdl) {  // every slot's B (the token's slot is not known yet); CTA row y takes slots y, ...
+#pragma unroll 1
+    for (int s = blockIdx.y; s < S; s += gridDim.y)
+      prefetch_l2<kRouteThreads>(
+          reinterpret_cast<const char*>(lora_b + static_cast<long long>(s) * E * R),
+          static_cast<long long>(E) * R * static_cast<long long>(sizeof(B)));
+  }
+  sm90::grid_dependency_wait(pdl);
+  const int lane = threadIdx.x % kLanesPerOutput;
+  const unsigned group_mask = 0xffu << (threadIdx.x % 32 / kLanesPerOutput * kLanesPerOutput);
+  for (long long m = blockIdx.y; m < M; m += gridDim.y) {
+    const int64_t s = slot_ids[m];
+    const bool adapted = s >= 0 && s < S;  // the same in the whole CTA
+    for (int e = threadIdx.x / kLanesPerOutput; e < E; e += kRouteThreads / kLanesPerOutput) {
+      const long long index = m * E + e;
+      Logit value = logits[index];
+      if (adapted) {
+        const float dot = group_dot<kVector>(xa + (m * S + s) * R,
+                                             lora_b + (s * E + e) * static_cast<long long>(R), R,
+                                             lane, group_mask);
+        value = from_float<Logit>(to_float(value) + scaling[s] * dot);
+      }
+      if (lane == 0) {
+        out[index] = value;
+        row[e] = value;
+      }
+    }
+    sm90::cta_barrier();
+    if (threadIdx.x < 32) routing::route_shared_row(row, E, m, route);
+    sm90::cta_barrier();  // the row is rewritten for the next token
+  }
+  sm90::trigger_dependents();  // after the barrier above: every store of the CTA precedes it
+}
+
+using sm90::aligned_16B;
 
 template <bool kVector, typename Logit, typename B>
 cudaError_t launch_shaped(const LoraExpandArgs& a) {
@@ -156,35 +216,55 @@ cudaError_t launch_shaped(const LoraExpandArgs& a) {
                                       static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R, a.pdl);
 }
 
+template <bool kVector, typename Logit, typename B>
+cudaError_t launch_routed(const LoraExpandArgs& a, const RouteArgs& route) {
+  const dim3 grid(1, a.M < kMaxGridRows ? a.M : kMaxGridRows);
+  return sm90::launch_maybe_dependent(lora_expand_route_kernel<kVector, Logit, B>, grid,
+                                      dim3(kRouteThreads, 1, 1), a.stream, a.pdl,
+                                      static_cast<const Logit*>(a.logits), a.xa,
+                                      static_cast<const B*>(a.lora_b), a.scaling, a.slot_ids,
+                                      static_cast<Logit*>(a.out), a.M, a.E, a.S, a.R, a.pdl, route);
+}
+
+// route null: the plain expand; else the routing form.
 template <typename Logit, typename B>
-cudaError_t launch_typed(const LoraExpandArgs& a) {
+cudaError_t launch_typed(const LoraExpandArgs& a, const RouteArgs* route) {
   // 16-byte loads when every lane's eight values are whole vectors: ranks in multiples of 8
   // (what adapters use) and aligned buffers (what the allocator gives).
-  if (a.R % kValuesPerLane == 0 && aligned_16B(a.lora_b) && aligned_16B(a.xa))
-    return launch_shaped<true, Logit, B>(a);
-  return launch_shaped<false, Logit, B>(a);
+  const bool vector = a.R % kValuesPerLane == 0 && aligned_16B(a.lora_b) && aligned_16B(a.xa);
+  if (route != nullptr)
+    return vector ? launch_routed<true, Logit, B>(a, *route)
+                  : launch_routed<false, Logit, B>(a, *route);
+  return vector ? launch_shaped<true, Logit, B>(a) : launch_shaped<false, Logit, B>(a);
 }
 
 template <typename Logit>
-cudaError_t launch_for_logits(const LoraExpandArgs& a) {
+cudaError_t launch_for_logits(const LoraExpandArgs& a, const RouteArgs* route) {
   switch (a.b_dtype) {
-    case DType::kFloat32: return launch_typed<Logit, float>(a);
-    case DType::kFloat16: return launch_typed<Logit, __half>(a);
-    case DType::kBFloat16: return launch_typed<Logit, __nv_bfloat16>(a);
+    case DType::kFloat32: return launch_typed<Logit, float>(a, route);
+    case DType::kFloat16: return launch_typed<Logit, __half>(a, route);
+    case DType::kBFloat16: return launch_typed<Logit, __nv_bfloat16>(a, route);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch(const LoraExpandArgs& a, const RouteArgs* route) {
+  if (a.M <= 0 || a.E <= 0 || a.S <= 0 || a.R <= 0) return cudaErrorInvalidValue;
+  switch (a.logits_dtype) {
+    case DType::kFloat32: return launch_for_logits<float>(a, route);
+    case DType::kFloat16: return launch_for_logits<__half>(a, route);
+    case DType::kBFloat16: return launch_for_logits<__nv_bfloat16>(a, route);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_lora_expand(const LoraExpandArgs& a) {
-  if (a.M <= 0 || a.E <= 0 || a.S <= 0 || a.R <= 0) return cudaErrorInvalidValue;
-  switch (a.logits_dtype) {
-    case DType::kFloat32: return launch_for_logits<float>(a);
-    case DType::kFloat16: return launch_for_logits<__half>(a);
-    case DType::kBFloat16: return launch_for_logits<__nv_bfloat16>(a);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t launch_lora_expand(const LoraExpandArgs& a) { return launch(a, nullptr); }
+
+cudaError_t launch_lora_expand_route(const LoraExpandArgs& a, const RouteArgs& route) {
+  if (route_unsupported(route, a.E) != nullptr) return cudaErrorInvalidValue;
+  return launch(a, &route);
 }
 
 }  // namespace moegate

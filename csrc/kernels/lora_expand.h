@@ -12,6 +12,7 @@
 
 #include <cuda_runtime.h>
 
+#include "kernels/route.h"
 #include "kernels/router_gemm.h"
 
 namespace moegate {
@@ -33,5 +34,9 @@ struct LoraExpandArgs {
 };
 
 cudaError_t launch_lora_expand(const LoraExpandArgs& args);
+
+// The expand and the routing of its outputs (route.h) in one launch: `out` gets the bits of
+// launch_lora_expand, and `route` the routing of out. Needs route_unsupported(route, E) == null.
+cudaError_t launch_lora_expand_route(const LoraExpandArgs& args, const RouteArgs& route);
 
 }  // namespace moegate

@@ -40,8 +40,10 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "kernels/cluster_exchange.cuh"
+#include "kernels/fused_launch.cuh"
 #include "kernels/grid_dependency.cuh"
-#include "kernels/route.h"
+#include "kernels/memory_access.cuh"
 #include "kernels/routing.cuh"
 
 namespace moegate {
@@ -52,120 +54,6 @@ namespace cg = cooperative_groups;
 constexpr int kWarps = 4;           // warps per CTA, each on its own K slice (8, 16: slower)
 constexpr int kBlockK = 32;         // k per 16-byte load per thread quad: 4 threads x 8 bf16
 constexpr int kBlocksPerChunk = 4;  // k32 blocks a warp loads before its first MMA
-
-__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
-
-// The launchers' alignment check for operands read with 16-byte loads.
-inline bool aligned_16B(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
-
-// The partial sums' handoff through distributed shared memory.
-//  * Each CTA owns one mbarrier. Thread 0 initialises it (arrival count 1: the owner's own
-//    expect-bytes arrival) and publishes the init to the cluster with fence.mbarrier_init, a
-//    release fence for mbarrier inits only; every thread then arrives on the cluster barrier,
-//    relaxed (the fence already orders the init before thread 0's arrival). Before its first push
-//    a CTA waits on that barrier with acquire semantics, so every target mbarrier is initialised
-//    and every target CTA is running. By then the wait is long satisfied: it sits after the loads.
-//    The arrive used to carry release semantics itself. ptxas compiled that to MEMBAR.ALL.GPU,
-//    which every warp executed before its first weight load (ncu: 0.45 stall cycles per issued
-//    instruction on the membar at E = 128, M = 32, about 200 cycles per warp). Relaxed, it made
-//    every call 0.13-0.15 us faster on an H200 (E = 32 and 128, M = 8-256, PDL on and off;
-//    benchmarks/results/README.md); tests/test_kernel_sass.py keeps barriers out of that spot.
-//  * A push is st.async: a remote store (16 bytes, one accumulator fragment) that also counts its
-//    bytes on the owner's mbarrier. The owner announces the bytes it expects and waits for phase 0
-//    to complete, which makes all of them visible to it. Senders never wait for the rest of the
-//    cluster, and no CTA reads another's shared memory, so a CTA may exit once its own inbox is
-//    complete.
-__device__ __forceinline__ uint32_t shared_address(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
-__device__ __forceinline__ void mbarrier_init_for_cluster(uint32_t bar) {
-  asm volatile(
-      "mbarrier.init.shared::cta.b64 [%0], 1;\n"
-      "fence.mbarrier_init.release.cluster;\n" ::"r"(bar)
-      : "memory");
-}
-
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_wait_acquire() {
-  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-// The address of this CTA's shared variable `addr` in the CTA of cluster rank `rank`.
-__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
-  return remote;
-}
-
-// Pushes one accumulator fragment (4 floats, 16-byte aligned) in one message.
-__device__ __forceinline__ void push_to_rank(uint32_t remote_addr, const float (&v)[4],
-                                             uint32_t remote_bar) {
-  asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
-      ::"r"(remote_addr), "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])),
-      "r"(__float_as_uint(v[2])), "r"(__float_as_uint(v[3])), "r"(remote_bar)
-      : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
-// Waits until phase 0 of the mbarrier completes; acquire at cluster scope, so that every st.async
-// counted on it is visible to the calling thread.
-__device__ __forceinline__ void mbarrier_wait_phase0(uint32_t bar) {
-  asm volatile(
-      "{\n .reg .pred done;\n"
-      "wait_%=:\n"
-      " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], 0;\n"
-      " @!done bra wait_%=;\n}\n" ::"r"(bar)
-      : "memory");
-}
-
-// 16-byte loads, predicated inside the asm (zero when !valid) so that the load sequence stays one
-// straight-line block: with `if (valid) load` every load sat in its own branch and ptxas interleaved
-// them with the MMAs, paying one memory round trip per k block instead of one in all (seen in SASS).
-//
-// Weights use coherent loads that skip L1 (ld.global.L1::no_allocate; SASS LDG.E.NA): every row is
-// read once per CTA, and ptxas keeps coherent loads where the source puts them, before
-// griddepcontrol.wait. The non-coherent path (ld.global.nc), which this kernel used before, lets
-// ptxas move the loads across the wait: of a thread's first-chunk weight loads it issued all, some
-// or none before it (SASS, CUDA 13.0: 0 of 8 in the tensor-core kernel with two token tiles,
-// 0-1 of 2-4 in the decode kernel). H200, cold, K = 2880, torch-free harness, the same call
-// sequence for both builds (benchmarks/results/README.md), us, non-coherent / coherent:
-// decode kernel, PDL on: E = 32, M = 1: 1.81 / 1.55; M = 32: 2.23 / 1.98; E = 128, M = 8:
-// 2.31 / 2.04. PDL off: E = 32, M = 1: 1.63 / 1.64; M = 32: 2.46 / 2.26; E = 128, M = 8:
-// 2.53 / 2.33.
-__device__ __forceinline__ uint4 load_weight_16B(const __nv_bfloat16* ptr, bool valid) {
-  uint4 v;
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<int>(valid)));
-  return v;
-}
-
-// Activations are written by the previous kernel: a coherent load, with a "memory" clobber so that
-// the compiler keeps it after griddepcontrol.wait (an __ldg here was hoisted above the wait, which
-// under PDL reads x before its producer has finished).
-__device__ __forceinline__ uint4 load_activation_16B(const __nv_bfloat16* ptr, bool valid) {
-  uint4 v;
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n"
-      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(ptr), "r"(static_cast<int>(valid))
-      : "memory");
-  return v;
-}
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
                                                uint32_t a2, uint32_t a3, uint32_t b0,
@@ -191,38 +79,14 @@ __host__ __device__ constexpr int lanes_per_output(int threads, int outputs, int
 // Independent accumulator sets per MMA tile, for a warp with `tiles` MMA tiles. Every MMA into one
 // accumulator waits for the one before it: with one tile per warp, a chain of 2 * kBlocksPerChunk
 // MMAs stood between the warp's last load and its handoff, and eight chains recover part of that
-// (benchmarks/results/README.md, "MMA chains"). The chain count fixes the summation order, so every
-// launch form of one tile shape (plain, fused with a shrink, fused with routing) must use the same
-// count for the logits to keep their bits. More chains cost registers, and registers set the CTAs
-// per SM that let a grid of clusters fit in one wave (tests/test_kernel_sass.py holds each kernel
-// to what its grids need): two chains on two-tile warps pushed the fused shrink launch, whose grids
-// are up to three times the plain call's, from four CTAs per SM to three, so warps of two or more
-// tiles keep one chain in every form.
+// (benchmarks/results/README.md, "Current build: independent MMA chains"). The chain count fixes
+// the summation order, so every launch form of one tile shape (plain, fused with a shrink, fused
+// with routing) must use the same count for the logits to keep their bits. More chains cost
+// registers, and registers set the CTAs per SM that let a grid of clusters fit in one wave
+// (tests/test_kernel_sass.py holds each kernel to what its grids need): two chains on two-tile
+// warps pushed the fused shrink launch, whose grids are up to three times the plain call's, from
+// four CTAs per SM to three, so warps of two or more tiles keep one chain in every form.
 __host__ __device__ constexpr int chains_per_tile(int tiles) { return tiles == 1 ? 8 : 1; }
-
-template <typename Out>
-__device__ __forceinline__ Out store_cast(float v);
-template <>
-__device__ __forceinline__ float store_cast<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_cast<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-// One bias element as raw bits (0 when there is none), widened only where it is added, so that no
-// instruction waits for it before the epilogue. Both kernels issue it after their first weight and
-// activation loads: every CTA reads the same one or two bias lines, and issued before the rows
-// (as it was), that read held them up. H200, cold weights and bias, PDL off, torch-free harness
-// (benchmarks/results/README.md), bias first / after the rows, us: decode kernel, K = 2880,
-// E = 32, M = 1: 2.29 / 2.00; E = 128, M = 8: 2.72 / 2.52; tensor-core kernel, E = 128, M = 32:
-// 3.36 / 3.25. After the rows, a cold bias costs what no bias costs.
-__device__ __forceinline__ unsigned short load_bias_bits(const __nv_bfloat16* bias, int e,
-                                                         bool ok) {
-  return ok && bias != nullptr ? __bfloat16_as_ushort(bias[e]) : 0;
-}
-__device__ __forceinline__ float bias_value(unsigned short bits) {
-  return __bfloat162float(__ushort_as_bfloat16(bits));
-}
 
 // Where output number `idx` of a CTA's [16 kExpertTiles x 8 kTokenTiles] tile lives, in fragment
 // order: idx = ((i * kTokenTiles + j) * 32 + lane) * 4 + c is accumulator c of `lane` in MMA tile
@@ -234,58 +98,6 @@ __device__ __forceinline__ void fragment_output(int idx, int& expert, int& token
   expert = 16 * (tile / kTokenTiles) + lane / 4 + 8 * (c / 2);
   token = 8 * (tile % kTokenTiles) + 2 * (lane % 4) + c % 2;
 }
-
-// The second GEMM of a fused launch (a LoRA layer's shrink next to its base gate; router_gemm.h):
-// the CTAs whose expert-dimension grid index is first_expert_block or more compute
-// out[m, r] = sum_k x[m, k] * weight[r, k] in fp32, no bias, for `rows` rows, with the same code
-// and tiles as the first GEMM's CTAs (so the first GEMM's outputs keep their bits).
-struct ShrinkPart {
-  const __nv_bfloat16* weight = nullptr;
-  float* out = nullptr;
-  int rows = 0;
-  int first_expert_block = 0;
-
-  // Host: the shrink's part of a fused launch's arguments; first_expert_block is the launcher's.
-  static ShrinkPart of(const void* lora_a, int rows, float* xa) {
-    ShrinkPart part;
-    part.weight = static_cast<const __nv_bfloat16*>(lora_a);
-    part.out = xa;
-    part.rows = rows;
-    return part;
-  }
-  // Host: why both fused launchers refuse these shrink arguments, or null.
-  static const char* unsupported(const void* lora_a, int rows) {
-    if (rows < 1) return "the shrink needs at least one row";
-    if (!aligned_16B(lora_a)) return "lora_a must be 16-byte aligned";
-    return nullptr;
-  }
-  // Device: whether expert-dimension grid index `block` is one of the shrink's. If it is, `block`
-  // becomes its index among the shrink's blocks, the matrix (weight, no bias, E rows) the shrink's,
-  // so that the CTA runs the first GEMM's code on the second, and `out` points at row
-  // `first_token` of the shrink's output.
-  __device__ __forceinline__ bool claim(int& block, const __nv_bfloat16* __restrict__& matrix,
-                                        const __nv_bfloat16* __restrict__& bias, int& E,
-                                        float*& shrink_out, long long first_token) const {
-    const bool mine = block >= first_expert_block;
-    if (mine) {
-      block -= first_expert_block;
-      matrix = weight;
-      bias = nullptr;
-      E = rows;
-      shrink_out = out + first_token * rows;
-    }
-    return mine;
-  }
-};
-
-// What a launch adds to the router GEMM: nothing, a second GEMM over the same x (a LoRA shrink),
-// or the routing of the logits by the last CTA of each token tile (routing.cuh).
-enum class Fusion { kNone, kShrink, kRoute };
-struct FusedPart {
-  Fusion kind = Fusion::kNone;
-  ShrinkPart shrink;
-  RouteArgs route;
-};
 
 // Grid: (kCluster, ceil(E / (16 * kExpertTiles)), ceil(M / (8 * kTokenTiles))); cluster
 // (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of

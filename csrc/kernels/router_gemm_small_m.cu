@@ -25,9 +25,11 @@
 
 #include <cstdint>
 
+#include "kernels/fused_launch.cuh"
+#include "kernels/grid_dependency.cuh"
+#include "kernels/memory_access.cuh"
 #include "kernels/route.h"
 #include "kernels/router_gemm.h"
-#include "kernels/router_gemm_sm90.cuh"  // griddepcontrol and the weight/activation loads
 #include "kernels/routing.cuh"
 
 namespace moegate {

@@ -62,88 +62,122 @@ __device__ __forceinline__ void store_weight(const RouteArgs& r, long long i, fl
     static_cast<__half*>(r.weights)[i] = __float2half_rn(w);
 }
 
-// Routes token `token` from its E logits `row` (E <= kRouteMaxE): called by all 32 lanes of a warp.
-// Selection: k rounds, each a warp-wide max of keys (redux.sync), then the lowest index holding
-// that key (a second redux), which its lane then clears. The sums run in a fixed order.
-template <typename Logit>
-__device__ __forceinline__ void route_token(const Logit* row, int E, long long token,
-                                            const RouteArgs& r) {
+// A token's E logits as raw bits: lane l holds logits l, l + 32, ..., kSlots of them (0 past E
+// or when !valid).
+template <int kSlots, typename Logit>
+__device__ __forceinline__ void load_row(const Logit* row, int E, bool valid,
+                                         uint32_t (&bits)[kSlots]) {
   const int lane = threadIdx.x % 32;
-  uint32_t keys[kPerLane];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) keys[i] = load_logit_bits(row + 32 * i + lane, 32 * i + lane < E);
+  for (int i = 0; i < kSlots; ++i)
+    bits[i] = load_logit_bits(row + 32 * i + lane, valid && 32 * i + lane < E);
+}
+
+// Routes token `token` from its loaded logits (load_row): called by all 32 lanes of a warp.
+// Selection: expert e's rank is (key, -e), unique per expert. Round j takes the largest rank below
+// round j-1's: a warp-wide max of the keys (redux.sync), then of -e among the lanes holding that
+// key (a second redux). Nothing is written back into the lanes' arrays (a cleared slot would be a
+// dynamically indexed store, which sent the array to local memory). Sums run in a fixed order.
+template <int kSlots, typename Logit>
+__device__ __forceinline__ void route_loaded(const uint32_t (&bits)[kSlots], int E, long long token,
+                                             const RouteArgs& r) {
+  const int lane = threadIdx.x % 32;
+  uint32_t keys[kSlots];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i)
-    keys[i] = 32 * i + lane < E ? order_key(logit_value(keys[i], Logit{})) : 0u;
-  auto lane_best = [&](uint32_t& best_key, int& best_slot) {
-    best_key = 0u;
-    best_slot = 0;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i)
-      if (keys[i] > best_key) best_key = keys[i], best_slot = i;  // ties: the lower index
+  for (int i = 0; i < kSlots; ++i)
+    keys[i] = 32 * i + lane < E ? order_key(logit_value(bits[i], Logit{})) : 0u;
+  auto rank = [&](int i) {  // (key, 0xffffffff - expert): larger is selected first
+    return static_cast<unsigned long long>(keys[i]) << 32 | (0xffffffffu - (32u * i + lane));
   };
-  uint32_t best_key;
-  int best_slot;
-  lane_best(best_key, best_slot);
 
-  float denominator = 0.f;  // kSoftmax: sum over all E of exp(l - max)
-  if (r.scoring == Scoring::kSoftmax) {
-    const float max_value = key_value(__reduce_max_sync(0xffffffffu, best_key));
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const float term = expf(key_value(keys[i]) - max_value);
-      sum += keys[i] != 0u ? term : 0.f;
-    }
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    denominator = sum;
-  }
-
-  float top_value[kRouteMaxK];
-  int top_id[kRouteMaxK];
+  // Lane j < top_k keeps selection j; every lane keeps the largest logit (selection 0).
+  float top = 0.f, mine = 0.f;
+  int my_id = 0;
+  unsigned long long previous = 0ull;
 #pragma unroll
   for (int j = 0; j < kRouteMaxK; ++j) {
-    top_value[j] = 0.f;
-    top_id[j] = 0;
     if (j < r.top_k) {
-      if (j > 0) lane_best(best_key, best_slot);
-      const uint32_t key = __reduce_max_sync(0xffffffffu, best_key);
-      const uint32_t candidate = best_key == key ? 32u * best_slot + lane : 0xffffffffu;
-      const int id = static_cast<int>(__reduce_min_sync(0xffffffffu, candidate));
-      top_value[j] = key_value(key);
-      top_id[j] = id;
-      if (id % 32 == lane) {
+      unsigned long long best = 0ull;
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i)
-          if (i == id / 32) keys[i] = 0u;
+      for (int i = 0; i < kSlots; ++i) {
+        const unsigned long long candidate = rank(i);
+        if ((j == 0 || candidate < previous) && candidate > best) best = candidate;
+      }
+      const uint32_t key = __reduce_max_sync(0xffffffffu, static_cast<uint32_t>(best >> 32));
+      const uint32_t low = __reduce_max_sync(
+          0xffffffffu, static_cast<uint32_t>(best >> 32) == key ? static_cast<uint32_t>(best) : 0u);
+      previous = static_cast<unsigned long long>(key) << 32 | low;
+      if (j == 0) top = key_value(key);
+      if (lane == j) {
+        mine = key_value(key);
+        my_id = static_cast<int>(0xffffffffu - low);
       }
     }
   }
 
-  float weight[kRouteMaxK];
-  float total = 0.f;
+  // Weights: lane j's exp, and sums over lanes in a fixed butterfly (bitwise deterministic).
+  const bool selected = lane < r.top_k;
+  float weight = selected ? expf(mine - top) : 0.f;
+  if (r.scoring == Scoring::kSoftmax) {  // divided by the sum over all E of exp(l - max)
+    float sum = 0.f;
 #pragma unroll
-  for (int j = 0; j < kRouteMaxK; ++j) {
-    weight[j] = 0.f;
-    if (j < r.top_k) {
-      const float e = expf(top_value[j] - top_value[0]);
-      weight[j] = r.scoring == Scoring::kSoftmax ? e / denominator : e;
-      total += weight[j];
+    for (int i = 0; i < kSlots; ++i) {
+      const float term = expf(key_value(keys[i]) - top);
+      sum += keys[i] != 0u ? term : 0.f;
     }
-  }
-  const bool divide = r.scoring == Scoring::kSoftmaxTopk || r.renormalize;
 #pragma unroll
-  for (int j = 0; j < kRouteMaxK; ++j) {
-    if (j < r.top_k && lane == j) {
-      const long long i = token * r.top_k + j;
-      store_weight(r, i, divide ? weight[j] / total : weight[j]);
-      if (r.ids_int64)
-        static_cast<int64_t*>(r.ids)[i] = top_id[j];
-      else
-        static_cast<int32_t*>(r.ids)[i] = top_id[j];
-    }
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    weight /= sum;
   }
+  if (r.scoring == Scoring::kSoftmaxTopk || r.renormalize) {
+    float total = weight;
+#pragma unroll
+    for (int offset = kRouteMaxK / 2; offset > 0; offset /= 2)
+      total += __shfl_xor_sync(0xffffffffu, total, offset);  // lanes >= k hold 0
+    weight /= total;
+  }
+  if (selected) {
+    const long long i = token * r.top_k + lane;
+    store_weight(r, i, weight);
+    if (r.ids_int64)
+      static_cast<int64_t*>(r.ids)[i] = my_id;
+    else
+      static_cast<int32_t*>(r.ids)[i] = my_id;
+  }
+}
+
+// One warp routes rows first, first + step, ... below `count` of `rows` (E logits each; row i is
+// token first_token + i), kRows at a time: their loads are all issued before the first selection,
+// so a warp with several rows pays one trip to memory per kRows rows. kRows = 2 while a lane holds
+// at most 4 logits a row; wider rows go one at a time (two would need more registers than the
+// decode kernel's 512-thread CTAs may have).
+template <int kSlots, typename Logit>
+__device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long long first_token,
+                                                 int first, int count, int step,
+                                                 const RouteArgs& r) {
+  constexpr int kRows = kSlots <= 4 ? 2 : 1;
+  for (int i = first; i < count; i += kRows * step) {
+    uint32_t bits[kRows][kSlots];
+#pragma unroll
+    for (int q = 0; q < kRows; ++q)
+      load_row(rows + static_cast<long long>(i + q * step) * E, E, i + q * step < count, bits[q]);
+#pragma unroll
+    for (int q = 0; q < kRows; ++q)
+      if (i + q * step < count)
+        route_loaded<kSlots, Logit>(bits[q], E, first_token + i + q * step, r);
+  }
+}
+
+// route_rows_sized with as few logits a lane as E allows (E <= kRouteMaxE).
+template <typename Logit>
+__device__ __forceinline__ void route_rows(const Logit* rows, int E, long long first_token,
+                                           int first, int count, int step, const RouteArgs& r) {
+  if (E <= 32)
+    route_rows_sized<1>(rows, E, first_token, first, count, step, r);
+  else if (E <= 128)
+    route_rows_sized<4>(rows, E, first_token, first, count, step, r);
+  else
+    route_rows_sized<kPerLane>(rows, E, first_token, first, count, step, r);
 }
 
 // Called by every thread of a CTA after its logit stores: whether this CTA is the last of the
@@ -165,14 +199,40 @@ __device__ __forceinline__ bool last_of_tile(const RouteArgs& r, int tile, unsig
   return last;
 }
 
-// The last CTA of a token tile routes its `tokens` tokens (rows of `logits`, E each), a warp per
-// token in turn.
+// A token's logits from shared memory, as load_row.
+__device__ __forceinline__ uint32_t raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ uint32_t raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ uint32_t raw_bits(__half v) { return __half_as_ushort(v); }
+
+template <int kSlots, typename Logit>
+__device__ __forceinline__ void route_shared_row_sized(const Logit* row, int E, long long token,
+                                                       const RouteArgs& r) {
+  const int lane = threadIdx.x % 32;
+  uint32_t bits[kSlots];
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) bits[i] = 32 * i + lane < E ? raw_bits(row[32 * i + lane]) : 0u;
+  route_loaded<kSlots, Logit>(bits, E, token, r);
+}
+
+// One warp routes token `token` from its E logits in shared memory (E <= kRouteMaxE).
+template <typename Logit>
+__device__ __forceinline__ void route_shared_row(const Logit* row, int E, long long token,
+                                                 const RouteArgs& r) {
+  if (E <= 32)
+    route_shared_row_sized<1>(row, E, token, r);
+  else if (E <= 128)
+    route_shared_row_sized<4>(row, E, token, r);
+  else
+    route_shared_row_sized<kPerLane>(row, E, token, r);
+}
+
+// The last CTA of a token tile routes its `tokens` tokens (rows of `logits`, E each), its warps
+// taking every warps-th token.
 template <typename Logit>
 __device__ __forceinline__ void route_tile(const Logit* logits, int E, long long first_token,
                                            int tokens, const RouteArgs& r) {
   const int warps = static_cast<int>(blockDim.x) / 32;
-  for (int t = static_cast<int>(threadIdx.x) / 32; t < tokens; t += warps)
-    route_token(logits + static_cast<long long>(t) * E, E, first_token + t, r);
+  route_rows(logits, E, first_token, static_cast<int>(threadIdx.x) / 32, tokens, warps, r);
 }
 
 }  // namespace routing
