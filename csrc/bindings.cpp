@@ -18,13 +18,9 @@
 namespace moegate {
 namespace {
 
-// cuBLAS beats the Hopper kernels once a call holds more than about 160M multiply-adds: measured
-// on an H200 with cold weights (benchmarks/results/*_tune*), every row below it wins with the
-// tile heuristic of router_gemm_sm90.cu (DeepSeek-V3 fp32 logits at M = 64, 117M: 6.5 against
-// 7.9 us; Llama-4 at M = 256, 168M: 7.5 against 7.1-8.0, within cuBLAS's own run-to-run spread;
-// DeepSeek-V3 at M = 128, 235M, and MiniMax-M2 at M = 256, 201M: cuBLAS ahead). router_gemm
-// hands such calls to cuBLAS inside the op, so the choice is made per call even under
-// torch.compile and CUDA graphs.
+// cuBLAS beats the Hopper kernels once a call holds more than about 160M multiply-adds (cold tile
+// sweeps, benchmarks/results/README.md, the `_tune` files). router_gemm hands such calls to cuBLAS
+// inside the op, so the choice is made per call even under torch.compile and CUDA graphs.
 constexpr int64_t kCublasCrossoverMacs = 160'000'000;
 
 // Numbers in error messages go through std::to_string, never an ostream: on the H200 image every
@@ -437,10 +433,9 @@ template <const char* kOp, typename... Options>
 class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<kOp, Options...>> {
  public:
   // The Autograd-key kernel. Where nothing will need a gradient (no_grad, or no input requiring
-  // one) it goes straight to the kernel, as cheap as before autograd was registered. Host time
-  // per eager call on the H200 machine (benchmarks/probes/host_overhead.py, M = 1, E = 128):
-  // 7.7 us under no_grad (7.9 before; 7.5 under inference_mode), where building the node anyway
-  // cost 2.3-2.7 us more.
+  // one) it goes straight to the kernel, as cheap as before autograd was registered (building
+  // the node anyway cost microseconds of host time per eager call; benchmarks/results/README.md,
+  // "Host time per eager call, and autograd").
   static at::Tensor call(const at::Tensor& x, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias,
                          std::optional<at::ScalarType> out_dtype, Options... options) {

@@ -57,11 +57,17 @@ def tools():
     return nvcc, cuobjdump, env
 
 
+_CUBINS: dict[str, str] = {}  # source -> cubin, compiled once per run (minutes each on CI's cores)
+
+
 def compiled_cubin(tools, source: str, out_dir) -> str:
     """`source` compiled with the extension's flags; the cubin's path."""
+    if source in _CUBINS and os.path.exists(_CUBINS[source]):
+        return _CUBINS[source]
     nvcc = tools[0]
     cubin = os.path.join(str(out_dir), os.path.basename(source) + ".cubin")
     subprocess.run([nvcc, *NVCC_FLAGS, "-o", cubin, source], check=True, capture_output=True)
+    _CUBINS[source] = cubin
     return cubin
 
 

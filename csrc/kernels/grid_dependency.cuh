@@ -1,7 +1,19 @@
 // Programmatic dependent launch (PDL) and the CTA barrier before its trigger, shared by every
-// kernel of the library (sm_90+). router_gemm_sm90.cuh explains the rules the kernels keep: weights
-// may be read before grid_dependency_wait, activations only after it, nothing written before it,
-// and trigger_dependents only after the CTA's last output store (cta_barrier first).
+// kernel of the library (sm_90+).
+//
+// The contract. griddepcontrol.wait waits until the prerequisite grids have completed and their
+// memory operations are performed and visible, wherever those grids triggered; launch_dependents
+// only lets dependents be scheduled earlier (PTX ISA). So a kernel of ours may trigger as early as
+// it likes, provided that:
+//  1. every thread that reads anything a previous kernel may have written waits first (the wait
+//     is per thread: a loading or TMA-issuing warp needs its own);
+//  2. nothing is written before the wait that a previous kernel may still read (our outputs may
+//     reuse memory it is reading; the routing counters are touched only after the wait);
+//  3. every kernel launched as our programmatic dependent waits before reading our outputs (the
+//     PTX rule for any dependent; our LoRA and routing kernels do).
+// Weights, parameters no kernel writes while routers run, may be read before the wait. Today the
+// kernels trigger after each CTA's last store, behind cta_barrier (an earlier trigger is allowed
+// by the contract and not yet taken).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,9 +29,8 @@ namespace sm90 {
 // first-chunk weight load is in flight before it in every instantiation (tests/test_kernel_sass.py
 // checks the SASS). A data dependency (as the decode kernel once had) would make each warp wait
 // for its weights to ARRIVE before it may issue its activation loads: two memory trips in a row
-// (H200, cold, back-to-back PDL calls, decode kernel, K = 2880, E = 32, M = 1: 1.68 us pinned /
-// 1.50 not; benchmarks/results/README.md). The skip branch sits inside the asm: 0.02-0.03 us
-// faster at M = 1 than a C++ `if (pdl)` around a bare wait, in the same harness runs.
+// (benchmarks/results/README.md, "a dependency wait that does not wait for the weights"). The
+// skip branch sits inside the asm, which measured faster than a C++ `if (pdl)` around a bare wait.
 __device__ __forceinline__ void grid_dependency_wait(bool pdl) {
   asm volatile(
       "{\n .reg .pred p;\n setp.eq.u32 p, %0, 0;\n @p bra.uni SKIP_GRID_WAIT_%=;\n"

@@ -38,14 +38,8 @@ constexpr int kSmallMaxM = 64;
 // kernel: always for M <= 4, and up to 1024 logits (M x E) unless the router is both wide and long
 // (E >= 128 and K > 5120). Past that the tensor-core kernel's cluster handoff costs less than the
 // decode kernel's re-reads of x and weights and its CUDA-core FMAs. The choice does not depend on
-// PDL, so pdl=True and pdl=False give the same bits. H200, cold, K = 2880, decode / tensor-core
-// kernel, us (benchmarks/router_gemm.py --tune, 2026-11-29; benchmarks/results/):
-//   E = 32, M = 32: 2.49 / 2.67 PDL off, 2.28 / 2.44 PDL on; M = 48: 2.91 / 2.71, 2.76 / 2.47
-//   E = 128, M = 8: 2.62 / 2.83, 2.36 / 2.55; M = 16: 3.09 / 2.95, 2.86 / 2.68
-// Earlier torch-free sweeps of other shapes, decode / tensor-core kernel, PDL off:
-//   K = 5120, E = 128, M = 8: 3.09 / 3.44, M = 16: 3.91 / 3.57
-//   K = 7168, E = 256, M = 4: 3.44 / 3.92, M = 8: 4.17 / 3.98
-//   Mixtral (K = 4096, E = 8; benchmarks/router_gemm.py --tune): M = 64: 2.34 / 2.78
+// PDL, so pdl=True and pdl=False give the same bits. The line comes from tile sweeps of both
+// kernels (benchmarks/results/README.md, the `_tune-dispatch-coherent` files).
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 

@@ -115,18 +115,15 @@ const char* router_gemm_sm90_unsupported(const RouterGemmArgs& a) {
 }
 
 RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  // From cold-weight tile sweeps on an H200 (2026-11-29, coherent weight loads; benchmarks/results/
-  // README.md): seven router shapes (K 2048-7168, E 8-256) at M = 16-256, every configuration, PDL
-  // on and off. Start from the finest grid: one 16-expert x 8-token tile per warp, clusters of 8
-  // (of 4 when K < 2560: too few k32 blocks per warp). Past one CTA per SM (128), two token tiles;
+  // From cold-weight tile sweeps of seven router shapes (K 2048-7168, E 8-256) at M = 16-256, every
+  // configuration, PDL on and off (benchmarks/results/README.md, "Coherent weight loads, and the
+  // tile rule they called for"). Start from the finest grid: one 16-expert x 8-token tile per
+  // warp, clusters of 8 (of 4 when K < 2560: too few k32 blocks per warp). Past one CTA per SM (128), two token tiles;
   // past two CTAs per SM (256), coarsen in the order that measured best: four token tiles,
   // clusters of 4, two expert tiles. A token step that would pad the batch (M = 24 in 16-token
-  // tiles, M = 48 in 32-token ones) is skipped while the grid can fit without it. Summed over the
-  // 112 swept cells this rule is 5.7 us slower than the best configuration of each (13.0 us for
-  // the rule before it: finest grid up to 256 CTAs, then two token tiles, two expert tiles,
-  // clusters of 4, four token tiles); on a second sweep (M = 8-64, four shapes) 1.8 us against
-  // 3.0. Worst cells: MiniMax-M2 (E = 256, K = 3072) at M = 256, 9.30 us against 8.62 with a
-  // 512-CTA grid; M = 48, 4.31 against 3.92. Fields the caller set are kept.
+  // tiles, M = 48 in 32-token ones) is skipped while the grid can fit without it. Over the swept
+  // cells this rule stays close to the best configuration of each; the worst cells are in that
+  // section. Fields the caller set are kept.
   constexpr int kOneWaveCtas = 128;  // one CTA per SM of a 132-SM H100/H200
   constexpr int kMaxCtas = 256;      // two per SM
   const RouterGemmSm90Config fixed = c;

@@ -8,8 +8,8 @@
 // memory instead of a global workspace (no memset, no atomics, bitwise-deterministic order).
 // Per CTA: loads, MMAs, the warps' partials added in shared memory, asynchronous pushes of those
 // sums to their owners, a wait on its own mbarrier until every partial it owns has landed, sums,
-// stores. No closing cluster barrier: on an H200 it cost up to 0.25 us more than this handoff
-// (M = 64; benchmarks/results/README.md).
+// stores. No closing cluster barrier: it cost more than this handoff
+// (benchmarks/results/README.md).
 //
 // The MMA is mma.sync m16n8k16 bf16 -> fp32 with the operands swapped (logits^T = W x^T): experts
 // fill the 16-row side, tokens the 8-column side, so M = 1 wastes 7/8 of a tile, not 15/16.
@@ -25,14 +25,9 @@
 //    load_bias_bits: issued before the rows, it delayed them);
 //  * nothing is written to global memory before the wait: our output buffer may reuse memory the
 //    previous kernel is still reading;
-//  * launch_dependents fires only after all of this CTA's output stores (a CTA barrier first).
-//    The PTX ISA has a dependent's griddepcontrol.wait wait for this whole grid to complete and
-//    its writes to be visible, so a dependent that waits before reading is safe wherever we
-//    trigger. A dependent launched early that reads without that wait is not: an earlier trigger
-//    lets it read stale logits (the bug that got a public tinygemm-style kernel reverted), and
-//    the product's rule is to trigger only after the stores. The rule has a measured price: with
-//    the trigger at kernel start instead, back-to-back PDL calls on an H200 ran 0.4-0.9 us faster
-//    each (benchmarks/results/README.md); that overlap is not taken.
+//  * launch_dependents fires after all of this CTA's output stores (a CTA barrier first). The
+//    contract in grid_dependency.cuh would allow an earlier trigger; this kernel does not take it
+//    yet (benchmarks/results/README.md, "What the trigger rule costs under PDL").
 // Without the PDL launch attribute both instructions are no-ops.
 #pragma once
 
@@ -119,11 +114,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // split evenly between its CTAs: rank r owns [r * kPerRank, (r + 1) * kPerRank). Each CTA first
   // adds its warps' partial sums in shared memory (staged[warp][output], warps in order), then
   // pushes the CTA's sums into the owners' inboxes (inbox[sender rank][offset]), one 16-byte
-  // message per four neighbouring outputs. The handoff is bound by message count: one 4-byte
-  // message per accumulator cost 0.2 us more than 16-byte ones at E = 128, M = 128 on an H200, and
-  // adding the warps' sums first sends a quarter of the messages each warp would push itself
-  // (benchmarks/results/README.md). Once its inbox is full, each owner adds it up in rank order:
-  // no remote reads, and the same summation order on every run.
+  // message per four neighbouring outputs. The handoff is bound by message count, so 16-byte
+  // messages, and adding the warps' sums first sends a quarter of the messages each warp would
+  // push itself (benchmarks/results/README.md). Once its inbox is full, each owner adds it up in
+  // rank order: no remote reads, and the same summation order on every run.
   static_assert(kTileOut % (4 * kCluster) == 0, "every CTA owns as many whole fragments");
   constexpr int kPerRank = kTileOut / kCluster;
   constexpr int kSlices = kCluster * kWarps;  // K slices, one per warp of the cluster

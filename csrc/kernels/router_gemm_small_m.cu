@@ -2,9 +2,9 @@
 // per CTA, CUDA-core FMAs, and no communication between CTAs at all.
 //
 // Why a second kernel. For small batches (up to about 1000-2000 logits) the tensor-core kernel
-// (router_gemm_sm90.cuh) pays about 0.3 us or more on an H200 for handing its K slices' partial
-// sums between CTAs (0.45 measured, less the 0.13-0.15 its relaxed cluster arrive saved since;
-// benchmarks/results/README.md).
+// (router_gemm_sm90.cuh) pays more for handing its K slices' partial sums between CTAs than this
+// kernel pays for its re-reads (benchmarks/results/README.md, "Where the decode kernel's time
+// goes").
 // Here each CTA owns whole weight rows, so its 256 threads cover K = 2880 with two 16-byte loads
 // each, 512 threads up to K = 8192 (all issued before the first FMA: one trip to memory), reduce
 // through warp shuffles and one __syncthreads, and store. Small CTA tiles (1 expert x 2 tokens;
@@ -15,8 +15,8 @@
 //
 // Fused form (launch_router_gemm_small_m_with_shrink): a LoRA layer's shrink x A^T rides along as
 // extra CTAs of the same grid, with the same code and tiles, so the logits keep their bits and the
-// layer saves a launch (H200, cold, gpt-oss-120b, M = 1: 6.09 -> 4.20 us per LoRA layer call;
-// benchmarks/results/README.md).
+// layer saves a launch. Fused routing (launch_router_gemm_small_m_route): the last CTA of each row
+// of the grid routes that row's tokens (routing.cuh).
 //
 // PDL: weight loads are issued before griddepcontrol.wait, x and then the bias after it, nothing is
 // written before it, and launch_dependents fires after all of the CTA's output stores
@@ -37,19 +37,15 @@ namespace {
 
 constexpr int kChunksPerThread = 2;  // 16-byte chunks per thread per pass
 // CTA size: 256 threads cover K <= 4096 in one pass (one trip to memory); longer rows get 512, so
-// that K <= 8192 still takes one pass. H200, cold (2026-11-29, torch-free harness;
-// benchmarks/results/README.md): DeepSeek-V3 (K = 7168, E = 256), M = 1: 2.62 us with 512 threads
-// against 2.83 with 256 (two passes), M = 4: 3.25 against 3.44. At K = 2880 (one pass either
-// way) 512 threads were 0.03-0.3 us slower than 256 where the grid fit in one wave, and 384 and
-// 128 threads were no faster.
+// that K <= 8192 still takes one pass. Where one pass needs no more, 256 threads were the fastest
+// size measured (benchmarks/results/README.md).
 constexpr int kShortRowThreads = 256;
 constexpr int kLongRowThreads = 512;
 constexpr int kShortRowMaxK = kShortRowThreads * kChunksPerThread * 8;
 // A 512-thread CTA holds an SM's registers alone unless its tile is tiny: the kernel asks ptxas
 // for two per SM (at most 64 registers a thread; 1 x 1, 1 x 2 and 2 x 1 tiles use 32-48) and
-// takes the 512-thread form only while the grid fits in one wave of a 132-SM H100/H200. A
-// second wave would cost more than the second pass it saves (at K = 2880, E = 128, M = 16, a
-// 256-CTA grid of 512-thread 2 x 4 CTAs ran 4.19 us against 2.67 with 256 threads).
+// takes the 512-thread form only while the grid fits in one wave of a 132-SM H100/H200: a second
+// wave costs more than the second pass it saves.
 constexpr int kWaveSms = 132;
 __host__ __device__ constexpr int long_row_ctas_per_sm(int outputs) { return outputs <= 2 ? 2 : 1; }
 constexpr int kMaxTokensPerCta = 8;  // the largest token group launch_tokens instantiates
@@ -73,10 +69,9 @@ __device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc)
 // N / 2 shuffles halve the values per lane. Then a plain butterfly over the 32 / N lanes that share
 // an output. N - 1 + log2(32 / N) shuffles in all instead of 5N for N separate butterflies: at
 // 8 outputs 9 instead of 40, at 32 outputs 31 instead of 160. Fixed order: bitwise deterministic.
-// H200, cold, K = 2880 (2026-11-29, torch-free harness; benchmarks/results/README.md): 2 experts x
-// 4 tokens per CTA, E = 128, M = 16: 2.66 us against 2.77 with separate butterflies. Below 8
-// outputs separate butterflies were 0.05-0.08 us faster (the same depth of five shuffles, and no
-// lane-dependent selects), so the kernel uses this from 8 outputs up.
+// Below 8 outputs separate butterflies were faster (the same depth of five shuffles, and no
+// lane-dependent selects; benchmarks/results/README.md, "Decode kernel: 2 x 4 tiles, a
+// scatter-reduce epilogue"), so the kernel uses this from 8 outputs up.
 // One halving step per level (template recursion: nested unrolled loops whose inner trip count
 // depends on the outer index left the N = 32 case in local memory).
 template <int N, int kHalf = N / 2>
@@ -244,7 +239,8 @@ cudaError_t launch_typed(const RouterGemmArgs& a, const FusedPart& fused) {
     const long long ctas = static_cast<long long>(grid.x) * grid.y;
     if (a.K > kShortRowMaxK && ctas <= kWaveSms * long_row_ctas_per_sm(kExperts * kTokens)) {
       if (fused.kind == Fusion::kRoute)
-        return launch_threads<kLongRowThreads, kExperts, kTokens, Out, Fusion::kRoute>(a, grid, fused);
+        return launch_threads<kLongRowThreads, kExperts, kTokens, Out, Fusion::kRoute>(a, grid,
+                                                                                      fused);
       return launch_threads<kLongRowThreads, kExperts, kTokens, Out, Fusion::kNone>(a, grid, fused);
     }
   }
@@ -277,11 +273,8 @@ cudaError_t launch_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_
 
 // Tokens per CTA: two, or more while the grid would exceed 384 CTAs, never more than 8 or than M
 // needs. Splitting the tokens over the grid's second dimension cuts each CTA's activation load
-// (M x K x 2 bytes unsplit) at the price of re-reading its weight rows from L2. On an H200, cold
-// weights, K = 2880 (2026-11-29, torch-free harness; benchmarks/results/README.md): E = 32, M = 8:
-// 1.79 us against 2.16 with all 8 tokens in one CTA; E = 128, M = 5: 2.16 against 2.28; E = 128,
-// M = 8: 2.33 with 4 tokens per CTA (256 CTAs), 2.45 with 2 (512 CTAs), 2.38 with 8; E = 32,
-// M = 32: 2.25 with 4 (256 CTAs), 2.36 with 2, 2.30 with 8; E = 8, M = 64: 1.85 with 2, 2.05 with 8.
+// (M x K x 2 bytes unsplit) at the price of re-reading its weight rows from L2
+// (benchmarks/results/README.md, "Decode kernel: splitting the tokens over the grid").
 int auto_tokens_per_cta(const RouterGemmArgs& a, int experts_per_cta) {
   constexpr int kMaxCtas = 384;
   int all = 1;
@@ -324,12 +317,7 @@ void resolve_tiles(const RouterGemmArgs& a, int& experts_per_cta, int& tokens_pe
   // into registers are what costs here; benchmarks/results/README.md, "Where the decode kernel's
   // time goes"), and the grid stays at <= 256 CTAs up to 1024 (2 x 2) or 2048 logits (2 x 4). Below
   // 512 logits one expert x 2 tokens per CTA (more CTAs, each with less to load) was best or
-  // within 0.03 us of it. Cold H200, torch-free harness (2026-11-29; benchmarks/results/README.md),
-  // K = 2880, us:
-  //   2 x 4 against 1 x auto: E = 32, M = 32: 2.13 / 2.29; E = 64, M = 12: 2.09 / 2.19; E = 128,
-  //   M = 8: 2.24 / 2.33; E = 256, M = 4: 2.31 / 2.38 (K = 2048, E = 128, M = 8: 2.14 / 2.31).
-  //   2 x 2 against 1 x 2 and 2 x 4 at 512 logits, bf16, PDL off (on): E = 128, M = 4: 2.19 /
-  //   2.32 / 2.27 (1.86 / 1.88 / 1.98); E = 32, M = 16: 2.05 / 2.08 / 2.14 (1.78 / 1.84 / 1.88).
+  // within noise of it ("Decode kernel: 2 x 2 tiles at 512-767 logits").
   const long long logits = static_cast<long long>(a.M) * a.E;
   const int square_tokens = a.M < 4 || logits < 512 ? 0 : logits < 768 ? 2 : 4;  // 0: 1 x auto
   if (experts_per_cta == 0) experts_per_cta = square_tokens > 0 && tokens_per_cta == 0 ? 2 : 1;
