@@ -137,6 +137,7 @@ class GateLinear(nn.Module):
                                            self.out_dtype, self.pdl, self._backend)
         return logits.view(*x.shape[:-1], self.num_experts)
 
+    # The routing options mirror gate.ops.route_logits's (names, order, defaults), deliberately.
     def route(
         self,
         x: torch.Tensor,

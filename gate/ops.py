@@ -383,6 +383,8 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# The routing options (top_k .. ids_dtype) are the same in route, route_logits and
+# lora_expand_route and the layers' route methods, deliberately: one meaning per name.
 def route_logits(
     logits: torch.Tensor,
     top_k: int,

@@ -303,6 +303,7 @@ class GateLinearWithLoRA(nn.Module):
                                             slot_ids, base.pdl, backend)
         return out if flat else out.view(*x.shape[:-1], base.num_experts)
 
+    # The routing options mirror gate.ops.route_logits's (names, order, defaults), deliberately.
     def route(
         self,
         x: torch.Tensor,
