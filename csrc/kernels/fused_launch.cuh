@@ -56,7 +56,6 @@ struct ShrinkPart {
 
 enum class Fusion { kNone, kShrink, kRoute };
 struct FusedPart {
-  Fusion kind = Fusion::kNone;
   ShrinkPart shrink;
   RouteArgs route;
 };

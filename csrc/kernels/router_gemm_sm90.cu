@@ -1,107 +1,12 @@
-// Launcher of the Hopper router GEMM (router_gemm_sm90.cuh): eligibility, tile heuristic,
-// cluster + PDL launch attributes.
+// Launchers of the Hopper router GEMM (router_gemm_sm90.cuh), plain and fused with a LoRA shrink:
+// eligibility and the tile heuristic. The routing form is in router_gemm_sm90_route.cu.
 #include <cuda_bf16.h>
 #include <cstdint>
 
-#include "kernels/route.h"
 #include "kernels/router_gemm.h"
-#include "kernels/router_gemm_sm90.cuh"
+#include "kernels/router_gemm_sm90_launch.cuh"
 
 namespace moegate {
-namespace {
-
-// Grid of the kernel (router_gemm_sm90_kernel): (cluster, expert tiles, token tiles).
-dim3 grid_for(const RouterGemmArgs& a, const RouterGemmSm90Config& c) {
-  return dim3(c.cluster, sm90::ceil_div(a.E, 16 * c.expert_tiles),
-              sm90::ceil_div(a.M, 8 * c.token_tiles));
-}
-
-using sm90::aligned_16B;
-using sm90::FusedPart;
-using sm90::Fusion;
-using sm90::ShrinkPart;
-
-// The plain launch, or a fused one (a shrink: its tiles after the expert tiles; or routing).
-template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
-cudaError_t launch_tiles(const RouterGemmArgs& a, const FusedPart& fused) {
-  const RouterGemmSm90Config tiles{kExpertTiles, kTokenTiles, kCluster};
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid_for(a, tiles);
-  config.blockDim = dim3(sm90::kWarps * 32, 1, 1);
-  config.dynamicSmemBytes = 0;
-  config.stream = a.stream;
-  cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = kCluster;
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1] = sm90::programmatic_dependent_launch();
-  config.attrs = attributes;
-  config.numAttrs = a.pdl ? 2 : 1;
-  const auto* x = static_cast<const __nv_bfloat16*>(a.x);
-  const auto* weight = static_cast<const __nv_bfloat16*>(a.weight);
-  const auto* bias = static_cast<const __nv_bfloat16*>(a.bias);
-  Out* out = static_cast<Out*>(a.out);
-  if (fused.kind == Fusion::kShrink) {
-    ShrinkPart part = fused.shrink;
-    part.first_expert_block = static_cast<int>(config.gridDim.y);
-    config.gridDim.y += sm90::ceil_div(part.rows, 16 * kExpertTiles);
-    return cudaLaunchKernelEx(
-        &config,
-        sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, Fusion::kShrink>,
-        x, weight, bias, out, a.M, a.E, a.K, a.pdl, part, fused.route);
-  }
-  if (fused.kind == Fusion::kRoute) {
-    return cudaLaunchKernelEx(
-        &config,
-        sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, Fusion::kRoute>,
-        x, weight, bias, out, a.M, a.E, a.K, a.pdl, fused.shrink, fused.route);
-  }
-  return cudaLaunchKernelEx(
-      &config,
-      sm90::router_gemm_sm90_kernel<kExpertTiles, kTokenTiles, kCluster, Out, Fusion::kNone>, x,
-      weight, bias, out, a.M, a.E, a.K, a.pdl, fused.shrink, fused.route);
-}
-
-template <int kExpertTiles, int kTokenTiles, typename Out>
-cudaError_t launch_cluster(const RouterGemmArgs& a, int cluster, const FusedPart& fused) {
-  switch (cluster) {
-    case 4: return launch_tiles<kExpertTiles, kTokenTiles, 4, Out>(a, fused);
-    case 8: return launch_tiles<kExpertTiles, kTokenTiles, 8, Out>(a, fused);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <int kExpertTiles, typename Out>
-cudaError_t launch_token_tiles(const RouterGemmArgs& a, const RouterGemmSm90Config& c,
-                               const FusedPart& fused) {
-  switch (c.token_tiles) {
-    case 1: return launch_cluster<kExpertTiles, 1, Out>(a, c.cluster, fused);
-    case 2: return launch_cluster<kExpertTiles, 2, Out>(a, c.cluster, fused);
-    case 4: return launch_cluster<kExpertTiles, 4, Out>(a, c.cluster, fused);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename Out>
-cudaError_t launch_out(const RouterGemmArgs& a, const RouterGemmSm90Config& c,
-                       const FusedPart& fused) {
-  switch (c.expert_tiles) {
-    case 1: return launch_token_tiles<1, Out>(a, c, fused);
-    case 2: return launch_token_tiles<2, Out>(a, c, fused);
-  }
-  return cudaErrorInvalidValue;
-}
-
-// The plain launch of launch_router_gemm_sm90, and the fused ones with `fused`.
-cudaError_t launch_resolved(const RouterGemmArgs& a, RouterGemmSm90Config c,
-                            const FusedPart& fused) {
-  c = router_gemm_sm90_resolve(a, c);
-  if (a.out_dtype == DType::kFloat32) return launch_out<float>(a, c, fused);
-  return launch_out<__nv_bfloat16>(a, c, fused);
-}
-
-}  // namespace
 
 const char* router_gemm_sm90_unsupported(const RouterGemmArgs& a) {
   if (a.in_dtype != DType::kBFloat16) return "x and weight must be bfloat16";
@@ -148,7 +53,7 @@ RouterGemmSm90Config router_gemm_sm90_resolve(const RouterGemmArgs& a, RouterGem
 }
 
 cudaError_t launch_router_gemm_sm90(const RouterGemmArgs& a, RouterGemmSm90Config c) {
-  return launch_resolved(a, c, FusedPart{});
+  return launch_resolved<Fusion::kNone>(a, c, FusedPart{});
 }
 
 const char* router_gemm_sm90_with_shrink_unsupported(const RouterGemmArgs& a, const void* lora_a,
@@ -160,23 +65,8 @@ const char* router_gemm_sm90_with_shrink_unsupported(const RouterGemmArgs& a, co
 cudaError_t launch_router_gemm_sm90_with_shrink(const RouterGemmArgs& a, const void* lora_a,
                                                 int rows, float* xa) {
   FusedPart fused;
-  fused.kind = Fusion::kShrink;
   fused.shrink = ShrinkPart::of(lora_a, rows, xa);
-  return launch_resolved(a, RouterGemmSm90Config{}, fused);
-}
-
-// Routing rides in the tiles of the plain call, so the logits keep its bits; one counter per
-// token tile (grid z).
-int router_gemm_sm90_route_counters(const RouterGemmArgs& a) {
-  const RouterGemmSm90Config c = router_gemm_sm90_resolve(a, RouterGemmSm90Config{});
-  return static_cast<int>(grid_for(a, c).z);
-}
-
-cudaError_t launch_router_gemm_sm90_route(const RouterGemmArgs& a, const RouteArgs& route) {
-  FusedPart fused;
-  fused.kind = Fusion::kRoute;
-  fused.route = route;
-  return launch_resolved(a, RouterGemmSm90Config{}, fused);
+  return launch_resolved<Fusion::kShrink>(a, RouterGemmSm90Config{}, fused);
 }
 
 }  // namespace moegate
