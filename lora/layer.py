@@ -293,15 +293,18 @@ class GateLinearWithLoRA(nn.Module):
                 xa = ops.router_gemm_torch(x_flat, self._lora_a_flat, None, scaled_b.dtype)
                 out = ops.lora_expand_one_slot_torch(out, xa, slot, scaled_b)
         else:
-            # The base gate and the shrink (every slot's A) in one op: one launch where our Hopper
-            # kernels serve the base gate, with the base gate's logits bit for bit.
             buffers = self._buffers
-            logits, xa = ops.router_gemm_with_shrink_unchecked(
-                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
-                base.out_dtype, base.pdl, backend)
+            logits, xa = self._base_and_shrink(base, x_flat, weight, bias, backend)
             out = ops.lora_expand_unchecked(logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
                                             slot_ids, base.pdl, backend)
         return out if flat else out.view(*x.shape[:-1], base.num_experts)
+
+    def _base_and_shrink(self, base, x_flat, weight, bias, backend):
+        """The base gate's logits and every slot's shrink x A^T in one op: one launch where our
+        Hopper kernels serve the base gate, with the base gate's logits bit for bit."""
+        lora_a = self._buffers["lora_a_stacked"].view(-1, base.in_features)
+        return ops.router_gemm_with_shrink_unchecked(x_flat, weight, bias, lora_a, base.out_dtype,
+                                                     base.pdl, backend)
 
     # The routing options mirror gate.ops.route_logits's (names, order, defaults), deliberately.
     def route(
@@ -324,9 +327,7 @@ class GateLinearWithLoRA(nn.Module):
             ops.check_input(x, weight)
             x_flat = x if x.dim() == 2 else x.reshape(-1, base.in_features)
             buffers = self._buffers
-            logits, xa = ops.router_gemm_with_shrink_unchecked(
-                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
-                base.out_dtype, base.pdl, "moegate")
+            logits, xa = self._base_and_shrink(base, x_flat, weight, bias, "moegate")
             out, weights, ids = ops.lora_expand_route(
                 logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
                 self.token_slots.for_tokens(x_flat.shape[0]), top_k, scoring, renormalize,
