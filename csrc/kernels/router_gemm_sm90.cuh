@@ -323,8 +323,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
   if constexpr (kFusion == Fusion::kRoute) {
     if (routing::last_of_tile(route, blockIdx.z, gridDim.x * gridDim.y))
-      routing::route_tile(out + static_cast<long long>(m0) * E, E, m0,
-                          M - m0 < kTileM ? M - m0 : kTileM, route);
+      routing::route_tile<(kTileM + kWarps - 1) / kWarps>(out + static_cast<long long>(m0) * E, E,
+                                                          m0, M - m0 < kTileM ? M - m0 : kTileM,
+                                                          route);
   }
   // After all of this CTA's output stores (see the PDL notes at the top).
   cta_barrier();

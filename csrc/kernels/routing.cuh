@@ -148,14 +148,14 @@ __device__ __forceinline__ void route_loaded(const uint32_t (&bits)[kSlots], int
 
 // One warp routes rows first, first + step, ... below `count` of `rows` (E logits each; row i is
 // token first_token + i), kRows at a time: their loads are all issued before the first selection,
-// so a warp with several rows pays one trip to memory per kRows rows. kRows = 2 while a lane holds
-// at most 4 logits a row; wider rows go one at a time (two would need more registers than the
-// decode kernel's 512-thread CTAs may have).
-template <int kSlots, typename Logit>
+// so a warp pays one trip to memory per kRows rows, not one per row. kRows is kMaxRows (the rows a
+// warp of the caller may get), or fewer where a lane would hold more than 32 loaded logits.
+template <int kMaxRows, int kSlots, typename Logit>
 __device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long long first_token,
                                                  int first, int count, int step,
                                                  const RouteArgs& r) {
-  constexpr int kRows = kSlots <= 4 ? 2 : 1;
+  constexpr int kFit = 32 / kSlots;
+  constexpr int kRows = kMaxRows < kFit ? kMaxRows : kFit;
   for (int i = first; i < count; i += kRows * step) {
     uint32_t bits[kRows][kSlots];
 #pragma unroll
@@ -172,15 +172,15 @@ __device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long 
 // per logits dtype and unit serves every kernel that routes (inlined into each of the router
 // kernels' instantiations, it made their units take minutes to compile), and a call is nothing
 // next to a routing's latency.
-template <typename Logit>
+template <int kMaxRows, typename Logit>
 __device__ __noinline__ void route_rows(const Logit* rows, int E, long long first_token,
                                            int first, int count, int step, const RouteArgs& r) {
   if (E <= 32)
-    route_rows_sized<1>(rows, E, first_token, first, count, step, r);
+    route_rows_sized<kMaxRows, 1>(rows, E, first_token, first, count, step, r);
   else if (E <= 128)
-    route_rows_sized<4>(rows, E, first_token, first, count, step, r);
+    route_rows_sized<kMaxRows, 4>(rows, E, first_token, first, count, step, r);
   else
-    route_rows_sized<kPerLane>(rows, E, first_token, first, count, step, r);
+    route_rows_sized<kMaxRows, kPerLane>(rows, E, first_token, first, count, step, r);
 }
 
 // Called by every thread of a CTA after its logit stores: whether this CTA is the last of the
@@ -230,12 +230,13 @@ __device__ __forceinline__ void route_shared_row(const Logit* row, int E, long l
 }
 
 // The last CTA of a token tile routes its `tokens` tokens (rows of `logits`, E each), its warps
-// taking every warps-th token.
-template <typename Logit>
+// taking every warps-th token, up to kRowsPerWarp each in one trip to memory (route_rows).
+template <int kRowsPerWarp, typename Logit>
 __device__ __forceinline__ void route_tile(const Logit* logits, int E, long long first_token,
                                            int tokens, const RouteArgs& r) {
   const int warps = static_cast<int>(blockDim.x) / 32;
-  route_rows(logits, E, first_token, static_cast<int>(threadIdx.x) / 32, tokens, warps, r);
+  route_rows<kRowsPerWarp>(logits, E, first_token, static_cast<int>(threadIdx.x) / 32, tokens,
+                           warps, r);
 }
 
 }  // namespace routing
