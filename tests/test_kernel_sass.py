@@ -3,8 +3,9 @@ and of the LoRA expand kernel.
 
 Under programmatic dependent launch the router may start while the kernel before it still runs. So,
 in the compiled SASS and not only in the source: no activation load and no global store before
-griddepcontrol.wait (SASS ACQBULK), and griddepcontrol.launch_dependents (PREEXIT) only after the
-last output store, behind a CTA barrier. And the point of PDL for a router: every weight load
+griddepcontrol.wait (SASS ACQBULK), and griddepcontrol.launch_dependents (PREEXIT) at entry, before
+the wait, so that the next kernel's weight fetch overlaps this one (csrc/kernels/grid_dependency.cuh
+states the contract that makes the early trigger safe). And the point of PDL for a router: every weight load
 that the kernel issues before its first activation load is issued before the wait, so that the
 weights' HBM latency overlaps the previous kernel. ptxas moves loads across the wait: an ``__ldg``
 of x was once hoisted above it, and non-coherent weight loads (``ld.global.nc``) moved freely
@@ -107,8 +108,7 @@ def pdl_violations(ops: list[str]) -> list[str]:
 
 
 def store_and_trigger_violations(ops: list[str], wait: int) -> list[str]:
-    """Global stores only after the wait (index `wait`), launch_dependents only after the last one,
-    behind a CTA barrier."""
+    """Global stores only after the wait (index `wait`); launch_dependents at entry, before it."""
     problems = []
     stores = [i for i, op in enumerate(ops) if op.startswith("STG")]
     if not stores:
@@ -118,12 +118,8 @@ def store_and_trigger_violations(ops: list[str], wait: int) -> list[str]:
     triggers = [i for i, op in enumerate(ops) if op == "PREEXIT"]
     if not triggers:
         problems.append("no griddepcontrol.launch_dependents (PREEXIT)")
-    elif stores:
-        last_store, first_trigger = max(stores), min(triggers)
-        if first_trigger < last_store:
-            problems.append("launch_dependents before an output store")
-        elif not any(op.startswith("BAR.SYNC") for op in ops[last_store:first_trigger]):
-            problems.append("no CTA barrier between the last store and launch_dependents")
+    elif min(triggers) > wait:
+        problems.append("launch_dependents after the wait (it belongs at entry)")
     return problems
 
 
@@ -243,39 +239,35 @@ __global__ void nc_load_and_early_store(const __nv_bfloat16* __restrict__ x, flo
   out[threadIdx.x] = 0.f;                                      // a store before the wait
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x + 32] = f;
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // no barrier before it
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // after the wait
 }
 __global__ void early_activation_load(const float* w, const float* x, float* out) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const float a = weight_load(w + threadIdx.x);
   const float f = x[threadIdx.x];  // a coherent load, before the wait
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x] = a * f * x[threadIdx.x + 32];
-  __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 __global__ void release_arrive_before_weights(const float* w, const float* x, float* out) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");  // MEMBAR.ALL.GPU
   const float a = weight_load(w + threadIdx.x);
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x] = a * x[threadIdx.x];
-  __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 __global__ void prefetch_then_wait(const float* w, const float* x, float* out) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("prefetch.global.L2 [%0];" ::"l"(w + threadIdx.x));
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x] = w[threadIdx.x] * x[threadIdx.x];
-  __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 __global__ void weight_load_after_wait(const float* w, const float* x, float* out) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const float a = weight_load(w + threadIdx.x);
   asm volatile("griddepcontrol.wait;" ::: "memory");
   const float b = weight_load(w + threadIdx.x + 32);  // could have been in flight already
   out[threadIdx.x] = a * b * x[threadIdx.x];
-  __syncthreads();
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 """
 
@@ -287,7 +279,7 @@ def test_the_check_catches_what_it_is_for(tools, tmp_path):
     first = pdl_violations(next(ops for name, ops in functions.items() if "nc_load" in name))
     assert "a global store before the wait" in first
     assert any("coherent" in p for p in first)
-    assert "no CTA barrier between the last store and launch_dependents" in first
+    assert "launch_dependents after the wait (it belongs at entry)" in first
     second = next(ops for name, ops in functions.items() if "early_activation" in name)
     assert pdl_violations(second) == ["an activation load before the wait"]
     assert pdl_violations([op for op in second if op != "ACQBULK"]) == ["no griddepcontrol.wait (ACQBULK)"]

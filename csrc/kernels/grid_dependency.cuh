@@ -1,5 +1,5 @@
-// Programmatic dependent launch (PDL) and the CTA barrier before its trigger, shared by every
-// kernel of the library (sm_90+).
+// Programmatic dependent launch (PDL) and a CTA barrier for divergent code, shared by every kernel
+// of the library (sm_90+).
 //
 // The contract. griddepcontrol.wait waits until the prerequisite grids have completed and their
 // memory operations are performed and visible, wherever those grids triggered; launch_dependents
@@ -11,9 +11,10 @@
 //     reuse memory it is reading; the routing counters are touched only after the wait);
 //  3. every kernel launched as our programmatic dependent waits before reading our outputs (the
 //     PTX rule for any dependent; our LoRA and routing kernels do).
-// Weights, parameters no kernel writes while routers run, may be read before the wait. Today the
-// kernels trigger after each CTA's last store, behind cta_barrier (an earlier trigger is allowed
-// by the contract and not yet taken).
+// Weights, parameters no kernel writes while routers run, may be read before the wait. Every
+// kernel of ours triggers at entry (trigger_dependents first): the next kernel's CTAs may then
+// start, and fetch their own weights, while this one runs, which back to back is worth about half
+// a microsecond a call (benchmarks/results/README.md, "What the trigger rule costs under PDL").
 #pragma once
 
 #include <cuda_runtime.h>

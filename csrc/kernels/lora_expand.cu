@@ -18,7 +18,7 @@
 // before griddepcontrol.wait the kernel only prefetches B into L2, every slot's rows of its
 // experts, since the token's slot is not known yet (slot_ids may be written by the kernel before);
 // slot_ids, logits, xa and scaling are read after the wait, nothing is written before it, and
-// launch_dependents fires after the CTA's last output store. B is a parameter no kernel writes
+// launch_dependents fires at entry (grid_dependency.cuh). B is a parameter no kernel writes
 // while routers run. In a GateLinearWithLoRA the expand follows the kernel that computes xa, so
 // B's HBM trip overlaps that kernel's tail and the expand pays L2 trips only.
 #include <cstdint>
@@ -124,6 +124,7 @@ __global__ void __launch_bounds__(kThreads)
                        const B* __restrict__ lora_b, const float* __restrict__ scaling,
                        const int64_t* __restrict__ slot_ids, Logit* __restrict__ out, int M, int E,
                        int S, int R, bool pdl) {
+  sm90::trigger_dependents();  // at entry (grid_dependency.cuh)
   const int e_begin = blockIdx.x * kOutputsPerCta;
   if (pdl) {  // slot s's rows of this CTA's experts are contiguous; CTA row y takes slots y, ...
     const int experts = min(kOutputsPerCta, E - e_begin);
@@ -139,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   const int e = e_begin + threadIdx.x / kLanesPerOutput;
   const int lane = threadIdx.x % kLanesPerOutput;
   const unsigned group_mask = 0xffu << (threadIdx.x % 32 / kLanesPerOutput * kLanesPerOutput);
-  // Groups past E skip the loop as a whole (the shuffles stay within a group) but not the barrier.
+  // Groups past E skip the loop as a whole (the shuffles stay within a group).
   for (long long m = blockIdx.y; e < E && m < M; m += gridDim.y) {
     const long long index = m * E + e;
     const int64_t s = slot_ids[m];
@@ -154,8 +155,6 @@ __global__ void __launch_bounds__(kThreads)
     const float dot = group_dot<kVector>(xa_row, b_row, R, lane, group_mask);
     if (lane == 0) out[index] = from_float<Logit>(base + scale * dot);
   }
-  sm90::cta_barrier();  // every output store of the CTA precedes the trigger
-  sm90::trigger_dependents();
 }
 
 // The expand and the routing of its outputs (route.h) in one launch. Grid: (1, min(M,
@@ -169,6 +168,7 @@ __global__ void __launch_bounds__(kRouteThreads)
                              const int64_t* __restrict__ slot_ids, Logit* __restrict__ out, int M,
                              int E, int S, int R, bool pdl, RouteArgs route) {
   __shared__ Logit row[kRouteMaxE];
+  sm90::trigger_dependents();  // at entry (grid_dependency.cuh)
   if (pdl) {  // every slot's B (the token's slot is not known yet); CTA row y takes slots y, ...
 #pragma unroll 1
     for (int s = blockIdx.y; s < S; s += gridDim.y)
@@ -200,7 +200,6 @@ __global__ void __launch_bounds__(kRouteThreads)
     if (threadIdx.x < 32) routing::route_shared_row(row, E, m, route);
     sm90::cta_barrier();  // the row is rewritten for the next token
   }
-  sm90::trigger_dependents();  // after the barrier above: every store of the CTA precedes it
 }
 
 using sm90::aligned_16B;

@@ -15,13 +15,12 @@ constexpr int kTokensPerCta = kThreads / 32;
 template <typename Logit>
 __global__ void __launch_bounds__(kThreads)
     route_logits_kernel(const Logit* __restrict__ logits, int M, int E, RouteArgs route, bool pdl) {
+  sm90::trigger_dependents();  // at entry (grid_dependency.cuh)
   sm90::grid_dependency_wait(pdl);
   const long long first = static_cast<long long>(blockIdx.x) * kTokensPerCta;
   const int count = M - first < kTokensPerCta ? static_cast<int>(M - first) : kTokensPerCta;
   routing::route_rows<1>(logits + first * E, E, first, static_cast<int>(threadIdx.x) / 32, count,
                       kTokensPerCta, route);
-  sm90::cta_barrier();  // every output store of the CTA precedes the trigger
-  sm90::trigger_dependents();
 }
 
 template <typename Logit>

@@ -25,9 +25,8 @@
 //    load_bias_bits: issued before the rows, it delayed them);
 //  * nothing is written to global memory before the wait: our output buffer may reuse memory the
 //    previous kernel is still reading;
-//  * launch_dependents fires after all of this CTA's output stores (a CTA barrier first). The
-//    contract in grid_dependency.cuh would allow an earlier trigger; this kernel does not take it
-//    yet (benchmarks/results/README.md, "What the trigger rule costs under PDL").
+//  * launch_dependents fires at entry (the contract in grid_dependency.cuh): the next kernel's
+//    weight fetch overlaps this one's whole body.
 // Without the PDL launch attribute both instructions are no-ops.
 #pragma once
 
@@ -126,6 +125,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   __shared__ alignas(8) uint64_t inbox_full;  // the mbarrier counting the inbox's bytes
   const uint32_t inbox_bar = shared_address(&inbox_full);
 
+  trigger_dependents();  // at entry (grid_dependency.cuh)
   if (threadIdx.x == 0) mbarrier_init_for_cluster(inbox_bar);
   cluster_arrive_relaxed();
   const int rank = static_cast<int>(cg::this_cluster().block_rank());
@@ -327,9 +327,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
                                                           m0, M - m0 < kTileM ? M - m0 : kTileM,
                                                           route);
   }
-  // After all of this CTA's output stores (see the PDL notes at the top).
-  cta_barrier();
-  trigger_dependents();
 }
 
 }  // namespace sm90

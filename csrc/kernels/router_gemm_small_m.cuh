@@ -22,9 +22,9 @@
 // plain and shrink forms, router_gemm_small_m_route.cu the routing form (one unit for all of them
 // took minutes to compile).
 //
-// PDL: weight loads are issued before griddepcontrol.wait, x and then the bias after it, nothing is
-// written before it, and launch_dependents fires after all of the CTA's output stores
-// (router_gemm_sm90.cuh explains why each of these matters).
+// PDL: launch_dependents fires at entry, weight loads are issued before griddepcontrol.wait, x and
+// then the bias after it, and nothing is written before it (router_gemm_sm90.cuh explains why each
+// of these matters).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -129,6 +129,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
   __shared__ float warp_sums[kWarps][kOutputs];
+  sm90::trigger_dependents();  // at entry (grid_dependency.cuh)
 
   int cta = blockIdx.x;
   bool shrink_cta = false;  // a shrink CTA: the same work on the other matrix
@@ -211,8 +212,6 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
     if (routing::last_of_tile(route, blockIdx.y, gridDim.x))
       routing::route_tile<1>(out, E, m0, M < kTokens ? M : kTokens, route);
   }
-  sm90::cta_barrier();  // every output store of the CTA precedes the trigger
-  sm90::trigger_dependents();
 }
 
 template <int kExperts, int kTokens>
