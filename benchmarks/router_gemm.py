@@ -1,4 +1,4 @@
-"""Router-GEMM benchmark (DESIGN.md protocol): CUDA-graph replay, hot and cold weights, PDL on/off.
+"""Router-GEMM benchmark: CUDA-graph replay, hot and cold weights, PDL on/off.
 
 Each measurement captures `calls` back-to-back router calls in one CUDA graph and reports the median
 over `--replays` replays of (replay time / calls). "cold" rotates distinct weight copies, >= 96 MB

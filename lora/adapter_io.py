@@ -2,7 +2,7 @@
 
 An adapter directory holds ``adapter_config.json``, read with PEFT's own config class so every
 option means what it means in PEFT, and ``adapter_model.safetensors`` (pickle files are never read).
-Router keys come in three forms (DESIGN.md), all mapped to the model's LoRA gate layers:
+Router keys come in three forms, all mapped to the model's LoRA gate layers:
   ``…layers.N.mlp.router.lora_A.weight``        PEFT ``target_parameters=["mlp.router.weight"]``
   ``…layers.N.mlp.router.linear.lora_A.weight`` a router patched to hold an nn.Linear ``linear``
   ``…block_sparse_moe.gate.lora_A.weight``      an nn.Linear gate through ``target_modules``
