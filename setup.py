@@ -52,7 +52,7 @@ def _extension_kwargs():
 
     archs = [a.strip() for a in os.environ.get("MOEGATE_CUDA_ARCHS", "90a").split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/kernels/*.cu"))
+    sources = sorted(glob.glob("csrc/bindings/*.cpp")) + sorted(glob.glob("csrc/kernels/*.cu"))
     _say(f"building gate._C for {archs}")
     extension = CUDAExtension(
         name="gate._C",

@@ -46,6 +46,14 @@ def extension_error() -> str | None:
     return _EXTENSION_ERROR
 
 
+def kernel_limits() -> dict[str, int] | None:
+    """The kernels' limits as the built extension defines them (``gate._C.limits``, from
+    csrc/kernels: router_gemm.h, dispatch.h, route.h), or None without the extension. Keys:
+    ``sm90_max_m``, ``sm90_max_e``, ``small_m_max_m``, ``cublas_crossover_macs``, ``route_max_k``,
+    ``route_max_e``."""
+    return None if _C is None else dict(_C.limits)
+
+
 @functools.cache
 def _kernel_runs_on(device_index: int) -> bool:
     """Whether the extension holds machine code for this GPU (sm_90a code runs on sm_90 only)."""

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import torch
 
-from gate.ops import check_router_inputs, extension_available, logits_like
+from gate.ops import check_router_inputs, extension_available, kernel_limits, logits_like
 
 # Each function's signature mirrors its op's schema (torch.ops.moegate.*, csrc), as gate.ops' do:
 # the repeated parameter lists are that mirror.
 
-SM90_MAX_M = 256
-SM90_MAX_E = 512
-SMALL_M_MAX_M = 64
+# The Hopper kernels' limits, read from the extension where it is built. Without it (where no
+# kernel runs) these copies of the C++ constants kSm90MaxM, kSm90MaxE and kSmallMaxM
+# (csrc/kernels/router_gemm.h) stand in: tests/test_kernel_limits.py checks them against the header,
+# and against gate._C where the extension is built.
+MIRRORED_LIMITS = {"sm90_max_m": 256, "sm90_max_e": 512, "small_m_max_m": 64}
+_LIMITS = kernel_limits() or MIRRORED_LIMITS
+SM90_MAX_M = _LIMITS["sm90_max_m"]
+SM90_MAX_E = _LIMITS["sm90_max_e"]
+SMALL_M_MAX_M = _LIMITS["small_m_max_m"]
 
 
 def _check_hopper_kernel_inputs(x, weight, bias, out_dtype, max_m, kernel):

@@ -1,11 +1,14 @@
-"""The import graph is one-way: gate (ops, layers) <- lora <- moegate (integrations, CLI).
+"""The import graph is one-way: kernels <- bindings (csrc) <- gate (ops, layers) <- lora <- moegate
+(integrations, CLI).
 
 A package may import those to its left, never one to its right: gate never imports lora or moegate,
 lora never imports moegate. Read from the source (every import statement, at any depth, lazy ones
-included), so an import inside a function cannot hide a cycle.
+included), so an import inside a function cannot hide a cycle. In csrc, the kernels include neither
+torch nor the bindings (csrc/bindings/) that call them.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +59,13 @@ def test_importing_gate_and_lora_loads_nothing_above_them():
             "assert not loaded, f'import lora loaded {sorted(loaded)}'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_kernels_are_torch_free_and_include_no_binding():
+    torch_or_bindings = ("ATen/", "c10/", "torch/", "pybind11/", "bindings/")
+    kernels = sorted((ROOT / "csrc" / "kernels").iterdir())
+    assert kernels
+    found = [f"{path.name} includes {name}" for path in kernels
+             for name in re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), re.M)
+             if name.startswith(torch_or_bindings)]
+    assert found == []

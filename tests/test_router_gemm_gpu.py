@@ -20,8 +20,6 @@ from gate import GateLinear, ops, tuning
 
 pytestmark = pytest.mark.kernel
 
-SM90_MAX_M = 256
-
 
 def check_against_cublas(fn, M, K, E, bias, out_dtype, seed, **kwargs):
     generator = torch.Generator().manual_seed(seed)

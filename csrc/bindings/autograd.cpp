@@ -1,0 +1,201 @@
+// Autograd for the differentiable ops: the formulas (torch::autograd::Function classes, C++ so that
+// a call needing no gradient costs no Python) and the Autograd-key kernels, registered here next
+// to them. Below autograd each op runs its CUDA kernel (or its fake one while tracing).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace moegate::bindings {
+namespace {
+
+// Autograd for the four router ops: logits = x W^T + b, so dx = g W, dW = g^T x and
+// db = sum_m g, each product taken in g's dtype and cast to its input's dtype. These are the
+// products F.linear's backward takes, in the same layouts, so the gradients are the PyTorch
+// path's (gate.ops.router_gemm_torch: F.linear, after .to() where out_dtype is wider) and a
+// GateLinear trains the same on every backend. (Without this, PyTorch's fallback warned and left
+// x, weight and bias without gradients on the GPU.) C++, not torch.library.register_autograd: a
+// Python autograd kernel runs on every call outside inference_mode, no_grad included, and a
+// decode-size router's cost is host time.
+torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContext* ctx,
+                                                 const at::Tensor& grad, size_t num_inputs) {
+  const torch::autograd::variable_list saved = ctx->get_saved_variables();
+  const at::Tensor& x = saved[0];
+  const at::Tensor& weight = saved[1];
+  const at::ScalarType type = grad.scalar_type();
+  // Gradients by argument position, none for out_dtype and the launch options; needs_input_grad
+  // counts tensor arguments only, so an absent bias has no index.
+  torch::autograd::variable_list grads(num_inputs);
+  if (ctx->needs_input_grad(0)) grads[0] = at::mm(grad, weight.to(type)).to(x.scalar_type());
+  if (ctx->needs_input_grad(1)) grads[1] = at::mm(grad.t(), x.to(type)).to(weight.scalar_type());
+  if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2))
+    grads[2] = grad.sum(0).to(weight.scalar_type());
+  return grads;
+}
+
+// Calls op kName (signature Signature) through the dispatcher below autograd: the CUDA kernel, or
+// the fake one while tracing. The Autograd kernels below use it both where no gradient is needed
+// and inside forward(). The schema lookup happens once per op.
+template <const char* kName, typename Signature, typename... Args>
+auto call_below_autograd(const Args&... args) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow(kName, "").template typed<Signature>();
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
+// The ops' names, for the Autograd kernels' calls below autograd.
+constexpr char kRouterGemm[] = "moegate::router_gemm";
+constexpr char kRouterGemmSimple[] = "moegate::router_gemm_simple";
+constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
+constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
+constexpr char kRouterGemmWithShrink[] = "moegate::router_gemm_with_shrink";
+constexpr char kLoraExpand[] = "moegate::lora_expand";
+
+// kOp names the op; Options are its arguments after out_dtype (pdl, tile choices).
+template <const char* kOp, typename... Options>
+class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<kOp, Options...>> {
+ public:
+  // The Autograd-key kernel. Where nothing will need a gradient (no_grad, or no input requiring
+  // one) it goes straight to the kernel, as cheap as before autograd was registered (building
+  // the node anyway cost microseconds of host time per eager call; benchmarks/results/README.md,
+  // "Host time per eager call, and autograd").
+  static at::Tensor call(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias,
+                         std::optional<at::ScalarType> out_dtype, Options... options) {
+    if (!torch::autograd::compute_requires_grad(x, weight, bias))
+      return below_autograd(x, weight, bias, out_dtype, options...);
+    return RouterGemmFunction::apply(x, weight, bias, out_dtype, options...);
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            std::optional<at::ScalarType> out_dtype, Options... options) {
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["bias"] = bias.has_value();
+    return below_autograd(x, weight, bias, out_dtype, options...);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return router_gemm_grads(ctx, grads[0], 4 + sizeof...(Options));
+  }
+
+ private:
+  static at::Tensor below_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias,
+                                   std::optional<at::ScalarType> out_dtype, Options... options) {
+    return call_below_autograd<kOp, at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&,
+                                               std::optional<at::ScalarType>, Options...)>(
+        x, weight, bias, out_dtype, options...);
+  }
+};
+
+// Autograd for lora_expand: the products autograd takes through gate.ops.lora_expand_torch, in
+// the same layouts, so the two paths give the same gradients bit for bit (a GateLinearWithLoRA
+// passes gradients to x and the base gate on the GPU as on the CPU). With d = per-token delta
+// gradients (grad where the token has a valid slot, else 0, in fp32) scattered into their slots'
+// rows of P [S, M, E], and B' = scaling * B: dlogits = grad, dxa = P B' (token m's slot block only),
+// dB' = (xa_s^T P_s)^T, dB = scaling * dB', dscaling = sum(dB' * B).
+class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> {
+ public:
+  static at::Tensor call(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+                         const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
+    if (!torch::autograd::compute_requires_grad(logits, xa, lora_b, scaling))
+      return below_autograd(logits, xa, lora_b, scaling, slot_ids, pdl);
+    return LoraExpandFunction::apply(logits, xa, lora_b, scaling, slot_ids, pdl);
+  }
+
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
+                            const at::Tensor& xa, const at::Tensor& lora_b,
+                            const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
+    ctx->save_for_backward({xa, lora_b, scaling, slot_ids});
+    return below_autograd(logits, xa, lora_b, scaling, slot_ids, pdl);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &xa = saved[0], &lora_b = saved[1], &scaling = saved[2], &slot_ids = saved[3];
+    const at::Tensor& grad = grads[0];
+    const int64_t M = grad.size(0), E = grad.size(1), S = lora_b.size(0), R = lora_b.size(2);
+    torch::autograd::variable_list result(6);  // none for slot_ids and pdl
+    if (ctx->needs_input_grad(0)) result[0] = grad;
+    if (S == 0 || R == 0) {  // no adapter anywhere: the deltas were empty
+      if (ctx->needs_input_grad(1)) result[1] = at::zeros_like(xa);
+      if (ctx->needs_input_grad(2)) result[2] = at::zeros_like(lora_b);
+      if (ctx->needs_input_grad(3)) result[3] = at::zeros_like(scaling);
+      return result;
+    }
+    const at::Tensor slot = slot_ids.clamp(0, S - 1);
+    const at::Tensor has_adapter = slot.eq(slot_ids).unsqueeze(1);
+    const at::Tensor delta_grad =
+        at::where(has_adapter, grad, at::zeros({}, grad.options())).to(at::kFloat);
+    const at::Tensor per_slot = at::zeros({S, M, E}, delta_grad.options())
+                                    .scatter_add(0, slot.view({1, M, 1}).expand({1, M, E}),
+                                                 delta_grad.unsqueeze(0));
+    const at::Tensor b = lora_b.to(at::kFloat);
+    const at::Tensor scale = scaling.view({S, 1, 1});
+    if (ctx->needs_input_grad(1)) {
+      result[1] =
+          at::bmm(per_slot, b * scale).to(xa.scalar_type()).transpose(0, 1).reshape({M, S * R});
+    }
+    if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
+      const at::Tensor xa_by_slot = xa.view({M, S, R}).transpose(0, 1).to(at::kFloat);
+      const at::Tensor scaled_b_grad =
+          at::bmm(xa_by_slot.transpose(1, 2), per_slot).transpose(1, 2);
+      if (ctx->needs_input_grad(2)) result[2] = (scaled_b_grad * scale).to(lora_b.scalar_type());
+      if (ctx->needs_input_grad(3)) {
+        result[3] =
+            (scaled_b_grad * b).sum({1, 2}, /*keepdim=*/true).view({S}).to(scaling.scalar_type());
+      }
+    }
+    return result;
+  }
+
+ private:
+  static at::Tensor below_autograd(const at::Tensor& logits, const at::Tensor& xa,
+                                   const at::Tensor& lora_b, const at::Tensor& scaling,
+                                   const at::Tensor& slot_ids, bool pdl) {
+    return call_below_autograd<kLoraExpand,
+                               at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&, bool)>(
+        logits, xa, lora_b, scaling, slot_ids, pdl);
+  }
+};
+
+// The Autograd kernel of router_gemm_with_shrink: where a gradient is needed, the two router_gemm
+// calls it stands for, each with its formula; else the fused op.
+std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, std::optional<at::ScalarType> out_dtype, bool pdl) {
+  using RouterGemm = RouterGemmFunction<kRouterGemm, bool>;
+  if (torch::autograd::compute_requires_grad(x, weight, bias, lora_a)) {
+    return {RouterGemm::call(x, weight, bias, out_dtype, pdl),
+            RouterGemm::call(x, lora_a, std::nullopt, at::kFloat, pdl)};
+  }
+  return call_below_autograd<kRouterGemmWithShrink,
+                             std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&,
+                                 const std::optional<at::Tensor>&, const at::Tensor&,
+                                 std::optional<at::ScalarType>, bool)>(x, weight, bias, lora_a,
+                                                                       out_dtype, pdl);
+}
+
+}  // namespace
+}  // namespace moegate::bindings
+
+TORCH_LIBRARY_IMPL(moegate, Autograd, m) {
+  using namespace moegate::bindings;
+  m.impl("router_gemm", &RouterGemmFunction<kRouterGemm, bool>::call);
+  m.impl("router_gemm_simple", &RouterGemmFunction<kRouterGemmSimple>::call);
+  m.impl("router_gemm_sm90", &RouterGemmFunction<kRouterGemmSm90, bool, int64_t, int64_t, int64_t>::call);
+  m.impl("router_gemm_small_m", &RouterGemmFunction<kRouterGemmSmallM, bool, int64_t, int64_t>::call);
+  m.impl("router_gemm_with_shrink", &router_gemm_with_shrink_autograd);
+  m.impl("lora_expand", &LoraExpandFunction::call);
+}

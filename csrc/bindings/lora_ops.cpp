@@ -1,0 +1,98 @@
+// The LoRA ops (kernels/lora_expand.h): lora_expand, the multi-adapter expand that adds each
+// token's low-rank delta to its logits (xa is the fp32 shrink for every slot, from
+// router_gemm_with_shrink), and lora_expand_route, the expand and the routing of its output.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "bindings/common.h"
+#include "bindings/ops.h"
+#include "kernels/lora_expand.h"
+#include "kernels/route.h"
+
+namespace moegate::bindings {
+namespace {
+
+// lora_expand's checks; fills every field of the kernel arguments but `out`.
+LoraExpandArgs lora_expand_args(const at::Tensor& logits, const at::Tensor& xa,
+                                const at::Tensor& lora_b, const at::Tensor& scaling,
+                                const at::Tensor& slot_ids, bool pdl) {
+  TORCH_CHECK(logits.is_cuda(), "moegate: logits must be a CUDA tensor, got device ", logits.device());
+  for (const at::Tensor* t : {&xa, &lora_b, &scaling, &slot_ids}) {
+    TORCH_CHECK(t->device() == logits.device(), "moegate: lora_expand's tensors must all be on ",
+                logits.device(), ", one is on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "moegate: lora_expand's tensors must be contiguous");
+  }
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "moegate: logits must be a contiguous [M, E]");
+  TORCH_CHECK(lora_b.dim() == 3, "moegate: lora_b must be [S, E, R], got ", shape(lora_b.sizes()));
+  const int64_t M = logits.size(0), E = logits.size(1), S = lora_b.size(0), R = lora_b.size(2);
+  TORCH_CHECK(lora_b.size(1) == E, "moegate: lora_b has E=", num(lora_b.size(1)), " but logits have E=", num(E));
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == S * R, "moegate: xa must be [", num(M),
+              ", ", num(S * R), "], got ", shape(xa.sizes()));
+  TORCH_CHECK(xa.scalar_type() == at::kFloat, "moegate: xa must be float32, got ", xa.scalar_type());
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
+              "moegate: scaling must be float32 [", num(S), "]");
+  TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == M && slot_ids.scalar_type() == at::kLong,
+              "moegate: slot_ids must be int64 [", num(M), "]");
+  TORCH_CHECK(M <= INT32_MAX && E * std::max<int64_t>(R, 1) * std::max<int64_t>(S, 1) <= INT32_MAX,
+              "moegate: lora_expand sizes must fit in int32");
+  LoraExpandArgs args;
+  args.logits = logits.data_ptr();
+  args.xa = xa.data_ptr<float>();
+  args.lora_b = lora_b.data_ptr();
+  args.scaling = scaling.data_ptr<float>();
+  args.slot_ids = slot_ids.data_ptr<int64_t>();
+  args.M = static_cast<int>(M);
+  args.E = static_cast<int>(E);
+  args.S = static_cast<int>(S);
+  args.R = static_cast<int>(R);
+  args.logits_dtype = to_dtype(logits.scalar_type());
+  args.b_dtype = to_dtype(lora_b.scalar_type());
+  args.pdl = pdl;
+  args.stream = at::cuda::getCurrentCUDAStream(logits.get_device()).stream();
+  return args;
+}
+
+}  // namespace
+
+at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+                       const at::Tensor& scaling, const at::Tensor& slot_ids, bool pdl) {
+  LoraExpandArgs args = lora_expand_args(logits, xa, lora_b, scaling, slot_ids, pdl);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor out = at::empty_like(logits);
+  if (args.M == 0 || args.E == 0) return out;
+  if (args.S == 0 || args.R == 0) return out.copy_(logits);
+  args.out = out.data_ptr();
+  check_launch(launch_lora_expand(args), "lora_expand");
+  return out;
+}
+
+// lora_expand and the routing of its outputs: one launch where the routing kernels take E and
+// top_k (kernels/lora_expand.h), else lora_expand then route_logits. `out` has lora_expand's bits.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_route(
+    const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+    const at::Tensor& scaling, const at::Tensor& slot_ids, int64_t top_k, c10::string_view scoring,
+    bool renormalize, std::optional<at::ScalarType> weights_dtype,
+    std::optional<at::ScalarType> ids_dtype, bool pdl) {
+  LoraExpandArgs args = lora_expand_args(logits, xa, lora_b, scaling, slot_ids, pdl);
+  TORCH_CHECK(args.E >= 1, "moegate: logits must be [M, E >= 1]");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  RouteOutputs o = allocate_route(logits, args.M, args.E, top_k, scoring, renormalize,
+                                  weights_dtype.value_or(logits.scalar_type()),
+                                  ids_dtype.value_or(at::kLong));
+  if (args.M > 0 && args.S > 0 && args.R > 0 && route_unsupported(o.args, args.E) == nullptr) {
+    at::Tensor out = at::empty_like(logits);
+    args.out = out.data_ptr();
+    check_launch(launch_lora_expand_route(args, o.args), "lora_expand_route");
+    return {out, o.weights, o.ids};
+  }
+  at::Tensor out = lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
+  route_logits_into(out, o, pdl);
+  return {out, o.weights, o.ids};
+}
+
+}  // namespace moegate::bindings
