@@ -236,36 +236,38 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
 
 
 def bench_lora(replays, progress) -> list[Row]:
-    """Issue-4 rows: the base router vs GateLinearWithLoRA (unfused delta; its base gate's pdl off,
-    then on) with 1, 2 or 4 adapters in the batch at ranks 8, 16, 64, and the PEFT-style
-    single-adapter computation F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s, all on
-    gpt-oss-120b's router, cold."""
+    """Issue-22 rows, gpt-oss-120b's router, cold: the base gate, GateLinearWithLoRA with 4 adapters
+    in its slots and the tokens spread over them (its base gate's pdl off, then on), the same in grad
+    mode (parameters requiring grad, no inference_mode, pdl on), and the PEFT-style single-adapter
+    computation F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s. Under inference_mode but the
+    grad row, as a server runs."""
     from gate import GateLinear
     from lora import GateLinearWithLoRA, TokenSlots
 
     rows = []
-    jobs = [(M, r, n) for M in (1, 16, 128) for r in (8, 16, 64) for n in (1, 2, 4)]
-    for M, rank, adapters in progress(jobs, desc="lora"):
-        rows += _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenSlots)
+    jobs = [(M, r) for r in (16, 64) for M in (1, 8, 32, 128)]
+    for M, rank in progress(jobs, desc="lora"):
+        rows += _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots)
     return rows
 
 
-def _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> list[Row]:
+def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> list[Row]:
     shape = Shape("gpt-oss-120b lora", 2880, 128, True, torch.bfloat16, (M,))
-    generator = torch.Generator().manual_seed(M + rank + adapters)
+    adapters = 4
+    generator = torch.Generator().manual_seed(M + rank)
     weights = Weights(shape, True, generator)
     x = torch.randn(M, shape.K, generator=generator).to("cuda", torch.bfloat16)
     slots = TokenSlots(M, device="cuda")
     slots.set([i % adapters for i in range(M)])
-    a = (torch.randn(4, rank, shape.K, generator=generator) / shape.K**0.5).to("cuda", torch.bfloat16)
-    b = (torch.randn(4, shape.E, rank, generator=generator) / rank**0.5).to("cuda", torch.bfloat16)
+    a = (torch.randn(adapters, rank, shape.K, generator=generator) / shape.K**0.5).to("cuda", torch.bfloat16)
+    b = (torch.randn(adapters, shape.E, rank, generator=generator) / rank**0.5).to("cuda", torch.bfloat16)
     layers = []
     for i in range(weights.copies):
-        layer = GateLinearWithLoRA(GateLinear.from_parameters(*weights[i]), 4, 64, slots)
+        layer = GateLinearWithLoRA(GateLinear.from_parameters(*weights[i]), adapters, 64, slots)
         for slot in range(adapters):
             layer.set_lora(slot, a[slot], b[slot], 2.0)
         layers.append(layer)
-    name = f"{shape.name} r={rank} x{adapters}"
+    name = f"{shape.name} r={rank}"
     base = [layer.base_layer for layer in layers]
 
     def peft_style(i):
@@ -275,21 +277,43 @@ def _lora_job(M, rank, adapters, replays, GateLinear, GateLinearWithLoRA, TokenS
     def lora_layer(pdl):
         def step(i):
             layer = layers[i % len(layers)]
-            layer.base_layer.pdl = pdl  # the base gate's setting governs all three kernels
+            layer.base_layer.pdl = pdl  # the base gate's setting governs all of the layer's kernels
             return layer(x)
         return step
 
-    with torch.no_grad():
-        return [
-            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora base",
-                per_call_us(lambda i: base[i % len(base)](x), weights.calls, replays)),
-            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora moegate",
-                per_call_us(lora_layer(False), weights.calls, replays)),
-            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora moegate+pdl",
-                per_call_us(lora_layer(True), weights.calls, replays)),
-            Row(name, shape.K, shape.E, M, "bfloat16", "cold", "lora peft-style",
-                per_call_us(peft_style, weights.calls, replays)),
-        ]
+    def row(provider, fn):
+        return Row(name, shape.K, shape.E, M, "bfloat16", "cold", provider,
+                   per_call_us(fn, weights.calls, replays))
+
+    with torch.inference_mode():
+        rows = [row("lora base", lambda i: base[i % len(base)](x)),
+                row("lora moegate", lora_layer(False)),
+                row("lora moegate+pdl", lora_layer(True)),
+                row("lora peft-style", peft_style)]
+    for layer in layers:
+        layer.base_layer.weight.requires_grad_(True)
+    with torch.enable_grad():
+        rows.append(row("lora moegate+pdl grad", lora_layer(True)))
+    return rows
+
+
+def lora_table(rows: list[Row]) -> str:
+    """The issue-22 view: the adapted gate against its base gate, in one run."""
+    table = _lookup(rows)
+    keys = sorted({(r.shape, r.M) for r in rows if r.provider == "lora base"},
+                  key=lambda k: (int(k[0].split("r=")[1]), k[1]))
+    head = ["rank", "M", "base", "LoRA", "ratio", "LoRA pdl", "ratio", "grad mode, pdl", "+ grad",
+            "PEFT-style"]
+    lines = []
+    for shape, M in keys:
+        get = lambda p, shape=shape, M=M: table.get((shape, M, "cold", p), float("nan"))  # noqa: E731
+        base, lora, pdl, grad = (get("lora base"), get("lora moegate"), get("lora moegate+pdl"),
+                                 get("lora moegate+pdl grad"))
+        lines.append([shape.split("r=")[1], str(M), f"{base:.2f}", f"{lora:.2f}", f"{lora / base:.2f}x",
+                      f"{pdl:.2f}", f"{pdl / base:.2f}x", f"{grad:.2f}", f"{grad - pdl:+.2f}",
+                      f"{get('lora peft-style'):.2f}"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
 
 
 def bench_route(replays, progress) -> list[Row]:
@@ -389,6 +413,9 @@ def write_results(rows: list[Row], out_dir: str, meta: dict) -> str:
         f.write(f"# router_gemm on {meta['gpu']} ({meta['date']}, torch {meta['torch']})\n\n")
         f.write("µs per call, CUDA-graph replay, median; ratio = cuBLAS / moegate.\n\n")
         f.write(format_table(rows, markdown=True))
+        if any(r.provider == "lora base" for r in rows):
+            f.write("\n## An adapted gate against its base gate, cold, µs per call\n\n")
+            f.write(lora_table(rows))
         if any(r.provider == "route fused" for r in rows):
             f.write("\n## Routing (logits + top-k + softmax), cold, µs per call\n\n")
             f.write(route_table(rows))
@@ -424,6 +451,16 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
     return "\n".join(fmt.format(*line) for line in [head, *lines]) + "\n"
 
 
+# What each panel of the plot draws: router shapes (their cuBLAS rows mark them), the routing rows
+# and the LoRA rows, cold weights, µs against M.
+PLOT_PROVIDERS = {
+    "router": ("cublas", "moegate", "moegate+pdl"),
+    "routing": ("route logits", "route fused", "route transformers", "route GateGptOssRouter",
+                "route lora logits+pdl", "route lora routed+pdl"),
+    "lora": ("lora base", "lora moegate", "lora moegate+pdl", "lora moegate+pdl grad"),
+}
+
+
 def plot(rows: list[Row], path: str) -> None:
     try:
         import matplotlib
@@ -433,16 +470,18 @@ def plot(rows: list[Row], path: str) -> None:
     except ImportError:
         print("matplotlib is not installed: no PNG plot", file=sys.stderr)
         return
-    shapes = sorted({r.shape for r in rows if r.provider == "cublas"})
-    if not shapes:  # e.g. --only matched no router shape: LoRA or chain rows alone have no plot
+    panels = []
+    for names in PLOT_PROVIDERS.values():
+        panels += [(shape, names) for shape in sorted({r.shape for r in rows if r.provider == names[0]})]
+    if not panels:
         return
-    cols = min(3, len(shapes))
-    rows_ = -(-len(shapes) // cols)
+    cols = min(3, len(panels))
+    rows_ = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows_, cols, figsize=(4.5 * cols, 3.4 * rows_), squeeze=False)
-    for ax in axes.flat[len(shapes):]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, shape in zip(axes.flat, shapes):
-        for provider in ("cublas", "moegate", "moegate+pdl"):
+    for ax, (shape, names) in zip(axes.flat, panels):
+        for provider in names:
             pts = sorted((r.M, r.us) for r in rows
                          if r.shape == shape and r.cache == "cold" and r.provider == provider)
             if pts:
@@ -453,7 +492,7 @@ def plot(rows: list[Row], path: str) -> None:
         ax.set_ylabel("µs per call (cold)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -505,6 +544,8 @@ def main(argv=None) -> int:
             "replays": args.replays, "cold_bytes": COLD_BYTES, "min_calls": MIN_CALLS}
     stem = write_results(rows, args.out, meta)
     print(format_table(rows))
+    if not args.no_lora:
+        print(lora_table(rows))
     if not args.no_route:
         print(route_table(rows))
     if args.tune:
