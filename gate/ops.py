@@ -206,8 +206,8 @@ def router_gemm_with_shrink(
     logits bit for bit. lora_a: [rows, K] in x's dtype (every slot's A, flattened). Where one of our
     Hopper kernels serves the router call (bf16; the decode kernel with K <= 4096, or the
     tensor-core kernel), both come from one launch: the shrink's rows ride as extra CTAs of the
-    router's grid. Elsewhere (cuBLAS, the foundation kernel), and wherever a gradient is needed,
-    they are the two calls.
+    router's grid, under grad mode too. Elsewhere (cuBLAS, the foundation kernel) they are the two
+    calls. The gradients are the two calls' bit for bit (the op has their autograd formulas).
     """
     check_router_inputs(x, weight, bias)
     if lora_a.dim() != 2 or lora_a.shape[1] != x.shape[1] or lora_a.shape[0] == 0:

@@ -57,3 +57,13 @@ def memory_hog(stream, big_a, big_b, rounds):
         for _ in range(rounds):
             big_a.copy_(big_b)
             big_b.add_(1.0)
+
+
+def kernels_launched(fn):
+    """Names of the CUDA kernels one call of fn launches."""
+    fn()  # warm-up: allocator and lazy loading outside the profile
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

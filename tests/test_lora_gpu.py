@@ -7,6 +7,7 @@ The reference, the error bounds and the builders come from tests/test_lora_layer
 import pytest
 import torch
 import torch._dynamo
+from gpu_helpers import kernels_launched
 from test_lora_layer import (
     assert_matches_reference,
     bits,
@@ -35,8 +36,8 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
     assert layer.base_layer.backend == "moegate"
     x = torch.randn(M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
     unadapted = (mapping < 0).cuda()
-    # With gradients (the base gate and the shrink as two calls) and without (one fused launch
-    # where the decode kernel serves the base gate).
+    # Grad mode on and off: the base gate and the shrink in one launch either way, where one of our
+    # Hopper kernels serves the base gate.
     for grad_mode in (True, False):
         with torch.set_grad_enabled(grad_mode):
             out = layer(x)
@@ -103,6 +104,28 @@ def test_gradients_reach_x_and_the_base_gate_as_on_the_torch_path(out_dtype):
                                           gradients(composed("torch")))
     for name, a, b, c in zip(("x", "weight", "bias"), through_layer, kernels, torch_path):
         assert torch.equal(a, b) and torch.equal(b, c), name
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("M", [4, 24])  # the decode kernel, the tensor-core kernel
+def test_grad_mode_keeps_the_fused_launch(M):
+    """A plain script (grad mode on, the base gate's parameters requiring gradients, x too) launches
+    what inference does: the base gate and every slot's shrink in one kernel, then the expand; the
+    same output bits, and gradients that reach x and the base gate."""
+    generator = torch.Generator().manual_seed(M + 5)
+    layer, _, _ = loaded_layer(K, 128, 8, 64, 5, M, torch.bfloat16, generator, device="cuda")
+    layer.base_layer.requires_grad_(True)  # random_gate freezes it
+    x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
+    with torch.no_grad():
+        inference = kernels_launched(lambda: layer(x))
+        plain = layer(x)
+    with torch.enable_grad():
+        training = kernels_launched(lambda: layer(x))
+        out = layer(x)
+    assert len(inference) == 2 and training == inference, (inference, training)
+    assert out.requires_grad and torch.equal(bits(out), bits(plain))
+    out.float().square().sum().backward()
+    assert x.grad is not None and layer.base_layer.weight.grad is not None
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])

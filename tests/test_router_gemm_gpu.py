@@ -9,12 +9,14 @@ import pytest
 import torch
 from gpu_helpers import (
     call_poisoned,
+    kernels_launched,
     realistic_activations,
     reference_logits,
     rel_error,
     router_weights,
     topk_agreement,
 )
+from torch import nn
 
 from gate import GateLinear, ops, tuning
 
@@ -367,16 +369,6 @@ def test_pdl_gives_the_same_bits(E):
             assert torch.equal(ops.router_gemm(x, weight, bias, out_dtype, pdl=True), plain), (M, out_dtype)
 
 
-def kernels_launched(fn):
-    """Names of the CUDA kernels one call of fn launches."""
-    fn()  # warm-up: allocator and lazy loading outside the profile
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 @pytest.mark.parametrize("K,E,rows", [(2880, 32, 256), (2880, 128, 256), (2880, 128, 8),
                                       (2048, 128, 40), (360, 13, 5)])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
@@ -422,21 +414,79 @@ def test_router_gemm_with_shrink_poisoned_outputs():
         assert torch.isfinite(logits).all() and torch.isfinite(xa).all()
 
 
-def test_router_gemm_with_shrink_gradients_are_the_two_calls():
-    generator = torch.Generator().manual_seed(6)
+def shrink_outputs(fused, x, weight, bias, lora_a, out_dtype):
+    """router_gemm_with_shrink's (logits, xa), or the two router_gemm calls it stands for."""
+    if fused:
+        return ops.router_gemm_with_shrink(x, weight, bias, lora_a, out_dtype)
+    return ops.router_gemm(x, weight, bias, out_dtype), ops.lora_shrink(x, lora_a)
+
+
+@pytest.mark.parametrize("M", [4, 24, 129, 300])  # decode, tensor-core, tensor-core, cuBLAS
+@pytest.mark.parametrize("out_dtype", [None, torch.float32])
+def test_router_gemm_with_shrink_gradients_are_the_two_calls(M, out_dtype):
+    """The op's autograd formula gives the two calls' gradients bit for bit, whichever inputs need
+    one and whichever outputs are used (an unused one brings no gradient), with an x that has other
+    uses before and after the op (autograd sums x's gradients in the order the two calls gave), and
+    the outputs need gradients exactly where the two calls' outputs did."""
+    generator = torch.Generator().manual_seed(M)
     weight, bias = router_weights(128, 2880, generator)
     lora_a = (torch.randn(64, 2880, generator=generator) / 54).to("cuda", torch.bfloat16)
-    x = realistic_activations(4, 2880, generator)
-    grads_out = (torch.randn(4, 128, generator=generator).to("cuda", torch.bfloat16),
-                 torch.randn(4, 64, generator=generator).cuda())
+    x = realistic_activations(M, 2880, generator)
+    out_type = out_dtype or torch.bfloat16
+    logits_grad = torch.randn(M, 128, generator=generator).to("cuda", out_type)
+    xa_grad = torch.randn(M, 64, generator=generator).cuda()
+    x_grad = torch.randn(M, 2880, generator=generator).to("cuda", torch.bfloat16)
 
-    def gradients(fused):
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, lora_a)]
-        if fused:
-            outs = ops.router_gemm_with_shrink(*leaves)
-        else:
-            outs = (ops.router_gemm(*leaves[:3]), ops.router_gemm(leaves[0], leaves[3], None, torch.float32))
-        return torch.autograd.grad(outs, leaves, grads_out)
+    def gradients(fused, needs, used, other_use):
+        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, weight, bias, lora_a), needs)]
+        x_leaf = leaves[0]
+        before = x_leaf * 3 if other_use == "before" else None
+        logits, xa = shrink_outputs(fused, *leaves[:3], leaves[3], out_dtype)
+        after = x_leaf * 5 if other_use == "after" else None
+        flags = (logits.requires_grad, xa.requires_grad)
+        roots = [(logits, logits_grad), (xa, xa_grad), (before, x_grad), (after, x_grad)]
+        roots = [(t, g) for (t, g), use in zip(roots, (used[0], used[1], True, True))
+                 if use and t is not None and t.requires_grad]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        if not roots:
+            return flags, []
+        return flags, torch.autograd.grad([t for t, _ in roots], wanted, [g for _, g in roots],
+                                          allow_unused=True)
 
-    for name, a, b in zip(("x", "weight", "bias", "lora_a"), gradients(True), gradients(False)):
-        assert torch.equal(a, b), name
+    for needs in itertools.product((False, True), repeat=4):
+        if not any(needs):
+            continue
+        for used, other_use in itertools.product(((True, True), (True, False), (False, True)),
+                                                 (None, "before", "after")):
+            case = (needs, used, other_use)
+            fused_flags, fused = gradients(True, needs, used, other_use)
+            flags, separate = gradients(False, needs, used, other_use)
+            assert fused_flags == flags, case
+            assert len(fused) == len(separate), case
+            for a, b in zip(fused, separate):
+                assert (a is None) == (b is None), case
+                assert a is None or (a.dtype == b.dtype and torch.equal(a, b)), case
+
+
+@pytest.mark.parametrize("M", [4, 24])  # the decode kernel, the tensor-core kernel
+def test_router_gemm_with_shrink_is_one_launch_under_grad_mode(M):
+    """Inputs that need gradients (as a plain script's parameters do) keep the fused launch: the
+    forward launches what it launches under no_grad, the same bits."""
+    generator = torch.Generator().manual_seed(M + 1)
+    weight, bias = (nn.Parameter(t) for t in router_weights(128, 2880, generator))
+    lora_a = (torch.randn(64, 2880, generator=generator) / 54).to("cuda", torch.bfloat16)
+    x = realistic_activations(M, 2880, generator).requires_grad_()
+    assert tuning.router_gemm_route(x.detach(), weight.detach()) in ("small_m", "sm90")
+
+    def call():
+        return ops.router_gemm_with_shrink(x, weight, bias, lora_a)
+
+    with torch.no_grad():
+        inference = kernels_launched(call)
+        plain = call()
+    with torch.enable_grad():
+        training = kernels_launched(call)
+        logits, xa = call()
+    assert len(inference) == 1 and training == inference, (inference, training)
+    assert logits.requires_grad and xa.requires_grad
+    assert torch.equal(logits, plain[0]) and torch.equal(xa, plain[1])

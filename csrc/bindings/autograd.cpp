@@ -21,19 +21,28 @@ namespace {
 // x, weight and bias without gradients on the GPU.) C++, not torch.library.register_autograd: a
 // Python autograd kernel runs on every call outside inference_mode, no_grad included, and a
 // decode-size router's cost is host time.
+at::Tensor grad_of_x(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
+  return at::mm(grad, weight.to(grad.scalar_type())).to(x.scalar_type());
+}
+at::Tensor grad_of_weight(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
+  return at::mm(grad.t(), x.to(grad.scalar_type())).to(weight.scalar_type());
+}
+at::Tensor grad_of_bias(const at::Tensor& grad, const at::Tensor& weight) {
+  return grad.sum(0).to(weight.scalar_type());
+}
+
 torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContext* ctx,
                                                  const at::Tensor& grad, size_t num_inputs) {
   const torch::autograd::variable_list saved = ctx->get_saved_variables();
   const at::Tensor& x = saved[0];
   const at::Tensor& weight = saved[1];
-  const at::ScalarType type = grad.scalar_type();
   // Gradients by argument position, none for out_dtype and the launch options; needs_input_grad
   // counts tensor arguments only, so an absent bias has no index.
   torch::autograd::variable_list grads(num_inputs);
-  if (ctx->needs_input_grad(0)) grads[0] = at::mm(grad, weight.to(type)).to(x.scalar_type());
-  if (ctx->needs_input_grad(1)) grads[1] = at::mm(grad.t(), x.to(type)).to(weight.scalar_type());
+  if (ctx->needs_input_grad(0)) grads[0] = grad_of_x(grad, x, weight);
+  if (ctx->needs_input_grad(1)) grads[1] = grad_of_weight(grad, x, weight);
   if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2))
-    grads[2] = grad.sum(0).to(weight.scalar_type());
+    grads[2] = grad_of_bias(grad, weight);
   return grads;
 }
 
@@ -169,23 +178,84 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
   }
 };
 
-// The Autograd kernel of router_gemm_with_shrink: where a gradient is needed, the two router_gemm
-// calls it stands for, each with its formula; else the fused op.
-std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink_autograd(
-    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& lora_a, std::optional<at::ScalarType> out_dtype, bool pdl) {
-  using RouterGemm = RouterGemmFunction<kRouterGemm, bool>;
-  if (torch::autograd::compute_requires_grad(x, weight, bias, lora_a)) {
-    return {RouterGemm::call(x, weight, bias, out_dtype, pdl),
-            RouterGemm::call(x, lora_a, std::nullopt, at::kFloat, pdl)};
+// Autograd for router_gemm_with_shrink, so that grad mode keeps its one launch: the formulas of the
+// two router_gemm calls it stands for, logits = router_gemm(x, weight, bias, out_dtype) and
+// xa = router_gemm(x, lora_a, None, float32), and their gradients bit for bit. With g the logits'
+// gradient and h xa's (fp32): dx = g W + h A, dW = g^T x, db = sum_m g, dA = h^T x, each product
+// taken as router_gemm_grads takes it. x enters apply() twice, once per product, so autograd adds
+// the two x gradients into x's as it did for the two calls' nodes, and in the same order (the
+// shrink's first: its node was the later one), also where x has other uses. An output that nothing
+// used brings no gradient (undefined, not zeros: its call's node would not have run), and each
+// output needs a gradient exactly where its call's output did (the logits: x, weight or bias; xa: x
+// or lora_a).
+class RouterGemmWithShrinkFunction
+    : public torch::autograd::Function<RouterGemmWithShrinkFunction> {
+ public:
+  // The Autograd-key kernel; no gradient needed: straight to the kernel, as RouterGemmFunction.
+  static std::tuple<at::Tensor, at::Tensor> call(const at::Tensor& x, const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const at::Tensor& lora_a,
+                                                 std::optional<at::ScalarType> out_dtype,
+                                                 bool pdl) {
+    if (!torch::autograd::compute_requires_grad(x, weight, bias, lora_a))
+      return below_autograd(x, weight, bias, lora_a, out_dtype, pdl);
+    const torch::autograd::variable_list outputs =
+        RouterGemmWithShrinkFunction::apply(x, lora_a, x, weight, bias, out_dtype, pdl);
+    return {outputs[0], outputs[1]};
   }
-  return call_below_autograd<kRouterGemmWithShrink,
-                             std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&,
-                                 const std::optional<at::Tensor>&, const at::Tensor&,
-                                 std::optional<at::ScalarType>, bool)>(x, weight, bias, lora_a,
-                                                                       out_dtype, pdl);
-}
+
+  // The tensor arguments in needs_input_grad's numbering: 0 x (the shrink's), 1 lora_a, 2 x (the
+  // logits'), 3 weight, 4 bias where given (last, so that its absence moves no other index).
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& /*x, the shrink's*/,
+                                                const at::Tensor& lora_a, const at::Tensor& x,
+                                                const at::Tensor& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                std::optional<at::ScalarType> out_dtype, bool pdl) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, weight, lora_a});
+    ctx->saved_data["bias"] = bias.has_value();
+    auto [logits, xa] = below_autograd(x, weight, bias, lora_a, out_dtype, pdl);
+    torch::autograd::variable_list without_gradient;
+    const bool bias_needs_grad = bias.has_value() && bias->requires_grad();
+    if (!x.requires_grad() && !weight.requires_grad() && !bias_needs_grad)
+      without_gradient.push_back(logits);
+    if (!x.requires_grad() && !lora_a.requires_grad()) without_gradient.push_back(xa);
+    if (!without_gradient.empty()) ctx->mark_non_differentiable(without_gradient);
+    return {logits, xa};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2];
+    const at::Tensor &logits_grad = grads[0], &xa_grad = grads[1];
+    torch::autograd::variable_list result(7);  // by argument position; none for out_dtype and pdl
+    if (xa_grad.defined()) {
+      if (ctx->needs_input_grad(0)) result[0] = grad_of_x(xa_grad, x, lora_a);
+      if (ctx->needs_input_grad(1)) result[1] = grad_of_weight(xa_grad, x, lora_a);
+    }
+    if (logits_grad.defined()) {
+      if (ctx->needs_input_grad(2)) result[2] = grad_of_x(logits_grad, x, weight);
+      if (ctx->needs_input_grad(3)) result[3] = grad_of_weight(logits_grad, x, weight);
+      if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4))
+        result[4] = grad_of_bias(logits_grad, weight);
+    }
+    return result;
+  }
+
+ private:
+  static std::tuple<at::Tensor, at::Tensor> below_autograd(
+      const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+      const at::Tensor& lora_a, std::optional<at::ScalarType> out_dtype, bool pdl) {
+    return call_below_autograd<kRouterGemmWithShrink,
+                               std::tuple<at::Tensor, at::Tensor>(
+                                   const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, const at::Tensor&,
+                                   std::optional<at::ScalarType>, bool)>(x, weight, bias, lora_a,
+                                                                         out_dtype, pdl);
+  }
+};
 
 }  // namespace
 }  // namespace moegate::bindings
@@ -194,8 +264,10 @@ TORCH_LIBRARY_IMPL(moegate, Autograd, m) {
   using namespace moegate::bindings;
   m.impl("router_gemm", &RouterGemmFunction<kRouterGemm, bool>::call);
   m.impl("router_gemm_simple", &RouterGemmFunction<kRouterGemmSimple>::call);
-  m.impl("router_gemm_sm90", &RouterGemmFunction<kRouterGemmSm90, bool, int64_t, int64_t, int64_t>::call);
-  m.impl("router_gemm_small_m", &RouterGemmFunction<kRouterGemmSmallM, bool, int64_t, int64_t>::call);
-  m.impl("router_gemm_with_shrink", &router_gemm_with_shrink_autograd);
+  m.impl("router_gemm_sm90",
+         &RouterGemmFunction<kRouterGemmSm90, bool, int64_t, int64_t, int64_t>::call);
+  m.impl("router_gemm_small_m",
+         &RouterGemmFunction<kRouterGemmSmallM, bool, int64_t, int64_t>::call);
+  m.impl("router_gemm_with_shrink", &RouterGemmWithShrinkFunction::call);
   m.impl("lora_expand", &LoraExpandFunction::call);
 }
