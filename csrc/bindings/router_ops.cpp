@@ -25,6 +25,24 @@ at::Tensor router_gemm_cublas(const at::Tensor& x, const at::Tensor& weight,
                           : at::mm(x, weight.t(), out_type);
 }
 
+// What the two Hopper tuning ops share, after check_inputs and under the caller's device guard:
+// the GPU check, the kernel arguments, the output, and the kernel's own refusal of these inputs.
+// Launches nothing; M == 0 leaves nothing to launch.
+at::Tensor start_hopper_call(const char* kernel, const char* (*unsupported)(const RouterGemmArgs&),
+                             const at::Tensor& x, const at::Tensor& weight,
+                             const std::optional<at::Tensor>& bias,
+                             std::optional<at::ScalarType> out_dtype, bool pdl,
+                             RouterGemmArgs& args) {
+  TORCH_CHECK(is_hopper(x), "moegate: ", kernel, " needs a Hopper (sm_90) GPU");
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  args = make_args(x, weight, bias, out_type, pdl);
+  at::Tensor out = allocate_out(x, weight, out_type, args);
+  if (args.M == 0) return out;
+  const char* why_not = unsupported(args);
+  TORCH_CHECK(why_not == nullptr, "moegate: ", kernel, " cannot take these inputs: ", why_not);
+  return out;
+}
+
 }  // namespace
 
 at::Tensor router_gemm_simple(const at::Tensor& x, const at::Tensor& weight,
@@ -45,13 +63,10 @@ at::Tensor router_gemm_sm90(const at::Tensor& x, const at::Tensor& weight,
                             int64_t expert_tiles, int64_t token_tiles, int64_t cluster) {
   check_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(is_hopper(x), "moegate: router_gemm_sm90 needs a Hopper (sm_90) GPU");
-  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
-  at::Tensor out = allocate_out(x, weight, out_type, args);
+  RouterGemmArgs args;
+  at::Tensor out = start_hopper_call("router_gemm_sm90", router_gemm_sm90_unsupported, x, weight,
+                                     bias, out_dtype, pdl, args);
   if (args.M == 0) return out;
-  const char* why_not = router_gemm_sm90_unsupported(args);
-  TORCH_CHECK(why_not == nullptr, "moegate: router_gemm_sm90 cannot take these inputs: ", why_not);
   RouterGemmSm90Config config;
   config.expert_tiles = static_cast<int>(expert_tiles);
   config.token_tiles = static_cast<int>(token_tiles);
@@ -66,13 +81,10 @@ at::Tensor router_gemm_small_m(const at::Tensor& x, const at::Tensor& weight,
                                int64_t experts_per_cta, int64_t tokens_per_cta) {
   check_inputs(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(is_hopper(x), "moegate: router_gemm_small_m needs a Hopper (sm_90) GPU");
-  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
-  RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
-  at::Tensor out = allocate_out(x, weight, out_type, args);
+  RouterGemmArgs args;
+  at::Tensor out = start_hopper_call("router_gemm_small_m", router_gemm_small_m_unsupported, x,
+                                     weight, bias, out_dtype, pdl, args);
   if (args.M == 0) return out;
-  const char* why_not = router_gemm_small_m_unsupported(args);
-  TORCH_CHECK(why_not == nullptr, "moegate: router_gemm_small_m cannot take these inputs: ", why_not);
   TORCH_CHECK(experts_per_cta == 0 || experts_per_cta == 1 || experts_per_cta == 2 ||
                   experts_per_cta == 4,
               "moegate: experts_per_cta must be 0 (auto), 1, 2 or 4, got ", num(experts_per_cta));
