@@ -24,9 +24,9 @@ class GateLinear(nn.Module):
             logits straight from the fp32 accumulator (no bf16 rounding on the way).
         pdl: launch the CUDA kernel with programmatic dependent launch, so its weight loads overlap
             the previous kernel's tail. Only for weights that no kernel writes right before the router.
-            It pays only next to kernels that trigger their dependents early: between ordinary
-            PyTorch kernels a layer measured 0.5-0.9 us slower with it on an H200
-            (benchmarks/results/README.md, the chain rows). The logits are the same bits either way.
+            It pays only next to kernels that trigger their dependents early (ours do): between
+            ordinary PyTorch kernels it measured slower (benchmarks/results/README.md, the chain
+            rows). The logits are the same bits either way.
 
     Forward takes x of shape [..., K] and returns [..., E]. It is differentiable on every backend,
     with the gradients F.linear gives (bit for bit on the same device). The parameters are checked

@@ -37,10 +37,9 @@ def add_lora_delta(
     pdl: launch both kernels (shrink, expand) as programmatic dependents of the kernel before each,
     as GateLinear's ``pdl``: their launches and adapter-weight loads overlap that kernel's tail, and
     x, logits, xa and slot_ids are read only after it completes, so the kernel before must not
-    write lora_a or lora_b. A GateLinearWithLoRA passes its base gate's setting: on an H200 the
-    layer gained 0.45-0.75 us with all three of its kernels PDL-launched, and was up to 0.55 us slower
-    with only the shrink or the expand PDL-launched between plain launches
-    (benchmarks/results/README.md).
+    write lora_a or lora_b. A GateLinearWithLoRA passes its base gate's setting to all of its
+    kernels: PDL pays when every kernel of the chain takes it, and only the shrink or only the
+    expand PDL-launched between plain launches measured slower (benchmarks/results/README.md).
     """
     num_slots, rank, in_features = lora_a.shape
     # Shrink for every slot at once, through the same ops path as the base gate (our kernel on the GPU).
