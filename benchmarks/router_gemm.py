@@ -236,8 +236,8 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
 
 
 def bench_lora(replays, progress) -> list[Row]:
-    """Issue-22 rows, gpt-oss-120b's router, cold: the base gate, GateLinearWithLoRA with 4 adapters
-    in its slots and the tokens spread over them (its base gate's pdl off, then on), the same in grad
+    """Issue-22 rows, gpt-oss-120b's router, cold: the base gate and GateLinearWithLoRA with 4
+    adapters in its slots and the tokens spread over them (each with pdl off, then on), the same in grad
     mode (parameters requiring grad, no inference_mode, pdl on), and the PEFT-style single-adapter
     computation F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s. Under inference_mode but the
     grad row, as a server runs."""
@@ -274,6 +274,13 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
         w, bias = weights[i]
         return F.linear(x, w, bias) + F.linear(F.linear(x, a[0]), b[0]) * 2.0
 
+    def base_gate(pdl):
+        def step(i):
+            gate = base[i % len(base)]
+            gate.pdl = pdl
+            return gate(x)
+        return step
+
     def lora_layer(pdl):
         def step(i):
             layer = layers[i % len(layers)]
@@ -286,7 +293,8 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
                    per_call_us(fn, weights.calls, replays))
 
     with torch.inference_mode():
-        rows = [row("lora base", lambda i: base[i % len(base)](x)),
+        rows = [row("lora base", base_gate(False)),
+                row("lora base+pdl", base_gate(True)),
                 row("lora moegate", lora_layer(False)),
                 row("lora moegate+pdl", lora_layer(True)),
                 row("lora peft-style", peft_style)]
@@ -302,16 +310,16 @@ def lora_table(rows: list[Row]) -> str:
     table = _lookup(rows)
     keys = sorted({(r.shape, r.M) for r in rows if r.provider == "lora base"},
                   key=lambda k: (int(k[0].split("r=")[1]), k[1]))
-    head = ["rank", "M", "base", "LoRA", "ratio", "LoRA pdl", "ratio", "grad mode, pdl", "+ grad",
-            "PEFT-style"]
+    head = ["rank", "M", "base", "LoRA", "ratio", "base pdl", "LoRA pdl", "ratio", "grad mode, pdl",
+            "+ grad", "PEFT-style"]
     lines = []
     for shape, M in keys:
         get = lambda p, shape=shape, M=M: table.get((shape, M, "cold", p), float("nan"))  # noqa: E731
-        base, lora, pdl, grad = (get("lora base"), get("lora moegate"), get("lora moegate+pdl"),
-                                 get("lora moegate+pdl grad"))
+        base, base_pdl = get("lora base"), get("lora base+pdl")
+        lora, pdl, grad = get("lora moegate"), get("lora moegate+pdl"), get("lora moegate+pdl grad")
         lines.append([shape.split("r=")[1], str(M), f"{base:.2f}", f"{lora:.2f}", f"{lora / base:.2f}x",
-                      f"{pdl:.2f}", f"{pdl / base:.2f}x", f"{grad:.2f}", f"{grad - pdl:+.2f}",
-                      f"{get('lora peft-style'):.2f}"])
+                      f"{base_pdl:.2f}", f"{pdl:.2f}", f"{pdl / base_pdl:.2f}x", f"{grad:.2f}",
+                      f"{grad - pdl:+.2f}", f"{get('lora peft-style'):.2f}"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
 
@@ -457,7 +465,7 @@ PLOT_PROVIDERS = {
     "router": ("cublas", "moegate", "moegate+pdl"),
     "routing": ("route logits", "route fused", "route transformers", "route GateGptOssRouter",
                 "route lora logits+pdl", "route lora routed+pdl"),
-    "lora": ("lora base", "lora moegate", "lora moegate+pdl", "lora moegate+pdl grad"),
+    "lora": ("lora base", "lora base+pdl", "lora moegate", "lora moegate+pdl", "lora moegate+pdl grad"),
 }
 
 

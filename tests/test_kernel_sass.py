@@ -31,8 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The extension's nvcc flags (setup.py), compiled to a cubin for sm_90a.
 NVCC_FLAGS = ["-cubin", "-O3", "--expt-relaxed-constexpr", "-std=c++17",
               "-gencode=arch=compute_90a,code=sm_90a", "-I" + os.path.join(ROOT, "csrc")]
-PDL_KERNELS = ["router_gemm_small_m.cu", "router_gemm_small_m_route.cu", "router_gemm_sm90.cu",
-               "router_gemm_sm90_route.cu"]
+PDL_KERNELS = ["router_gemm_small_m.cu", "router_gemm_small_m_route.cu", "router_gemm_sm90.cu"]
 
 
 def _tool(name: str) -> str | None:
@@ -208,19 +207,19 @@ def test_tensor_core_kernels_keep_their_ctas_per_sm(tools, tmp_path):
     assert ctas_per_sm_by_registers(168, 128) == 3 and ctas_per_sm_by_registers(182, 128) == 2
     assert ctas_per_sm_by_registers(128, 128) == 4 and ctas_per_sm_by_registers(132, 128) == 3
     registers = {}
-    for unit in ("router_gemm_sm90.cu", "router_gemm_sm90_route.cu"):  # plain + shrink; routing
-        cubin = compiled_cubin(tools, os.path.join(ROOT, "csrc", "kernels", unit), tmp_path)
-        usage = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
-                               text=True, env=env).stdout
-        registers.update((name, int(regs))
-                         for name, regs in re.findall(r"Function (\S+):\s+REG:(\d+)", usage))
+    cubin = compiled_cubin(tools, os.path.join(ROOT, "csrc", "kernels", "router_gemm_sm90.cu"),
+                           tmp_path)
+    usage = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
+                           text=True, env=env).stdout
+    registers.update((name, int(regs))
+                     for name, regs in re.findall(r"Function (\S+):\s+REG:(\d+)", usage))
     tiles = {}
     for name in registers:
         shape = re.search(r"router_gemm_sm90_kernelILi(\d+)ELi(\d+)E", name)
         if shape:
             tiles[name] = (int(shape.group(1)), int(shape.group(2)))
-    # Forms: plain, fused with a LoRA shrink, fused with routing.
-    assert len(tiles) == 72, f"expected 2 x 3 tiles x 2 clusters x 2 outputs x 3 forms, found {sorted(tiles)}"
+    # Forms: plain and fused with a LoRA shrink.
+    assert len(tiles) == 48, f"expected 2 x 3 tiles x 2 clusters x 2 outputs x 2 forms, found {sorted(tiles)}"
     threads = 128  # sm90::kWarps * 32
     too_big = {name: registers[name] for name, shape in tiles.items()
                if ctas_per_sm_by_registers(registers[name], threads) < MIN_CTAS_PER_SM.get(shape, 1)}

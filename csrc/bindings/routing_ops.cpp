@@ -98,9 +98,11 @@ std::tuple<at::Tensor, at::Tensor> route_logits(const at::Tensor& logits, int64_
   return {o.weights, o.ids};
 }
 
-// The router and the routing of its logits: one launch where the decode or the tensor-core kernel
-// serves the router call (the last CTA of each token tile routes it, behind `counters`), else
-// router_gemm then route_logits. The logits are router_gemm's bits either way.
+// The router and the routing of its logits: one launch where the decode kernel serves the router
+// call (the last CTA of each token tile routes it, behind `counters`; kernels/route.h), else
+// router_gemm then route_logits, launched as router_gemm's programmatic dependent (it reads the
+// logits after its grid-dependency wait, whatever ran before). The logits are router_gemm's bits
+// either way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::Tensor& counters, int64_t top_k, c10::string_view scoring, bool renormalize,
@@ -117,21 +119,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(
                                   weights_dtype.value_or(out_type), ids_dtype.value_or(at::kLong));
   const Route path = args.M > 0 ? route_for(args, is_hopper(x)) : Route::kSimple;
   const bool routable = route_unsupported(o.args, args.E) == nullptr;
-  if (routable && (path == Route::kSmallM || path == Route::kSm90)) {
-    const int needed = path == Route::kSmallM ? router_gemm_small_m_route_counters(args)
-                                              : router_gemm_sm90_route_counters(args);
+  if (routable && path == Route::kSmallM) {
+    const int needed = router_gemm_small_m_route_counters(args);
     TORCH_CHECK(counters.numel() >= needed, "moegate: route needs ", num(needed),
                 " counters for M=", num(args.M), ", got ", num(counters.numel()));
     o.args.counters = reinterpret_cast<unsigned*>(counters.data_ptr<int32_t>());
     o.args.num_counters = static_cast<int>(counters.numel());
     at::Tensor logits = allocate_out(x, weight, out_type, args);
-    check_launch(path == Route::kSmallM ? launch_router_gemm_small_m_route(args, o.args)
-                                        : launch_router_gemm_sm90_route(args, o.args),
-                 "router_gemm_route");
+    check_launch(launch_router_gemm_small_m_route(args, o.args), "router_gemm_small_m_route");
     return {o.weights, o.ids, logits};
   }
   at::Tensor logits = router_gemm(x, weight, bias, out_dtype, pdl);
-  route_logits_into(logits, o, pdl);
+  route_logits_into(logits, o, /*pdl=*/true);
   return {o.weights, o.ids, logits};
 }
 

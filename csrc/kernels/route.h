@@ -52,14 +52,14 @@ const char* route_unsupported(const RouteArgs& route, int E);
 cudaError_t launch_route_logits(const void* logits, DType logits_dtype, int M, int E,
                                 const RouteArgs& route, bool pdl, cudaStream_t stream);
 
-// The router GEMM and the routing of its logits in one launch (RouterGemmArgs::out receives the
-// logits, with the bits launch_router_gemm_small_m(args, 0, 0) / launch_router_gemm_sm90(args, {})
-// give). The decode kernel (router_gemm_small_m.cu) and the tensor-core kernel (router_gemm_sm90.cu)
-// each have one. Callers check the kernel's *_unsupported and route_unsupported first, and pass at
-// least route_counters_needed counters.
+// The decode-size router GEMM (router_gemm_small_m.cu) and the routing of its logits in one launch:
+// RouterGemmArgs::out receives the logits, with the bits launch_router_gemm_small_m(args, 0, 0)
+// gives. Its tiles hold at most 8 tokens on at least 8 warps, so the last CTA of a row of the grid
+// routes each token in a warp of its own. (The tensor-core kernel's tiles hold up to 32 tokens on
+// 4 warps: routed in its last CTA they cost more than a second launch; benchmarks/results/README.md,
+// "Every kernel triggers at entry, and routing fused where a warp gets one token".) Callers check router_gemm_small_m_unsupported and
+// route_unsupported first, and pass at least router_gemm_small_m_route_counters counters.
 int router_gemm_small_m_route_counters(const RouterGemmArgs& args);
 cudaError_t launch_router_gemm_small_m_route(const RouterGemmArgs& args, const RouteArgs& route);
-int router_gemm_sm90_route_counters(const RouterGemmArgs& args);
-cudaError_t launch_router_gemm_sm90_route(const RouterGemmArgs& args, const RouteArgs& route);
 
 }  // namespace moegate

@@ -19,7 +19,7 @@ __global__ void __launch_bounds__(kThreads)
   sm90::grid_dependency_wait(pdl);
   const long long first = static_cast<long long>(blockIdx.x) * kTokensPerCta;
   const int count = M - first < kTokensPerCta ? static_cast<int>(M - first) : kTokensPerCta;
-  routing::route_rows<1>(logits + first * E, E, first, static_cast<int>(threadIdx.x) / 32, count,
+  routing::route_rows(logits + first * E, E, first, static_cast<int>(threadIdx.x) / 32, count,
                       kTokensPerCta, route);
 }
 

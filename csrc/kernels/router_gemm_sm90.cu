@@ -1,5 +1,5 @@
 // Launchers of the Hopper router GEMM (router_gemm_sm90.cuh), plain and fused with a LoRA shrink:
-// eligibility and the tile heuristic. The routing form is in router_gemm_sm90_route.cu.
+// eligibility and the tile heuristic.
 #include <cuda_bf16.h>
 #include <cstdint>
 

@@ -38,7 +38,6 @@
 #include "kernels/fused_launch.cuh"
 #include "kernels/grid_dependency.cuh"
 #include "kernels/memory_access.cuh"
-#include "kernels/routing.cuh"
 
 namespace moegate {
 namespace sm90 {
@@ -95,15 +94,16 @@ __device__ __forceinline__ void fragment_output(int idx, int& expert, int& token
 
 // Grid: (kCluster, ceil(E / (16 * kExpertTiles)), ceil(M / (8 * kTokenTiles))); cluster
 // (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of
-// kCluster * kWarps contiguous slices of whole k32 blocks. Fusion::kRoute: the last CTA of each
-// token tile (grid z) routes its tokens. Fusion::kShrink: ceil(shrink.rows /
-// (16 * kExpertTiles)) more expert tiles along y, for the ShrinkPart (whole clusters).
+// kCluster * kWarps contiguous slices of whole k32 blocks. Fusion::kShrink: ceil(shrink.rows /
+// (16 * kExpertTiles)) more expert tiles along y, for the ShrinkPart (whole clusters). No routing
+// form (route.h says why); `route` is the launch chain's shared argument, unused here.
 template <int kExpertTiles, int kTokenTiles, int kCluster, typename Out, Fusion kFusion>
 __global__ void __launch_bounds__(kWarps * 32, 1)
     router_gemm_sm90_kernel(const __nv_bfloat16* __restrict__ x,
                             const __nv_bfloat16* __restrict__ weight,
                             const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
                             int E, int K, bool pdl, ShrinkPart shrink, RouteArgs route) {
+  static_assert(kFusion != Fusion::kRoute, "the tensor-core kernel has no routing form");
   constexpr bool kWithShrink = kFusion == Fusion::kShrink;
   constexpr int kTileE = 16 * kExpertTiles;  // experts of one CTA
   constexpr int kTileM = 8 * kTokenTiles;    // tokens of one CTA
@@ -320,12 +320,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         out[static_cast<long long>(out_m) * E + out_e] =
             store_cast<Out>(sum + bias_value(bias_bits[p]));
     }
-  }
-  if constexpr (kFusion == Fusion::kRoute) {
-    if (routing::last_of_tile(route, blockIdx.z, gridDim.x * gridDim.y))
-      routing::route_tile<(kTileM + kWarps - 1) / kWarps>(out + static_cast<long long>(m0) * E, E,
-                                                          m0, M - m0 < kTileM ? M - m0 : kTileM,
-                                                          route);
   }
 }
 

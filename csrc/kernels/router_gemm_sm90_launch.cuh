@@ -1,7 +1,5 @@
 // The launch chain of the Hopper router GEMM (router_gemm_sm90.cuh): grid, cluster and PDL
-// attributes, one template per launch form. Each form is instantiated in its own unit
-// (router_gemm_sm90.cu: plain and shrink; router_gemm_sm90_route.cu: routing), so that no unit
-// compiles every kernel.
+// attributes, one template per launch form (plain and shrink, instantiated in router_gemm_sm90.cu).
 #pragma once
 
 #include <cuda_bf16.h>

@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
   }
   if constexpr (kFusion == Fusion::kRoute) {
     if (routing::last_of_tile(route, blockIdx.y, gridDim.x))
-      routing::route_tile<1>(out, E, m0, M < kTokens ? M : kTokens, route);
+      routing::route_tile(out, E, m0, M < kTokens ? M : kTokens, route);
   }
 }
 

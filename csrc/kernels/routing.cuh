@@ -62,15 +62,12 @@ __device__ __forceinline__ void store_weight(const RouteArgs& r, long long i, fl
     static_cast<__half*>(r.weights)[i] = __float2half_rn(w);
 }
 
-// A token's E logits as raw bits: lane l holds logits l, l + 32, ..., kSlots of them (0 past E
-// or when !valid).
+// A token's E logits as raw bits: lane l holds logits l, l + 32, ..., kSlots of them (0 past E).
 template <int kSlots, typename Logit>
-__device__ __forceinline__ void load_row(const Logit* row, int E, bool valid,
-                                         uint32_t (&bits)[kSlots]) {
+__device__ __forceinline__ void load_row(const Logit* row, int E, uint32_t (&bits)[kSlots]) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < kSlots; ++i)
-    bits[i] = load_logit_bits(row + 32 * i + lane, valid && 32 * i + lane < E);
+  for (int i = 0; i < kSlots; ++i) bits[i] = load_logit_bits(row + 32 * i + lane, 32 * i + lane < E);
 }
 
 // Routes token `token` from its loaded logits (load_row): called by all 32 lanes of a warp.
@@ -147,24 +144,17 @@ __device__ __forceinline__ void route_loaded(const uint32_t (&bits)[kSlots], int
 }
 
 // One warp routes rows first, first + step, ... below `count` of `rows` (E logits each; row i is
-// token first_token + i), kRows at a time: their loads are all issued before the first selection,
-// so a warp pays one trip to memory per kRows rows, not one per row. kRows is kMaxRows (the rows a
-// warp of the caller may get), or fewer where a lane would hold more than 32 loaded logits.
-template <int kMaxRows, int kSlots, typename Logit>
+// token first_token + i). Every caller gives a warp one row (a warp per token): routing a token is
+// a chain of dependent instructions, and a warp with several rows runs their chains one after
+// another.
+template <int kSlots, typename Logit>
 __device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long long first_token,
                                                  int first, int count, int step,
                                                  const RouteArgs& r) {
-  constexpr int kFit = 32 / kSlots;
-  constexpr int kRows = kMaxRows < kFit ? kMaxRows : kFit;
-  for (int i = first; i < count; i += kRows * step) {
-    uint32_t bits[kRows][kSlots];
-#pragma unroll
-    for (int q = 0; q < kRows; ++q)
-      load_row(rows + static_cast<long long>(i + q * step) * E, E, i + q * step < count, bits[q]);
-#pragma unroll
-    for (int q = 0; q < kRows; ++q)
-      if (i + q * step < count)
-        route_loaded<kSlots, Logit>(bits[q], E, first_token + i + q * step, r);
+  for (int i = first; i < count; i += step) {
+    uint32_t bits[kSlots];
+    load_row(rows + static_cast<long long>(i) * E, E, bits);
+    route_loaded<kSlots, Logit>(bits, E, first_token + i, r);
   }
 }
 
@@ -172,15 +162,15 @@ __device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long 
 // per logits dtype and unit serves every kernel that routes (inlined into each of the router
 // kernels' instantiations, it made their units take minutes to compile), and a call is nothing
 // next to a routing's latency.
-template <int kMaxRows, typename Logit>
+template <typename Logit>
 __device__ __noinline__ void route_rows(const Logit* rows, int E, long long first_token,
                                            int first, int count, int step, const RouteArgs& r) {
   if (E <= 32)
-    route_rows_sized<kMaxRows, 1>(rows, E, first_token, first, count, step, r);
+    route_rows_sized<1>(rows, E, first_token, first, count, step, r);
   else if (E <= 128)
-    route_rows_sized<kMaxRows, 4>(rows, E, first_token, first, count, step, r);
+    route_rows_sized<4>(rows, E, first_token, first, count, step, r);
   else
-    route_rows_sized<kMaxRows, kPerLane>(rows, E, first_token, first, count, step, r);
+    route_rows_sized<kPerLane>(rows, E, first_token, first, count, step, r);
 }
 
 // Called by every thread of a CTA after its logit stores: whether this CTA is the last of the
@@ -230,13 +220,12 @@ __device__ __forceinline__ void route_shared_row(const Logit* row, int E, long l
 }
 
 // The last CTA of a token tile routes its `tokens` tokens (rows of `logits`, E each), its warps
-// taking every warps-th token, up to kRowsPerWarp each in one trip to memory (route_rows).
-template <int kRowsPerWarp, typename Logit>
+// taking every warps-th token.
+template <typename Logit>
 __device__ __forceinline__ void route_tile(const Logit* logits, int E, long long first_token,
                                            int tokens, const RouteArgs& r) {
   const int warps = static_cast<int>(blockDim.x) / 32;
-  route_rows<kRowsPerWarp>(logits, E, first_token, static_cast<int>(threadIdx.x) / 32, tokens,
-                           warps, r);
+  route_rows(logits, E, first_token, static_cast<int>(threadIdx.x) / 32, tokens, warps, r);
 }
 
 }  // namespace routing
