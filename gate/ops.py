@@ -352,7 +352,7 @@ def selection_keys(logits: torch.Tensor) -> torch.Tensor:
     else:  # bf16, fp16 and fp32 widen to fp32 exactly
         bits, magnitude = (logits.float() + 0.0).view(torch.int32).long(), 0x7FFFFFFF
     keys = torch.where(bits >= 0, bits, -1 - (bits & magnitude))  # + 0.0 made every zero +0.0
-    return keys.masked_fill(torch.isnan(logits), magnitude + 1)
+    return keys.masked_fill(torch.isnan(logits), magnitude)  # above +inf's bits, in int64 for fp64
 
 
 def route_torch(
@@ -365,12 +365,16 @@ def route_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch path of ``route_logits`` (CPU, or any device); differentiable in the weights.
 
-    A stable descending sort of ``selection_keys`` gives the kernels' selection order (ties to the
-    lower expert index). The softmax is PyTorch's, in fp32 for half logits; with weights in the
-    logits' own dtype it is transformers' ``softmax(top, dim=1, dtype=top.dtype)`` exactly.
+    A stable descending sort gives the kernels' selection order (ties to the lower expert index):
+    on the CPU of the logits themselves (its comparison sort ranks NaN first and -0.0 equal to
+    +0.0, as the kernels do), elsewhere of ``selection_keys`` (CUDA's radix sort ranks +0.0 above
+    -0.0), which cost the CPU path more than half of its time. The softmax is PyTorch's, in fp32
+    for half logits; with weights in the logits' own dtype it is transformers'
+    ``softmax(top, dim=1, dtype=top.dtype)`` exactly.
     """
     weights_dtype = weights_dtype or logits.dtype
-    ids = torch.sort(selection_keys(logits), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    order = logits.detach() if logits.device.type == "cpu" else selection_keys(logits)
+    ids = torch.sort(order, dim=-1, descending=True, stable=True).indices[:, :top_k]
     if scoring == "softmax_topk":
         top = logits.gather(1, ids)
         if weights_dtype == logits.dtype:

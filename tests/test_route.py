@@ -65,6 +65,24 @@ def test_ties_nan_inf_and_signed_zero():
     assert torch.isnan(weights[2]).all() and torch.isnan(weights[3]).all()  # visible, never hidden
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_cpu_sort_orders_as_the_selection_keys(dtype):
+    """route_torch sorts the logits themselves on the CPU and ``selection_keys`` elsewhere: the two
+    orders must be the same one, NaN (either sign) first, -0.0 equal to +0.0, ties by index."""
+    generator = torch.Generator().manual_seed(7)
+    specials = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf"), 3e38])
+    for M, E in ((3, 1), (17, 32), (9, 129), (4, 600)):
+        logits = torch.randn(M, E, generator=generator)
+        special = torch.rand(M, E, generator=generator) < 0.3
+        picks = specials[torch.randint(0, len(specials), (M, E), generator=generator)]
+        logits = torch.where(special, picks, logits)
+        logits = torch.where(torch.rand(M, E, generator=generator) < 0.3, logits.round(), logits).to(dtype)
+        by_keys = torch.sort(ops.selection_keys(logits), dim=-1, descending=True, stable=True).indices
+        by_values = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        assert torch.equal(by_keys, by_values)
+        assert torch.equal(ops.route_torch(logits, 1)[1][:, 0], by_keys[:, 0])
+
+
 def test_weights_and_ids_dtypes():
     logits = torch.randn(5, 16, dtype=torch.bfloat16)
     weights, ids = ops.route_logits(logits, 4, weights_dtype=torch.float32, ids_dtype=torch.int32)
