@@ -149,7 +149,8 @@ class GateLinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routing a MoE layer consumes: ``(weights [..., top_k], ids [..., top_k],
         logits [..., E])`` with ``ops.route``'s semantics (the logits are this layer's forward, bit
-        for bit). One launch on the ``"moegate"`` backend where the kernels serve the call."""
+        for bit). On the ``"moegate"`` backend one launch where the decode kernel serves the call,
+        two where the tensor-core kernel does (``ops.route``)."""
         ops.check_input(x, self.weight)
         leading = x.shape[:-1]
         weights, ids, logits = ops.route_unchecked(

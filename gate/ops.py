@@ -324,8 +324,8 @@ def lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl, backend: s
 
 
 SCORINGS = ("softmax_topk", "softmax")
-# Counters a fused routing launch may need (one per token tile: up to 64 in the decode kernel,
-# 32 in the tensor-core kernel); GateLinear keeps this many.
+# Counters a fused routing launch may need (one per token tile of the decode kernel: up to 64);
+# GateLinear keeps this many.
 ROUTE_COUNTERS = 64
 
 
@@ -455,11 +455,13 @@ def route(
     as rounded to ``out_dtype``; weights_dtype defaults to the logits' dtype.
     Returns ``(weights [M, top_k], ids [M, top_k], logits [M, E])``.
 
-    One launch where our Hopper kernels serve the router call (E <= 512, top_k <= 8): the last CTA
-    to finish each token tile routes its tokens. It finds out through ``counters`` (int32, at least
-    ``ROUTE_COUNTERS``, all zero, and left zero by every call): calls that may run at the same time
-    on one GPU need counters of their own (a GateLinear holds its own). None allocates fresh zeros
-    per call (one more small kernel). Elsewhere: router_gemm then route_logits.
+    One launch where our decode kernel serves the router call (E <= 512, top_k <= 8): the last CTA
+    to finish each token tile routes its tokens, a warp per token. It finds out through
+    ``counters`` (int32, at least ``ROUTE_COUNTERS``, all zero, and left zero by every call): calls
+    that may run at the same time on one GPU need counters of their own (a GateLinear holds its
+    own). None allocates fresh zeros per call (one more small kernel). Elsewhere: router_gemm then
+    route_logits (where the tensor-core kernel serves, launched as its programmatic dependent: its
+    tiles hold too many tokens a warp to route them in its last CTA).
     Where a gradient is needed: router_gemm (differentiable) then ``route_torch``.
     """
     check_router_inputs(x, weight, bias)

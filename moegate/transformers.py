@@ -72,8 +72,8 @@ class GateGptOssRouter(HoldsGate, GptOssTopKRouter):
     def forward(self, hidden_states: torch.Tensor):
         if not self.returns_logits:
             hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        # The gate's routing call: one launch on the GPU kernels; elsewhere transformers' softmax
-        # over the same top-k (ties to the lower expert index).
+        # The gate's routing call: our GPU kernels where they serve (one launch at decode sizes);
+        # elsewhere transformers' softmax over the same top-k (ties to the lower expert index).
         top_scores, router_indices, router_logits = self.linear.route(hidden_states, self.top_k)
         if self.returns_logits:
             return router_logits, top_scores, router_indices
