@@ -14,6 +14,8 @@ from lora.casts import cast_factor
 from lora.slots import TokenSlots, _as_int
 
 
+# The adapter arguments (lora_b, scaling, slot_ids, pdl, backend) are gate.ops.lora_expand's, in
+# its order, deliberately: one meaning per name.
 def add_lora_delta(
     logits: torch.Tensor,
     x: torch.Tensor,

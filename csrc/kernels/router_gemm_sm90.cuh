@@ -184,6 +184,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   uint4 w_frag[kBlocksPerChunk][kExpertTiles][2];
   uint4 x_frag[kBlocksPerChunk][kTokenTiles];
 
+  // Two loaders of the same shape, deliberately: the first chunk's weights are issued before the
+  // grid-dependency wait and its activations after it, each with its own load (memory_access.cuh).
   auto load_weights = [&](int chunk_begin) {
 #pragma unroll
     for (int b = 0; b < kBlocksPerChunk; ++b) {
