@@ -1,6 +1,7 @@
 // What a launch of a router kernel adds to the router GEMM: nothing, a second GEMM over the same x
-// (a LoRA layer's shrink), or the routing of the logits (routing.cuh). Shared by the decode and the
-// tensor-core kernels, whose fused forms run the plain form's code and tiles.
+// (a LoRA layer's shrink), or the routing of the logits (routing.cuh; the decode kernel only,
+// route.h says why). Shared by the decode and the tensor-core kernels, whose fused forms run the
+// plain form's code and tiles.
 #pragma once
 
 #include <cuda_bf16.h>
