@@ -9,11 +9,16 @@
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
 #   the GPU eager host time of the layers
-# Logs and results go to $OUT (or ./gpu_out). Prints a short summary last.
+#   stop: what a stop's closing run needs in about four minutes: GPU tests (no slow), the routing
+#   and LoRA stress tests, the gpt-oss rows of the benchmark (router, LoRA, routing) at M = 1-256,
+#   the GPU eager host time, memcheck and synccheck (60 s each at most)
+# Logs and results go to $OUT (or ./gpu_out), packed into $OUT/logs.tgz at the end (the device
+# returns at most 8 files). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
-out=${OUT:-gpu_out}
-mkdir -p "$out"
+final_out=${OUT:-gpu_out}
+out=$(mktemp -d)
+mkdir -p "$final_out"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 summary=()
 start=$(date +%s)
@@ -21,7 +26,9 @@ python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&
 status=$?
 build_s=$(( $(date +%s) - start ))
 summary+=("build: exit $status in ${build_s}s")
-if [ $status -ne 0 ]; then tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; fi
+if [ $status -ne 0 ]; then
+  tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; tar czf "$final_out/logs.tgz" -C "$out" .; exit 1
+fi
 python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 
 run_tests() {  # $1: pytest marker expression, $2: label
@@ -89,6 +96,20 @@ case "$mode" in
     python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
       2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
+  stop)
+    run_tests "(gpu or kernel) and not slow" gpu
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py tests/test_lora_gpu.py \
+      >"$out/pytest_slow.log" 2>&1
+    summary+=("pytest routing and LoRA stress: exit $?: $(tail -1 "$out/pytest_slow.log")")
+    timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
+      --m 1,8,16,32,64,128,256 --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    timeout 60 python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
+    summary+=("host time, cuda: see host_cuda.txt")
+    for tool in memcheck synccheck; do
+      timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
+      summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+    done
+    ;;
   profile)
     for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do
       read -r experts tokens <<<"$shape"
@@ -98,4 +119,5 @@ case "$mode" in
     ;;
 esac
 echo "== summary ($(( $(date +%s) - start ))s)"
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+tar czf "$final_out/logs.tgz" -C "$out" .
