@@ -1,0 +1,278 @@
+// Can an adapted router gate cost <= 1.3x its base gate in one launch? Issue 22's question, for the
+// decode kernel's shape at M = 1 (gpt-oss-120b: K = 2880, E = 128), before building it.
+//
+// Every variant launches E CTAs of 256 threads, one expert each, whole K per CTA, as the decode
+// kernel does at M = 1, and reads each call's weight cold (copies rotating over >= 96 MB):
+//   base         the expert's logit: one weight row and x, a dot product, a bf16 store
+//   clusters C   the same launched in clusters of C CTAs (what clustering alone costs)
+//   LoRA C, R    clusters of C that also hold a rank-R adapter for the token's slot: each CTA
+//                computes R / C of the shrink's rows (x . A_s[r], whole K), pushes them to every
+//                CTA of its cluster (16-byte st.async messages counted on each owner's mbarrier),
+//                waits for its own inbox, and adds scale * (B_s[e, :] . xa) to its logit before
+//                the one rounding. The slot's A and B rotate with the weights (cold too); B's row
+//                is loaded at the start. No CTA waits for another outside its cluster.
+// The math is the real one (fp32 sums in a fixed order), so the probe also checks its outputs
+// against a host reference; the timing is what matters. Timed like every probe (graph_timing.cuh).
+// Standalone, from the repo root:
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o /tmp/lora_cluster \
+//     benchmarks/probes/lora_cluster.cu && /tmp/lora_cluster
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "graph_timing.cuh"
+#include "kernels/cluster_exchange.cuh"
+#include "kernels/memory_access.cuh"
+
+namespace {
+
+namespace sm90 = moegate::sm90;
+
+constexpr int K = 2880;
+constexpr int E = 128;
+constexpr int kThreads = 256;
+constexpr int kChunks = K / 8;          // 16-byte chunks of a row
+constexpr int kChunksPerThread = 2;     // 512 chunks >= 360
+constexpr int kWarps = kThreads / 32;
+constexpr size_t kColdBytes = 96u << 20;
+constexpr int kMinLaunches = 200;
+constexpr float kScale = 2.f;
+
+__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
+  const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
+  const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 af = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&aw[i]));
+    const float2 bf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bw[i]));
+    acc = fmaf(af.x, bf.x, acc);
+    acc = fmaf(af.y, bf.y, acc);
+  }
+  return acc;
+}
+
+// kCluster 1: base. kRowsPerCta 0: no adapter. Otherwise the cluster's rank is
+// kCluster * kRowsPerCta, and CTA rank q computes shrink rows [q * kRowsPerCta, ...).
+template <int kCluster, int kRowsPerCta>
+__global__ void __launch_bounds__(kThreads, 1)
+    gate_kernel(const __nv_bfloat16* __restrict__ weight, const __nv_bfloat16* __restrict__ x,
+                const __nv_bfloat16* __restrict__ lora_a, const __nv_bfloat16* __restrict__ lora_b,
+                __nv_bfloat16* __restrict__ out) {
+  constexpr int kRank = kCluster * kRowsPerCta;
+  static_assert(kRank <= 64, "warp 0 holds B's row in two values a lane");
+  constexpr int kRows = 1 + kRowsPerCta;  // the expert's row, then its shrink rows
+  constexpr int kMessages = kRowsPerCta > 0 ? (kRowsPerCta + 3) / 4 : 1;  // 4 floats each
+  __shared__ float warp_sums[kWarps][kRows];
+  __shared__ __align__(16) float inbox[kCluster][4 * kMessages];  // [sender rank][its rows]
+  __shared__ __align__(8) uint64_t inbox_full;
+  const uint32_t bar = sm90::shared_address(&inbox_full);
+  if constexpr (kRowsPerCta > 0) {
+    if (threadIdx.x == 0) sm90::mbarrier_init_for_cluster(bar);
+    sm90::cluster_arrive_relaxed();
+  }
+  const int e = static_cast<int>(blockIdx.x);
+  const int q = static_cast<int>(blockIdx.x) % kCluster;
+  const int t = static_cast<int>(threadIdx.x);
+
+  float b_low = 0.f, b_high = 0.f;  // warp 0: B[e, lane] and B[e, lane + 32], loaded first
+  if constexpr (kRank > 0) {
+    const __nv_bfloat16* b_row = lora_b + static_cast<long long>(e) * kRank;
+    if (t < kRank) b_low = __bfloat162float(b_row[t]);
+    if (t < 32 && t + 32 < kRank) b_high = __bfloat162float(b_row[t + 32]);
+  }
+
+  uint4 rows[kRows][kChunksPerThread], xv[kChunksPerThread];
+#pragma unroll
+  for (int j = 0; j < kChunksPerThread; ++j) {
+    const int chunk = j * kThreads + t;
+    const bool valid = chunk < kChunks;
+    rows[0][j] = sm90::load_weight_16B(weight + static_cast<long long>(e) * K + 8 * chunk, valid);
+#pragma unroll
+    for (int r = 1; r < kRows; ++r)
+      rows[r][j] = sm90::load_weight_16B(
+          lora_a + static_cast<long long>(q * kRowsPerCta + r - 1) * K + 8 * chunk, valid);
+    xv[j] = sm90::load_activation_16B(x + 8 * chunk, valid);
+  }
+  float acc[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < kChunksPerThread; ++j) acc[r] = dot8(rows[r][j], xv[j], acc[r]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+      acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+    if (t % 32 == 0) warp_sums[t / 32][r] = acc[r];
+  }
+  __syncthreads();
+  float sums[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    sums[r] = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sums[r] += warp_sums[w][r];
+  }
+  const float logit = __bfloat162float(__float2bfloat16(sums[0]));  // the base gate's rounding
+  if constexpr (kRowsPerCta == 0) {
+    if (t == 0) out[e] = __float2bfloat16(logit);
+  } else {
+    // Thread p < kCluster pushes this CTA's shrink values to rank p, four floats a message.
+    sm90::cluster_wait_acquire();
+    if (t < kCluster) {
+#pragma unroll
+      for (int m = 0; m < kMessages; ++m) {
+        float v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = 4 * m + i < kRowsPerCta ? sums[1 + 4 * m + i] : 0.f;
+        sm90::push_to_rank(sm90::map_to_rank(sm90::shared_address(&inbox[q][4 * m]), t), v,
+                           sm90::map_to_rank(bar, t));
+      }
+    }
+    if (t == 0) sm90::mbarrier_expect_bytes(bar, kCluster * kMessages * 16);
+    sm90::mbarrier_wait_phase0(bar);
+    if (t < 32) {  // warp 0: delta = B[e, :] . xa, lane l taking ranks l and l + 32
+      auto xa = [&](int r) { return r < kRank ? inbox[r / kRowsPerCta][r % kRowsPerCta] : 0.f; };
+      float delta = fmaf(xa(t), b_low, 0.f);
+      delta = fmaf(xa(t + 32), b_high, delta);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2)
+        delta += __shfl_xor_sync(0xffffffffu, delta, offset);
+      if (t == 0) out[e] = __float2bfloat16(logit + kScale * delta);
+    }
+  }
+}
+
+struct Buffers {
+  __nv_bfloat16 *weights, *a, *b, *x, *out;
+  int copies;
+};
+
+template <int kCluster, int kRowsPerCta>
+float time_variant(const Buffers& p) {
+  auto kernel = gate_kernel<kCluster, kRowsPerCta>;
+  if (kCluster > 8)
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  return time_graph(
+      [&](int i, cudaStream_t stream) {
+        const long long c = i % p.copies;
+        launch_1d(kernel, E, kThreads, 0, stream, kCluster, false,
+                  static_cast<const __nv_bfloat16*>(p.weights + c * E * K),
+                  static_cast<const __nv_bfloat16*>(p.x),
+                  static_cast<const __nv_bfloat16*>(p.a + c * 64 * K),
+                  static_cast<const __nv_bfloat16*>(p.b + c * E * 64), p.out);
+      },
+      std::max(kMinLaunches, p.copies));
+}
+
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float round_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
+  float r;
+  std::memcpy(&r, &bits, 4);
+  return r;
+}
+
+// Runs the variant once on copy 0 and returns the largest error against a host reference, in
+// units of the output's bf16 spacing (<= 1 expected: the sums' order differs from the host's).
+template <int kCluster, int kRowsPerCta>
+float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& a,
+                    const std::vector<uint16_t>& b, const std::vector<uint16_t>& x) {
+  constexpr int kRank = kCluster * kRowsPerCta;
+  launch_1d(gate_kernel<kCluster, kRowsPerCta>, E, kThreads, 0, nullptr, kCluster, false,
+            static_cast<const __nv_bfloat16*>(p.weights), static_cast<const __nv_bfloat16*>(p.x),
+            static_cast<const __nv_bfloat16*>(p.a), static_cast<const __nv_bfloat16*>(p.b), p.out);
+  CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(E);
+  CHECK(cudaMemcpy(out.data(), p.out, 2 * E, cudaMemcpyDeviceToHost));
+  std::vector<double> xa(kRank);
+  for (int r = 0; r < kRank; ++r) {
+    double s = 0;
+    for (int k = 0; k < K; ++k) s += double(bf16_to_float(a[r * K + k])) * bf16_to_float(x[k]);
+    xa[r] = s;
+  }
+  float worst = 0.f;
+  for (int e = 0; e < E; ++e) {
+    double logit = 0;
+    for (int k = 0; k < K; ++k) logit += double(bf16_to_float(w[e * K + k])) * bf16_to_float(x[k]);
+    double delta = 0;
+    for (int r = 0; r < kRank; ++r) delta += xa[r] * bf16_to_float(b[e * kRank + r]);
+    const float expected = round_bf16(static_cast<float>(round_bf16(static_cast<float>(logit)) +
+                                                         kScale * delta));
+    const float spacing = std::ldexp(1.f, std::ilogb(std::fabs(expected) + 1e-30f) - 7);
+    worst = std::max(worst, std::fabs(bf16_to_float(out[e]) - expected) / spacing);
+  }
+  return worst;
+}
+
+__global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float amplitude) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * amplitude);
+  }
+}
+
+template <int kCluster, int kRowsPerCta>
+void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
+         const std::vector<uint16_t>& a, const std::vector<uint16_t>& b,
+         const std::vector<uint16_t>& x, float base_us) {
+  const float us = time_variant<kCluster, kRowsPerCta>(p);
+  const float error = check_variant<kCluster, kRowsPerCta>(p, w, a, b, x);
+  std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, kCluster,
+              kCluster * kRowsPerCta, us, us / base_us, error);
+}
+
+}  // namespace
+
+int main() {
+  Buffers p;
+  p.copies = static_cast<int>(kColdBytes / (2LL * E * K)) + 1;
+  CHECK(cudaMalloc(&p.weights, 2LL * p.copies * E * K));
+  CHECK(cudaMalloc(&p.a, 2LL * p.copies * 64 * K));
+  CHECK(cudaMalloc(&p.b, 2LL * p.copies * E * 64));
+  CHECK(cudaMalloc(&p.x, 2LL * K));
+  CHECK(cudaMalloc(&p.out, 2LL * E));
+  fill<<<1024, 256>>>(p.weights, 1ULL * p.copies * E * K, 1, 0.1f);
+  fill<<<1024, 256>>>(p.a, 1ULL * p.copies * 64 * K, 2, 0.1f);
+  fill<<<256, 256>>>(p.b, 1ULL * p.copies * E * 64, 3, 0.5f);
+  fill<<<16, 256>>>(p.x, K, 4, 2.f);
+  CHECK(cudaDeviceSynchronize());
+  // The host reference reads copy 0; a rank-R variant uses B as [E, R] (the first E * R values).
+  std::vector<uint16_t> w(E * K), a(64 * K), b(E * 64), x(K);
+  CHECK(cudaMemcpy(w.data(), p.weights, 2 * w.size(), cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(a.data(), p.a, 2 * a.size(), cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(b.data(), p.b, 2 * b.size(), cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(x.data(), p.x, 2 * x.size(), cudaMemcpyDeviceToHost));
+  // Graph timings step up once within a process after a few measurements (benchmarks/results/
+  // README.md): settle first, as the benchmark does.
+  for (int i = 0; i < 4; ++i) time_variant<1, 0>(p);
+  const float base = time_variant<1, 0>(p);
+  std::printf("K = %d, E = %d, M = 1, cold, us per call; error: worst |out - reference| in bf16 "
+              "spacings\n\n| variant | cluster | rank | us | x base | error |\n|---|---|---|---|---|---|\n",
+              K, E);
+  row<1, 0>("base", p, w, a, b, x, base);
+  row<8, 0>("clusters", p, w, a, b, x, base);
+  row<16, 0>("clusters", p, w, a, b, x, base);
+  row<8, 2>("LoRA", p, w, a, b, x, base);
+  row<16, 1>("LoRA", p, w, a, b, x, base);
+  row<8, 8>("LoRA", p, w, a, b, x, base);
+  row<16, 4>("LoRA", p, w, a, b, x, base);
+  return 0;
+}
