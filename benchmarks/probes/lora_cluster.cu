@@ -28,6 +28,7 @@
 
 #include "graph_timing.cuh"
 #include "kernels/cluster_exchange.cuh"
+#include "kernels/float_convert.cuh"
 #include "kernels/memory_access.cuh"
 
 namespace {
@@ -43,19 +44,6 @@ constexpr int kWarps = kThreads / 32;
 constexpr size_t kColdBytes = 96u << 20;
 constexpr int kMinLaunches = 200;
 constexpr float kScale = 2.f;
-
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
-  const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
-  const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 af = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&aw[i]));
-    const float2 bf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bw[i]));
-    acc = fmaf(af.x, bf.x, acc);
-    acc = fmaf(af.y, bf.y, acc);
-  }
-  return acc;
-}
 
 // kCluster 1: base. kRowsPerCta 0: no adapter. Otherwise the cluster's rank is
 // kCluster * kRowsPerCta, and CTA rank q computes shrink rows [q * kRowsPerCta, ...).
@@ -104,7 +92,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int r = 0; r < kRows; ++r) {
     acc[r] = 0.f;
 #pragma unroll
-    for (int j = 0; j < kChunksPerThread; ++j) acc[r] = dot8(rows[r][j], xv[j], acc[r]);
+    for (int j = 0; j < kChunksPerThread; ++j)
+      acc[r] = moegate::dot8_bf16(rows[r][j], xv[j], acc[r]);
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2)
       acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);

@@ -31,6 +31,7 @@
 
 #include <cstdint>
 
+#include "kernels/float_convert.cuh"
 #include "kernels/fused_launch.cuh"
 #include "kernels/grid_dependency.cuh"
 #include "kernels/memory_access.cuh"
@@ -55,19 +56,6 @@ constexpr int kShortRowMaxK = kShortRowThreads * kChunksPerThread * 8;
 constexpr int kWaveSms = 132;
 __host__ __device__ constexpr int long_row_ctas_per_sm(int outputs) { return outputs <= 2 ? 2 : 1; }
 constexpr int kMaxTokensPerCta = 8;  // the largest token group launch_tokens instantiates
-
-__device__ __forceinline__ float dot8(const uint4& a, const uint4& b, float acc) {
-  const uint32_t aw[4] = {a.x, a.y, a.z, a.w};
-  const uint32_t bw[4] = {b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 af = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&aw[i]));
-    const float2 bf = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bw[i]));
-    acc = fmaf(af.x, bf.x, acc);
-    acc = fmaf(af.y, bf.y, acc);
-  }
-  return acc;
-}
 
 // Sums each of the N values of `v` over the warp's 32 lanes and returns one of those sums: lane l
 // gets output l / (32 / N). Each of the first log2(N) steps pairs lanes `offset` apart; one keeps
@@ -181,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
       for (int e = 0; e < kExperts; ++e)
 #pragma unroll
         for (int m = 0; m < kTokens; ++m)
-          acc[e * kTokens + m] = dot8(w[j][e], xv[j][m], acc[e * kTokens + m]);
+          acc[e * kTokens + m] = dot8_bf16(w[j][e], xv[j][m], acc[e * kTokens + m]);
   }
 
   const int lane = t % 32;
