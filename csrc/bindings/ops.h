@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "kernels/dispatch.h"
 #include "kernels/route.h"
 
 namespace moegate::bindings {
@@ -31,6 +32,12 @@ at::Tensor router_gemm_small_m(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias,
                                std::optional<at::ScalarType> out_dtype, bool pdl,
                                int64_t experts_per_cta, int64_t tokens_per_cta);
+// router_gemm after its checks, under the caller's device guard: the logits from the path
+// `route_for` chose for `args` (whose `out` it sets), for the ops that fall back on router_gemm
+// and have already checked, guarded and dispatched.
+at::Tensor router_gemm_dispatched(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::ScalarType out_type,
+                                  RouterGemmArgs& args, Route route);
 int64_t router_gemm_route(const at::Tensor& x, const at::Tensor& weight,
                           std::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,

@@ -104,7 +104,12 @@ at::Tensor router_gemm(const at::Tensor& x, const at::Tensor& weight,
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
-  const Route route = route_for(args, is_hopper(x));
+  return router_gemm_dispatched(x, weight, bias, out_type, args, route_for(args, is_hopper(x)));
+}
+
+at::Tensor router_gemm_dispatched(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::ScalarType out_type,
+                                  RouterGemmArgs& args, Route route) {
   if (route == Route::kCublas) return router_gemm_cublas(x, weight, bias, out_type);
   at::Tensor out = allocate_out(x, weight, out_type, args);
   if (args.M == 0) return out;
@@ -160,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
                  "router_gemm_with_shrink");
     return {logits, xa};
   }
-  return {router_gemm(x, weight, bias, out_dtype, pdl),
+  return {router_gemm_dispatched(x, weight, bias, out_type, args, route),
           router_gemm(x, lora_a, std::nullopt, at::kFloat, pdl)};
 }
 

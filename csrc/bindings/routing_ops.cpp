@@ -129,7 +129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> route(
     check_launch(launch_router_gemm_small_m_route(args, o.args), "router_gemm_small_m_route");
     return {o.weights, o.ids, logits};
   }
-  at::Tensor logits = router_gemm(x, weight, bias, out_dtype, pdl);
+  at::Tensor logits = router_gemm_dispatched(x, weight, bias, out_type, args, path);
   route_logits_into(logits, o, /*pdl=*/true);
   return {o.weights, o.ids, logits};
 }
