@@ -159,9 +159,10 @@ __device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long 
 }
 
 // route_rows_sized with as few logits a lane as E allows (E <= kRouteMaxE). Not inlined: one copy
-// per logits dtype and unit serves every kernel that routes (inlined into each of the router
-// kernels' instantiations, it made their units take minutes to compile), and a call is nothing
-// next to a routing's latency.
+// per logits dtype and unit serves every kernel instantiation that routes. (This was for the
+// tensor-core kernel's routed forms, whose units took minutes to compile inlined; the call costs
+// the decode kernel's routing a stack frame, benchmarks/results/README.md, "Every kernel triggers
+// at entry".)
 template <typename Logit>
 __device__ __noinline__ void route_rows(const Logit* rows, int E, long long first_token,
                                            int first, int count, int step, const RouteArgs& r) {
