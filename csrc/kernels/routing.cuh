@@ -158,13 +158,11 @@ __device__ __forceinline__ void route_rows_sized(const Logit* rows, int E, long 
   }
 }
 
-// route_rows_sized with as few logits a lane as E allows (E <= kRouteMaxE). Not inlined: one copy
-// per logits dtype and unit serves every kernel instantiation that routes. (This was for the
-// tensor-core kernel's routed forms, whose units took minutes to compile inlined; the call costs
-// the decode kernel's routing a stack frame, benchmarks/results/README.md, "Every kernel triggers
-// at entry".)
+// route_rows_sized with as few logits a lane as E allows (E <= kRouteMaxE). Inlined: called as a
+// function it passed RouteArgs through a stack frame and cost the decode kernel's fused routing
+// 0.3-0.6 us a call (benchmarks/results/README.md, "Routing inlined").
 template <typename Logit>
-__device__ __noinline__ void route_rows(const Logit* rows, int E, long long first_token,
+__device__ __forceinline__ void route_rows(const Logit* rows, int E, long long first_token,
                                            int first, int count, int step, const RouteArgs& r) {
   if (E <= 32)
     route_rows_sized<1>(rows, E, first_token, first, count, step, r);
