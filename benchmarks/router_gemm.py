@@ -237,7 +237,8 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
 
 def bench_lora(replays, progress) -> list[Row]:
     """Issue-22 rows, gpt-oss-120b's router, cold: the base gate and GateLinearWithLoRA with 4
-    adapters in its slots and the tokens spread over them (each with pdl off, then on), the same in grad
+    adapters of the rank in its slots (max_rank = the rank, as a server sizes them) and the tokens
+    spread over them (each with pdl off, then on), the same in grad
     mode (parameters requiring grad, no inference_mode, pdl on), and the PEFT-style single-adapter
     computation F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s. Under inference_mode but the
     grad row, as a server runs."""
@@ -263,7 +264,7 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
     b = (torch.randn(adapters, shape.E, rank, generator=generator) / rank**0.5).to("cuda", torch.bfloat16)
     layers = []
     for i in range(weights.copies):
-        layer = GateLinearWithLoRA(GateLinear.from_parameters(*weights[i]), adapters, 64, slots)
+        layer = GateLinearWithLoRA(GateLinear.from_parameters(*weights[i]), adapters, rank, slots)
         for slot in range(adapters):
             layer.set_lora(slot, a[slot], b[slot], 2.0)
         layers.append(layer)
@@ -288,6 +289,17 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
             return layer(x)
         return step
 
+    def two_launches(pdl):  # the layer's path before one launch: the base gate with the shrink, the expand
+        slot_ids = slots.for_tokens(M)
+
+        def step(i):
+            layer = layers[i % len(layers)]
+            gate = layer.base_layer
+            logits, xa = ops.router_gemm_with_shrink(x, gate.weight, gate.bias,
+                                                     layer.lora_a_stacked.view(-1, shape.K), pdl=pdl)
+            return ops.lora_expand(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids, pdl=pdl)
+        return step
+
     def row(provider, fn):
         return Row(name, shape.K, shape.E, M, "bfloat16", "cold", provider,
                    per_call_us(fn, weights.calls, replays))
@@ -297,6 +309,8 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
                 row("lora base+pdl", base_gate(True)),
                 row("lora moegate", lora_layer(False)),
                 row("lora moegate+pdl", lora_layer(True)),
+                row("lora two launches", two_launches(False)),
+                row("lora two launches+pdl", two_launches(True)),
                 row("lora peft-style", peft_style)]
     for layer in layers:
         layer.base_layer.weight.requires_grad_(True)
@@ -311,7 +325,7 @@ def lora_table(rows: list[Row]) -> str:
     keys = sorted({(r.shape, r.M) for r in rows if r.provider == "lora base"},
                   key=lambda k: (int(k[0].split("r=")[1]), k[1]))
     head = ["rank", "M", "base", "LoRA", "ratio", "base pdl", "LoRA pdl", "ratio", "grad mode, pdl",
-            "+ grad", "PEFT-style"]
+            "+ grad", "two launches", "two launches pdl", "PEFT-style"]
     lines = []
     for shape, M in keys:
         get = lambda p, shape=shape, M=M: table.get((shape, M, "cold", p), float("nan"))  # noqa: E731
@@ -319,7 +333,8 @@ def lora_table(rows: list[Row]) -> str:
         lora, pdl, grad = get("lora moegate"), get("lora moegate+pdl"), get("lora moegate+pdl grad")
         lines.append([shape.split("r=")[1], str(M), f"{base:.2f}", f"{lora:.2f}", f"{lora / base:.2f}x",
                       f"{base_pdl:.2f}", f"{pdl:.2f}", f"{pdl / base_pdl:.2f}x", f"{grad:.2f}",
-                      f"{grad - pdl:+.2f}", f"{get('lora peft-style'):.2f}"])
+                      f"{grad - pdl:+.2f}", f"{get('lora two launches'):.2f}",
+                      f"{get('lora two launches+pdl'):.2f}", f"{get('lora peft-style'):.2f}"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
 
@@ -465,7 +480,8 @@ PLOT_PROVIDERS = {
     "router": ("cublas", "moegate", "moegate+pdl"),
     "routing": ("route logits", "route fused", "route transformers", "route GateGptOssRouter",
                 "route lora logits+pdl", "route lora routed+pdl"),
-    "lora": ("lora base", "lora base+pdl", "lora moegate", "lora moegate+pdl", "lora moegate+pdl grad"),
+    "lora": ("lora base", "lora base+pdl", "lora moegate", "lora moegate+pdl", "lora moegate+pdl grad",
+             "lora two launches+pdl"),
 }
 
 

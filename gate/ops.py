@@ -323,6 +323,27 @@ def lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl, backend: s
     return lora_expand_torch(logits, xa, lora_b, scaling, slot_ids)
 
 
+def router_gemm_lora_unchecked(x, weight, bias, lora_a, lora_b, scaling, slot_ids, out_dtype, pdl: bool,
+                               backend: str) -> torch.Tensor:
+    """A multi-adapter LoRA layer's logits, for a caller that has checked its inputs (see
+    ``router_gemm_unchecked``): ``lora_expand(*router_gemm_with_shrink(x, weight, bias, lora_a,
+    out_dtype), lora_b, scaling, slot_ids)``, bit for bit. lora_a: [S*R, K] (every slot's A),
+    lora_b: [S, E, R].
+
+    On our kernels (``"moegate"``) this is one op, torch.ops.moegate.router_gemm_lora: one launch
+    where the decode kernel serves the base gate and takes the adapters (bf16 slots, rank <= 64 in
+    multiples of 8, token group x rank <= 64 shrink values a cluster), under grad mode too (its
+    gradients are the two ops' bit for bit). Elsewhere, and on other backends, the two ops.
+    """
+    if backend == "moegate" and x.dtype != torch.float64:
+        return torch.ops.moegate.router_gemm_lora(
+            x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            lora_a.contiguous(), lora_b.contiguous(), scaling.float().contiguous(),
+            slot_ids.long().contiguous(), out_dtype, pdl)
+    logits, xa = router_gemm_with_shrink_unchecked(x, weight, bias, lora_a, out_dtype, pdl, backend)
+    return lora_expand_unchecked(logits, xa, lora_b, scaling, slot_ids, pdl, backend)
+
+
 SCORINGS = ("softmax_topk", "softmax")
 # Counters a fused routing launch may need (one per token tile of the decode kernel: up to 64);
 # GateLinear keeps this many.
@@ -534,6 +555,11 @@ if _C is not None:
     @torch.library.register_fake("moegate::router_gemm_with_shrink")
     def _router_gemm_with_shrink_fake(x, weight, bias, lora_a, out_dtype=None, pdl=False):
         return logits_like(x, weight, out_dtype), logits_like(x, lora_a, torch.float32)
+
+    @torch.library.register_fake("moegate::router_gemm_lora")
+    def _router_gemm_lora_fake(x, weight, bias, lora_a, lora_b, scaling, slot_ids, out_dtype=None,
+                               pdl=False):
+        return logits_like(x, weight, out_dtype)
 
     @torch.library.register_fake("moegate::lora_expand")
     def _lora_expand_fake(logits, xa, lora_b, scaling, slot_ids, pdl=False):

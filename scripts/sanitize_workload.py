@@ -4,7 +4,7 @@ Every kernel path once or twice: the Hopper kernel in each tile configuration at
 sizes, PDL on and off, bias on and off, bf16 and fp32 output; both kernels fused with a LoRA
 shrink; both kernels fused with routing (top-k + softmax) and the routing kernel alone; the
 foundation kernel on odd sizes; the LoRA expand kernel with every slot, no adapter and
-out-of-range ids.
+out-of-range ids; a LoRA layer's logits in one launch (the decode kernel in clusters).
 Exits non-zero if any result is off, so the sanitizer run checks answers as well as accesses.
 """
 
@@ -78,6 +78,23 @@ def main():
             out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl).double()
             if not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
                 sys.exit(f"wrong lora_expand result at M={M}, E={E}, S={S}, R={R}, pdl={pdl}")
+    # A LoRA layer's logits in one launch (the decode kernel in clusters; M = 8 at rank 64 takes
+    # the two launches), against those two launches.
+    for M, E, S, R in [(1, 128, 4, 16), (3, 32, 2, 32), (8, 128, 4, 16), (2, 40, 3, 64), (8, 128, 2, 64)]:
+        K = 2880
+        x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16)
+        w = (torch.randn(E, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
+        b = torch.randn(E, generator=generator).to("cuda", torch.bfloat16)
+        lora_a = (torch.randn(S * R, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
+        lora_b = torch.randn(S, E, R, generator=generator).to("cuda", torch.bfloat16)
+        scaling = torch.rand(S, generator=generator).cuda()
+        slot_ids = torch.randint(-1, S + 1, (M,), generator=generator).cuda()
+        logits, xa = ops.router_gemm_with_shrink(x, w, b, lora_a)
+        expected = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids)
+        for pdl in (False, True):
+            out = torch.ops.moegate.router_gemm_lora(x, w, b, lora_a, lora_b, scaling, slot_ids, None, pdl)
+            if not torch.equal(out, expected):
+                sys.exit(f"wrong router_gemm_lora result at M={M}, E={E}, S={S}, R={R}, pdl={pdl}")
     for M, E in [(1, 8), (7, 33), (129, 128), (5, 512)]:
         logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
         weights, ids = ops.route_logits(logits, 4, "softmax", False, pdl=True)

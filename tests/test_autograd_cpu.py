@@ -1,8 +1,9 @@
 """The bindings' autograd formulas (csrc/bindings/autograd.cpp), checked on the CPU.
 
 autograd.cpp is built here with the op schemas of registration.cpp and stand-in CPU kernels (no CUDA
-needed): router_gemm computes the logits with PyTorch ops, and router_gemm_with_shrink is the two
-router_gemm calls it stands for, counting its calls. In a subprocess, since the stand-ins register
+needed): router_gemm computes the logits with PyTorch ops, router_gemm_with_shrink is the two
+router_gemm calls it stands for, lora_expand its formula in PyTorch ops, and router_gemm_lora
+router_gemm_with_shrink then lora_expand; the fused ones count their calls. In a subprocess, since the stand-ins register
 the namespace moegate that a built gate._C registers too. Needs a C++ compiler and ninja; skipped
 without them.
 """
@@ -38,6 +39,27 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(
   return {router_gemm(x, weight, bias, out_dtype, pdl),
           router_gemm(x, lora_a, std::nullopt, at::kFloat, pdl)};
 }
+at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at::Tensor& lora_b,
+                       const at::Tensor& scaling, const at::Tensor& slot_ids, bool) {
+  const int64_t M = logits.size(0), S = lora_b.size(0), R = lora_b.size(2);
+  const at::Tensor slot = slot_ids.clamp(0, S - 1);
+  const at::Tensor xa_own = xa.view({M, S, R}).gather(1, slot.view({M, 1, 1}).expand({M, 1, R}));
+  const at::Tensor b = lora_b.to(at::kFloat).index_select(0, slot);            // [M, E, R]
+  const at::Tensor delta = at::bmm(b, xa_own.transpose(1, 2)).squeeze(2) * scaling.index_select(0, slot).unsqueeze(1);
+  const at::Tensor adapted = (logits.to(at::kFloat) + delta).to(logits.scalar_type());
+  return at::where(slot.eq(slot_ids).unsqueeze(1), adapted, logits);
+}
+int lora_calls = 0;
+at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, const at::Tensor& scaling,
+                            const at::Tensor& slot_ids, std::optional<at::ScalarType> out_dtype,
+                            bool pdl) {
+  ++lora_calls;
+  const auto [logits, xa] = router_gemm_with_shrink(x, weight, bias, lora_a, out_dtype, pdl);
+  --fused_calls;  // counted as the LoRA op's
+  return lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
+}
 }  // namespace
 
 SCHEMAS
@@ -45,10 +67,13 @@ SCHEMAS
 TORCH_LIBRARY_IMPL(moegate, CPU, m) {
   m.impl("router_gemm", &router_gemm);
   m.impl("router_gemm_with_shrink", &router_gemm_with_shrink);
+  m.impl("lora_expand", &lora_expand);
+  m.impl("router_gemm_lora", &router_gemm_lora);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("fused_calls", []() { return fused_calls; });
+  module.def("lora_calls", []() { return lora_calls; });
 }
 """
 
@@ -112,14 +137,65 @@ for needs in itertools.product((False, True), repeat=4):
                                                                     b.view(torch.uint8))), case
         cases += 1
 print("checked", cases)
+
+# router_gemm_lora against router_gemm_with_shrink then lora_expand: 3 slots of rank 4, tokens in
+# every slot, -1 and an unchecked id.
+S, R4 = 3, 4
+lora_a3 = torch.randn(S * R4, K, generator=generator).bfloat16()
+lora_b3 = torch.randn(S, E, R4, generator=generator).bfloat16()
+scaling3 = torch.rand(S, generator=generator) + 0.5
+slot_ids = torch.tensor([0, 1, 2, -1, 0, 5, 2])
+
+
+def lora_gradients(fused, needs, other_use, out_dtype, with_bias):
+    leaves = [t.clone().requires_grad_(need)
+              for t, need in zip((x, weight, bias, lora_a3, lora_b3, scaling3), needs)]
+    x_, w, b, a, lb, sc = leaves
+    b = b if with_bias else None
+    before = x_ * 3 if other_use == "before" else None
+    if fused:
+        out = ops.router_gemm_lora(x_, w, b, a, lb, sc, slot_ids, out_dtype)
+    else:
+        logits, xa = ops.router_gemm_with_shrink(x_, w, b, a, out_dtype)
+        out = ops.lora_expand(logits, xa, lb, sc, slot_ids)
+    after = x_ * 5 if other_use == "after" else None
+    roots = [(t, g) for t, g in ((out, logits_grads[out_dtype]), (before, x_grad), (after, x_grad))
+             if t is not None and t.requires_grad]
+    wanted = [leaf for leaf in leaves if leaf.requires_grad and (with_bias or leaf is not leaves[2])]
+    grads = (torch.autograd.grad([t for t, _ in roots], wanted, [g for _, g in roots])
+             if roots and wanted else ())
+    return out, grads
+
+
+lora_cases = 0
+for needs in itertools.product((False, True), repeat=6):
+    if not any(needs):
+        continue
+    for other_use, out_dtype, with_bias in itertools.product(
+            (None, "before", "after"), (None, torch.float32), (True, False)):
+        case = (needs, other_use, out_dtype, with_bias)
+        calls = stand_ins.lora_calls()
+        fused_out, fused = lora_gradients(True, needs, other_use, out_dtype, with_bias)
+        assert stand_ins.lora_calls() == calls + 1, f"grad mode did not keep the one op: {case}"
+        out, separate = lora_gradients(False, needs, other_use, out_dtype, with_bias)
+        assert fused_out.requires_grad == out.requires_grad, case
+        assert torch.equal(fused_out.detach().view(torch.uint8), out.detach().view(torch.uint8)), case
+        assert len(fused) == len(separate), case
+        for a, b in zip(fused, separate):
+            assert a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8),
+                                                      b.contiguous().view(torch.uint8)), case
+        lora_cases += 1
+print("lora checked", lora_cases)
 """
 
 
-def test_router_gemm_with_shrink_has_the_two_calls_gradients(tmp_path):
-    """Under grad mode the fused op runs once, its outputs need gradients where the two router_gemm
-    calls' did, and its gradients are theirs bit for bit: whichever inputs need one, whichever
-    outputs are used, with or without bias and a wider out_dtype, and with an x that has other uses
-    before and after (autograd sums x's gradients in the order the two calls gave)."""
+def test_fused_ops_have_the_gradients_of_the_calls_they_stand_for(tmp_path):
+    """Under grad mode each fused op runs once, and its gradients are those of the calls it stands
+    for bit for bit: router_gemm_with_shrink's outputs need gradients where the two router_gemm
+    calls' did, router_gemm_lora's are router_gemm_with_shrink then lora_expand's; whichever inputs
+    need one, whichever outputs are used, with or without bias and a wider out_dtype, and with an x
+    that has other uses before and after (autograd sums x's gradients in the order the calls
+    gave)."""
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("needs a C++ compiler")
     if shutil.which("ninja") is None:
@@ -134,3 +210,4 @@ def test_router_gemm_with_shrink_has_the_two_calls_gradients(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "checked 540" in result.stdout
+    assert "lora checked 756" in result.stdout

@@ -39,7 +39,8 @@ def made_up_rows(bench):
         for M in (1, 8):
             for provider, us in (("lora base", 2.0), ("lora base+pdl", 1.0), ("lora moegate", 4.0),
                                  ("lora moegate+pdl", 3.0), ("lora peft-style", 20.0),
-                                 ("lora moegate+pdl grad", 3.1)):
+                                 ("lora moegate+pdl grad", 3.1), ("lora two launches", 5.0),
+                                 ("lora two launches+pdl", 4.5)):
                 rows.append(Row(f"gpt-oss-120b lora r={rank}", 2880, 128, M, "bfloat16", "cold",
                                 provider, us))
     return rows
@@ -50,7 +51,7 @@ def test_lora_table_compares_each_layer_with_its_base(bench):
     lines = table.strip().splitlines()
     assert lines[0].startswith("| rank | M | base | LoRA | ratio | base pdl | LoRA pdl | ratio |")
     assert len(lines) == 2 + 4  # header, rule, two ranks x two M
-    assert "| 16 | 1 | 2.00 | 4.00 | 2.00x | 1.00 | 3.00 | 3.00x | 3.10 | +0.10 | 20.00 |" in lines
+    assert "| 16 | 1 | 2.00 | 4.00 | 2.00x | 1.00 | 3.00 | 3.00x | 3.10 | +0.10 | 5.00 | 4.50 | 20.00 |" in lines
 
 
 def test_route_table_has_a_row_per_shape_and_m(bench):

@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The extension's nvcc flags (setup.py), compiled to a cubin for sm_90a.
 NVCC_FLAGS = ["-cubin", "-O3", "--expt-relaxed-constexpr", "-std=c++17",
               "-gencode=arch=compute_90a,code=sm_90a", "-I" + os.path.join(ROOT, "csrc")]
-PDL_KERNELS = ["router_gemm_small_m.cu", "router_gemm_small_m_route.cu", "router_gemm_sm90.cu"]
+PDL_KERNELS = ["router_gemm_small_m.cu", "router_gemm_small_m_route.cu", "router_gemm_small_m_lora.cu",
+               "router_gemm_sm90.cu"]
 
 
 def _tool(name: str) -> str | None:

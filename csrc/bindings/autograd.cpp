@@ -64,6 +64,7 @@ constexpr char kRouterGemmSm90[] = "moegate::router_gemm_sm90";
 constexpr char kRouterGemmSmallM[] = "moegate::router_gemm_small_m";
 constexpr char kRouterGemmWithShrink[] = "moegate::router_gemm_with_shrink";
 constexpr char kLoraExpand[] = "moegate::lora_expand";
+constexpr char kRouterGemmLora[] = "moegate::router_gemm_lora";
 
 // kOp names the op; Options are its arguments after out_dtype (pdl, tile choices).
 template <const char* kOp, typename... Options>
@@ -105,6 +106,46 @@ class RouterGemmFunction : public torch::autograd::Function<RouterGemmFunction<k
   }
 };
 
+// The gradients of lora_expand's inputs xa, lora_b and scaling (those asked for; xa's value is
+// read only for the last two), from its output's gradient `grad`: LoraExpandFunction's formulas
+// below, shared with RouterGemmLoraFunction.
+struct LoraExpandGrads {
+  at::Tensor xa, lora_b, scaling;
+};
+LoraExpandGrads lora_expand_grads(const at::Tensor& grad, const at::Tensor& xa,
+                                  const at::Tensor& lora_b, const at::Tensor& scaling,
+                                  const at::Tensor& slot_ids, bool need_xa, bool need_b,
+                                  bool need_scaling) {
+  const int64_t M = grad.size(0), E = grad.size(1), S = lora_b.size(0), R = lora_b.size(2);
+  LoraExpandGrads result;
+  if (S == 0 || R == 0) {  // no adapter anywhere: the deltas were empty
+    if (need_xa) result.xa = at::zeros({M, S * R}, grad.options().dtype(at::kFloat));
+    if (need_b) result.lora_b = at::zeros_like(lora_b);
+    if (need_scaling) result.scaling = at::zeros_like(scaling);
+    return result;
+  }
+  const at::Tensor slot = slot_ids.clamp(0, S - 1);
+  const at::Tensor has_adapter = slot.eq(slot_ids).unsqueeze(1);
+  const at::Tensor delta_grad =
+      at::where(has_adapter, grad, at::zeros({}, grad.options())).to(at::kFloat);
+  const at::Tensor per_slot = at::zeros({S, M, E}, delta_grad.options())
+                                  .scatter_add(0, slot.view({1, M, 1}).expand({1, M, E}),
+                                               delta_grad.unsqueeze(0));
+  const at::Tensor b = lora_b.to(at::kFloat);
+  const at::Tensor scale = scaling.view({S, 1, 1});
+  if (need_xa)
+    result.xa = at::bmm(per_slot, b * scale).transpose(0, 1).reshape({M, S * R});
+  if (need_b || need_scaling) {
+    const at::Tensor xa_by_slot = xa.view({M, S, R}).transpose(0, 1).to(at::kFloat);
+    const at::Tensor scaled_b_grad = at::bmm(xa_by_slot.transpose(1, 2), per_slot).transpose(1, 2);
+    if (need_b) result.lora_b = (scaled_b_grad * scale).to(lora_b.scalar_type());
+    if (need_scaling)
+      result.scaling =
+          (scaled_b_grad * b).sum({1, 2}, /*keepdim=*/true).view({S}).to(scaling.scalar_type());
+  }
+  return result;
+}
+
 // Autograd for lora_expand: the products autograd takes through gate.ops.lora_expand_torch, in
 // the same layouts, so the two paths give the same gradients bit for bit (a GateLinearWithLoRA
 // passes gradients to x and the base gate on the GPU as on the CPU). With d = per-token delta
@@ -130,40 +171,14 @@ class LoraExpandFunction : public torch::autograd::Function<LoraExpandFunction> 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const torch::autograd::variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &xa = saved[0], &lora_b = saved[1], &scaling = saved[2], &slot_ids = saved[3];
-    const at::Tensor& grad = grads[0];
-    const int64_t M = grad.size(0), E = grad.size(1), S = lora_b.size(0), R = lora_b.size(2);
     torch::autograd::variable_list result(6);  // none for slot_ids and pdl
-    if (ctx->needs_input_grad(0)) result[0] = grad;
-    if (S == 0 || R == 0) {  // no adapter anywhere: the deltas were empty
-      if (ctx->needs_input_grad(1)) result[1] = at::zeros_like(xa);
-      if (ctx->needs_input_grad(2)) result[2] = at::zeros_like(lora_b);
-      if (ctx->needs_input_grad(3)) result[3] = at::zeros_like(scaling);
-      return result;
-    }
-    const at::Tensor slot = slot_ids.clamp(0, S - 1);
-    const at::Tensor has_adapter = slot.eq(slot_ids).unsqueeze(1);
-    const at::Tensor delta_grad =
-        at::where(has_adapter, grad, at::zeros({}, grad.options())).to(at::kFloat);
-    const at::Tensor per_slot = at::zeros({S, M, E}, delta_grad.options())
-                                    .scatter_add(0, slot.view({1, M, 1}).expand({1, M, E}),
-                                                 delta_grad.unsqueeze(0));
-    const at::Tensor b = lora_b.to(at::kFloat);
-    const at::Tensor scale = scaling.view({S, 1, 1});
-    if (ctx->needs_input_grad(1)) {
-      result[1] =
-          at::bmm(per_slot, b * scale).to(xa.scalar_type()).transpose(0, 1).reshape({M, S * R});
-    }
-    if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
-      const at::Tensor xa_by_slot = xa.view({M, S, R}).transpose(0, 1).to(at::kFloat);
-      const at::Tensor scaled_b_grad =
-          at::bmm(xa_by_slot.transpose(1, 2), per_slot).transpose(1, 2);
-      if (ctx->needs_input_grad(2)) result[2] = (scaled_b_grad * scale).to(lora_b.scalar_type());
-      if (ctx->needs_input_grad(3)) {
-        result[3] =
-            (scaled_b_grad * b).sum({1, 2}, /*keepdim=*/true).view({S}).to(scaling.scalar_type());
-      }
-    }
+    if (ctx->needs_input_grad(0)) result[0] = grads[0];
+    LoraExpandGrads g = lora_expand_grads(grads[0], saved[0], saved[1], saved[2], saved[3],
+                                          ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                          ctx->needs_input_grad(3));
+    result[1] = g.xa;
+    result[2] = g.lora_b;
+    result[3] = g.scaling;
     return result;
   }
 
@@ -257,6 +272,88 @@ class RouterGemmWithShrinkFunction
   }
 };
 
+// Autograd for router_gemm_lora, so that grad mode keeps its one launch: the formulas of the two
+// ops it stands for, (logits, xa) = router_gemm_with_shrink(x, weight, bias, lora_a) and
+// out = lora_expand(logits, xa, lora_b, scaling, slot_ids), and their gradients bit for bit. The
+// backward recomputes xa (router_gemm_with_shrink, which gives the fused launch's xa bits) where
+// lora_b or scaling needs a gradient. With g the output's gradient: the logits' gradient is g, xa's
+// is lora_expand_grads's, and then RouterGemmWithShrinkFunction's products, with x entering
+// apply() twice in the same order, so autograd adds its two gradients as it did there.
+class RouterGemmLoraFunction : public torch::autograd::Function<RouterGemmLoraFunction> {
+ public:
+  static at::Tensor call(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                         const at::Tensor& lora_b, const at::Tensor& scaling,
+                         const at::Tensor& slot_ids, std::optional<at::ScalarType> out_dtype,
+                         bool pdl) {
+    if (!torch::autograd::compute_requires_grad(x, weight, bias, lora_a, lora_b, scaling))
+      return below_autograd(x, weight, bias, lora_a, lora_b, scaling, slot_ids, out_dtype, pdl);
+    return RouterGemmLoraFunction::apply(x, lora_a, x, weight, lora_b, scaling, slot_ids, bias,
+                                         out_dtype, pdl);
+  }
+
+  // The tensor arguments in needs_input_grad's numbering: 0 x (the shrink's), 1 lora_a, 2 x (the
+  // logits'), 3 weight, 4 lora_b, 5 scaling, 6 slot_ids, 7 bias where given (last, so that its
+  // absence moves no other index).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& /*x*/,
+                            const at::Tensor& lora_a, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& lora_b, const at::Tensor& scaling,
+                            const at::Tensor& slot_ids, const std::optional<at::Tensor>& bias,
+                            std::optional<at::ScalarType> out_dtype, bool pdl) {
+    ctx->save_for_backward({x, weight, lora_a, lora_b, scaling, slot_ids});
+    ctx->saved_data["bias"] = bias.has_value();
+    ctx->saved_data["pdl"] = pdl;
+    return below_autograd(x, weight, bias, lora_a, lora_b, scaling, slot_ids, out_dtype, pdl);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &lora_a = saved[2], &lora_b = saved[3],
+                     &scaling = saved[4], &slot_ids = saved[5];
+    const at::Tensor& grad = grads[0];
+    const bool need_xa = ctx->needs_input_grad(0) || ctx->needs_input_grad(1);
+    const bool need_b = ctx->needs_input_grad(4), need_scaling = ctx->needs_input_grad(5);
+    at::Tensor xa;
+    if (need_b || need_scaling)
+      xa = std::get<1>(call_below_autograd<kRouterGemmWithShrink,
+                                           std::tuple<at::Tensor, at::Tensor>(
+                                               const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, const at::Tensor&,
+                                               std::optional<at::ScalarType>, bool)>(
+          x, weight, std::optional<at::Tensor>(), lora_a, std::optional<at::ScalarType>(),
+          ctx->saved_data["pdl"].toBool()));
+    const LoraExpandGrads expand =
+        lora_expand_grads(grad, xa, lora_b, scaling, slot_ids, need_xa, need_b, need_scaling);
+    torch::autograd::variable_list result(10);  // by argument position; none for the options
+    if (need_xa) {
+      if (ctx->needs_input_grad(0)) result[0] = grad_of_x(expand.xa, x, lora_a);
+      if (ctx->needs_input_grad(1)) result[1] = grad_of_weight(expand.xa, x, lora_a);
+    }
+    if (ctx->needs_input_grad(2)) result[2] = grad_of_x(grad, x, weight);
+    if (ctx->needs_input_grad(3)) result[3] = grad_of_weight(grad, x, weight);
+    result[4] = expand.lora_b;
+    result[5] = expand.scaling;
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(7))
+      result[7] = grad_of_bias(grad, weight);
+    return result;
+  }
+
+ private:
+  static at::Tensor below_autograd(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                                   const at::Tensor& lora_b, const at::Tensor& scaling,
+                                   const at::Tensor& slot_ids,
+                                   std::optional<at::ScalarType> out_dtype, bool pdl) {
+    return call_below_autograd<kRouterGemmLora,
+                               at::Tensor(const at::Tensor&, const at::Tensor&,
+                                          const std::optional<at::Tensor>&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          std::optional<at::ScalarType>, bool)>(
+        x, weight, bias, lora_a, lora_b, scaling, slot_ids, out_dtype, pdl);
+  }
+};
+
 }  // namespace
 }  // namespace moegate::bindings
 
@@ -270,4 +367,5 @@ TORCH_LIBRARY_IMPL(moegate, Autograd, m) {
          &RouterGemmFunction<kRouterGemmSmallM, bool, int64_t, int64_t>::call);
   m.impl("router_gemm_with_shrink", &RouterGemmWithShrinkFunction::call);
   m.impl("lora_expand", &LoraExpandFunction::call);
+  m.impl("router_gemm_lora", &RouterGemmLoraFunction::call);
 }

@@ -1,6 +1,7 @@
 // The LoRA ops (kernels/lora_expand.h): lora_expand, the multi-adapter expand that adds each
 // token's low-rank delta to its logits (xa is the fp32 shrink for every slot, from
-// router_gemm_with_shrink), and lora_expand_route, the expand and the routing of its output.
+// router_gemm_with_shrink), lora_expand_route, the expand and the routing of its output, and
+// router_gemm_lora, a LoRA layer's logits in one op (one launch where the decode kernel serves).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +14,7 @@
 #include "bindings/ops.h"
 #include "kernels/lora_expand.h"
 #include "kernels/route.h"
+#include "kernels/router_gemm.h"
 
 namespace moegate::bindings {
 namespace {
@@ -93,6 +95,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_route(
   at::Tensor out = lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
   route_logits_into(out, o, pdl);
   return {out, o.weights, o.ids};
+}
+
+at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, const at::Tensor& scaling,
+                            const at::Tensor& slot_ids, std::optional<at::ScalarType> out_dtype,
+                            bool pdl) {
+  check_inputs(x, weight, bias);
+  check_inputs(x, lora_a, std::nullopt);
+  for (const at::Tensor* t : {&lora_b, &scaling, &slot_ids}) {
+    TORCH_CHECK(t->device() == x.device(), "moegate: router_gemm_lora's tensors must all be on ",
+                x.device(), ", one is on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "moegate: router_gemm_lora's tensors must be contiguous");
+  }
+  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(1) == weight.size(0), "moegate: lora_b must be [S, ",
+              num(weight.size(0)), ", R], got ", shape(lora_b.sizes()));
+  const int64_t S = lora_b.size(0), R = lora_b.size(2);
+  TORCH_CHECK(lora_a.size(0) == S * R, "moegate: lora_a must have S * R = ", num(S * R),
+              " rows, got ", num(lora_a.size(0)));
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
+              "moegate: scaling must be float32 [", num(S), "]");
+  TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == x.size(0) &&
+                  slot_ids.scalar_type() == at::kLong,
+              "moegate: slot_ids must be int64 [", num(x.size(0)), "]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
+  RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
+  LoraAdapters lora;
+  lora.lora_a = lora_a.data_ptr();
+  lora.lora_b = lora_b.data_ptr();
+  lora.scaling = scaling.data_ptr<float>();
+  lora.slot_ids = slot_ids.data_ptr<int64_t>();
+  lora.S = static_cast<int>(S);
+  lora.rank = static_cast<int>(R);
+  if (args.M > 0 && S > 0 && R > 0 && lora_b.scalar_type() == at::kBFloat16 &&
+      route_for(args, is_hopper(x)) == Route::kSmallM &&
+      router_gemm_small_m_lora_unsupported(args, lora) == nullptr) {
+    at::Tensor out = allocate_out(x, weight, out_type, args);
+    check_launch(launch_router_gemm_small_m_lora(args, lora), "router_gemm_lora");
+    return out;
+  }
+  const auto [logits, xa] = router_gemm_with_shrink(x, weight, bias, lora_a, out_dtype, pdl);
+  return lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
 }
 
 }  // namespace moegate::bindings

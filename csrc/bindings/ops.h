@@ -83,4 +83,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_route(
     bool renormalize, std::optional<at::ScalarType> weights_dtype,
     std::optional<at::ScalarType> ids_dtype, bool pdl);
 
+// A LoRA layer's logits: lora_expand(router_gemm_with_shrink(x, weight, bias, lora_a), lora_b,
+// scaling, slot_ids) bit for bit, in one launch where the decode kernel serves the base gate and
+// takes the adapters (kernels/router_gemm.h, router_gemm_small_m_lora), else in those two.
+// lora_a [S * R, K], lora_b [S, E, R].
+at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, const at::Tensor& scaling,
+                            const at::Tensor& slot_ids, std::optional<at::ScalarType> out_dtype,
+                            bool pdl);
+
 }  // namespace moegate::bindings

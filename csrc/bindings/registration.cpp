@@ -23,6 +23,8 @@ TORCH_LIBRARY(moegate, m) {
   m.def("router_gemm_route(Tensor x, Tensor weight, ScalarType? out_dtype=None) -> int");
   m.def("router_gemm_with_shrink(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, "
         "ScalarType? out_dtype=None, bool pdl=False) -> (Tensor, Tensor)");
+  m.def("router_gemm_lora(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, "
+        "Tensor scaling, Tensor slot_ids, ScalarType? out_dtype=None, bool pdl=False) -> Tensor");
   m.def("lora_expand(Tensor logits, Tensor xa, Tensor lora_b, Tensor scaling, Tensor slot_ids, "
         "bool pdl=False) -> Tensor");
   m.def("route(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) counters, int top_k, "
@@ -46,6 +48,7 @@ TORCH_LIBRARY_IMPL(moegate, CUDA, m) {
   m.impl("router_gemm_small_m", &router_gemm_small_m);
   m.impl("router_gemm_route", &router_gemm_route);
   m.impl("router_gemm_with_shrink", &router_gemm_with_shrink);
+  m.impl("router_gemm_lora", &router_gemm_lora);
   m.impl("lora_expand", &lora_expand);
   m.impl("route", &route);
   m.impl("route_logits", &route_logits);

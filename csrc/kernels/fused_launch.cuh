@@ -1,6 +1,6 @@
 // What a launch of a router kernel adds to the router GEMM: nothing, a second GEMM over the same x
-// (a LoRA layer's shrink), or the routing of the logits (routing.cuh; the decode kernel only,
-// route.h says why). Shared by the decode and the tensor-core kernels, whose fused forms run the
+// (a LoRA layer's shrink), the routing of the logits (routing.cuh; the decode kernel only, route.h
+// says why), or a LoRA layer's whole delta (the decode kernel only, in clusters). Shared by the decode and the tensor-core kernels, whose fused forms run the
 // plain form's code and tiles.
 #pragma once
 
@@ -8,6 +8,7 @@
 
 #include "kernels/memory_access.cuh"
 #include "kernels/route.h"
+#include "kernels/router_gemm.h"
 
 namespace moegate {
 namespace sm90 {
@@ -55,10 +56,12 @@ struct ShrinkPart {
   }
 };
 
-enum class Fusion { kNone, kShrink, kRoute };
+enum class Fusion { kNone, kShrink, kRoute, kLora };
 struct FusedPart {
   ShrinkPart shrink;
   RouteArgs route;
+  LoraAdapters lora;
+  int lora_items = 0;  // Fusion::kLora: shrink values (token, rank row) per CTA of a cluster
 };
 
 }  // namespace sm90

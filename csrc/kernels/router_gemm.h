@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 namespace moegate {
 
 enum class DType { kFloat32, kFloat16, kBFloat16 };
@@ -58,6 +60,29 @@ const char* router_gemm_small_m_with_shrink_unsupported(const RouterGemmArgs& ar
                                                         const void* lora_a, int rows);
 cudaError_t launch_router_gemm_small_m_with_shrink(const RouterGemmArgs& args, const void* lora_a,
                                                    int rows, float* xa);
+
+// A LoRA layer's adapters, one slot per token: for every token m with slot s = slot_ids[m] in
+// [0, S), logit (m, e) gets scaling[s] * sum_{r < rank} xa[r] * lora_b[s, e, r], where
+// xa[r] = x[m] . lora_a[s * rank + r] (lora_expand.h has the exact arithmetic).
+struct LoraAdapters {
+  const void* lora_a = nullptr;       // [S * rank, K] bf16
+  const void* lora_b = nullptr;       // [S, E, rank] bf16
+  const float* scaling = nullptr;     // [S]
+  const int64_t* slot_ids = nullptr;  // [M]; any value outside [0, S) means "no adapter"
+  int S = 0, rank = 0;
+};
+
+// The decode kernel with a LoRA layer's whole delta in the same launch: clusters of CTAs along the
+// experts split the shrink of their token group's slots, exchange it through distributed shared
+// memory, and each CTA adds its own experts' deltas before its one store
+// (router_gemm_small_m.cuh). `out` gets the bits of the two-launch path:
+// launch_router_gemm_small_m_with_shrink, then launch_lora_expand. Null where it takes these
+// arguments: the decode kernel's needs, K <= 4096, 1 <= rank <= 64 in multiples of 8, 16-byte
+// aligned A and B, and at most kLoraItemsPerCta shrink values a CTA (token group x rank / 16).
+constexpr int kLoraItemsPerCta = 4;
+const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& args,
+                                                 const LoraAdapters& lora);
+cudaError_t launch_router_gemm_small_m_lora(const RouterGemmArgs& args, const LoraAdapters& lora);
 
 // Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.
 struct RouterGemmSm90Config {

@@ -16,11 +16,13 @@
 // Fused form (launch_router_gemm_small_m_with_shrink): a LoRA layer's shrink x A^T rides along as
 // extra CTAs of the same grid, with the same code and tiles, so the logits keep their bits and the
 // layer saves a launch. Fused routing (launch_router_gemm_small_m_route): the last CTA of each row
-// of the grid routes that row's tokens (routing.cuh).
+// of the grid routes that row's tokens (routing.cuh). Fused LoRA (launch_router_gemm_small_m_lora):
+// the grid in clusters along the experts, each adding a LoRA layer's delta to its logits
+// (lora_cluster.cuh).
 //
 // The launch chain below is templated on the launch form; router_gemm_small_m.cu instantiates the
-// plain and shrink forms, router_gemm_small_m_route.cu the routing form (one unit for all of them
-// took minutes to compile).
+// plain and shrink forms, router_gemm_small_m_route.cu the routing form, router_gemm_small_m_lora.cu
+// the LoRA form (one unit for all of them took minutes to compile).
 //
 // PDL: launch_dependents fires at entry, weight loads are issued before griddepcontrol.wait, x and
 // then the bias after it, and nothing is written before it (router_gemm_sm90.cuh explains why each
@@ -34,6 +36,7 @@
 #include "kernels/float_convert.cuh"
 #include "kernels/fused_launch.cuh"
 #include "kernels/grid_dependency.cuh"
+#include "kernels/lora_cluster.cuh"
 #include "kernels/memory_access.cuh"
 #include "kernels/route.h"
 #include "kernels/router_gemm.h"
@@ -104,6 +107,8 @@ using sm90::ShrinkPart;  // the second GEMM of a fused launch (expert blocks alo
 // c = pass + j * kThreads + t of each row (consecutive threads, consecutive chunks: coalesced).
 // Fusion::kShrink: the grid has ceil(shrink.rows / kExperts) more CTAs along x, for the ShrinkPart.
 // Fusion::kRoute: the last CTA of each row of the grid routes that row's tokens (routing.cuh).
+// Fusion::kLora: clusters of lora_cluster::kCluster CTAs along x (gridDim.x a multiple of it; CTAs
+// past E compute shrink items only), each CTA with lora_items shrink items (lora_cluster.cuh).
 template <int kThreads, int kExperts, int kTokens, typename Out, Fusion kFusion>
 __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
                                                 ? long_row_ctas_per_sm(kExperts * kTokens)
@@ -111,13 +116,20 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
                                const __nv_bfloat16* __restrict__ weight,
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
-                               int E, int K, bool pdl, ShrinkPart shrink, RouteArgs route) {
+                               int E, int K, bool pdl, ShrinkPart shrink, RouteArgs route,
+                               LoraAdapters lora, int lora_items) {
   constexpr bool kWithShrink = kFusion == Fusion::kShrink;
+  constexpr bool kWithLora = kFusion == Fusion::kLora;
   constexpr int kWarps = kThreads / 32;
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
+  static_assert(!kWithLora || kThreads == kShortRowThreads, "the shrink's 256-thread sums");
   __shared__ float warp_sums[kWarps][kOutputs];
   sm90::trigger_dependents();  // at entry (grid_dependency.cuh)
+  using LoraShared = lora_cluster::Shared<kWarps, kOutputs>;
+  __shared__ __align__(16) unsigned char lora_bytes[kWithLora ? sizeof(LoraShared) : 1];
+  auto& lora_shared = *reinterpret_cast<LoraShared*>(lora_bytes);
+  if constexpr (kWithLora) lora_cluster::start(lora_shared);
 
   int cta = blockIdx.x;
   bool shrink_cta = false;  // a shrink CTA: the same work on the other matrix
@@ -141,6 +153,10 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
   float acc[kOutputs];  // acc[e * kTokens + m]: expert e0 + e, token m0 + m
 #pragma unroll
   for (int i = 0; i < kOutputs; ++i) acc[i] = 0.f;
+  lora_cluster::Tile<kExperts, kTokens> tile;  // Fusion::kLora only, read after the wait
+  float item_acc[lora_cluster::kMaxItems];
+#pragma unroll
+  for (int u = 0; u < lora_cluster::kMaxItems; ++u) item_acc[u] = 0.f;
 
   for (int pass = 0; pass < num_chunks; pass += kThreads * kChunksPerThread) {
     uint4 w[kChunksPerThread][kExperts];
@@ -163,6 +179,18 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
                             chunk < num_chunks && m < M);
     }
     if (pass == 0) bias_bits = sm90::load_bias_bits(bias, my_e, stores);  // behind the rows
+    uint4 a[kWithLora ? kChunksPerThread : 1][lora_cluster::kMaxItems];
+    if constexpr (kWithLora) {
+      if (pass == 0) tile.read(lora, lora_items, M < kTokens ? M : kTokens, m0, e0, E, K);
+#pragma unroll
+      for (int j = 0; j < kChunksPerThread; ++j) {
+        const int chunk = pass + j * kThreads + t;
+#pragma unroll
+        for (int u = 0; u < lora_cluster::kMaxItems; ++u)
+          a[j][u] = sm90::load_weight_16B(tile.item_row[u] + 8 * chunk,
+                                          chunk < num_chunks && tile.item_row[u] != nullptr);
+      }
+    }
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j)
 #pragma unroll
@@ -170,6 +198,11 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
 #pragma unroll
         for (int m = 0; m < kTokens; ++m)
           acc[e * kTokens + m] = dot8_bf16(w[j][e], xv[j][m], acc[e * kTokens + m]);
+    if constexpr (kWithLora) {
+#pragma unroll
+      for (int j = 0; j < kChunksPerThread; ++j)
+        lora_cluster::add_items(a[j], xv[j], tile.item_token, item_acc);
+    }
   }
 
   const int lane = t % 32;
@@ -185,6 +218,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
       if (lane == 0) warp_sums[t / 32][i] = v;
     }
   }
+  if constexpr (kWithLora) lora_cluster::reduce_items(item_acc, lora_shared);
   __syncthreads();
   if (stores) {
     float sum = 0.f;
@@ -192,9 +226,16 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
     if (kWithShrink && shrink_cta)
       shrink_out[static_cast<long long>(my_m) * E + my_e] = sum + sm90::bias_value(bias_bits);
+    else if (kWithLora && lora_cluster::token_entry(tile.slot, my_m) >= 0)  // stored with its delta
+      lora_shared.base[t] = to_float(sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits)));
     else
       out[static_cast<long long>(my_m) * E + my_e] =
           sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits));
+  }
+  if constexpr (kWithLora) {
+    sm90::cta_barrier();  // lora_shared.base complete
+    lora_cluster::exchange(lora_shared, lora_items);
+    lora_cluster::expand<kWarps>(tile, lora_shared, lora_items, lora.rank, out, E, e0);
   }
   if constexpr (kFusion == Fusion::kRoute) {
     if (routing::last_of_tile(route, blockIdx.y, gridDim.x))
@@ -213,7 +254,8 @@ cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid, const FusedPart& 
       router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kFusion>, grid,
       dim3(kThreads, 1, 1), a.stream, a.pdl, static_cast<const __nv_bfloat16*>(a.x),
       static_cast<const __nv_bfloat16*>(a.weight), static_cast<const __nv_bfloat16*>(a.bias),
-      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, fused.shrink, fused.route);
+      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, fused.shrink, fused.route, fused.lora,
+      fused.lora_items);
 }
 
 // The launch of one form (kFusion; a shrink: short rows only, 256 threads, its CTAs after the
