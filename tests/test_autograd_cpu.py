@@ -3,9 +3,9 @@
 autograd.cpp is built here with the op schemas of registration.cpp and stand-in CPU kernels (no CUDA
 needed): router_gemm computes the logits with PyTorch ops, router_gemm_with_shrink is the two
 router_gemm calls it stands for, lora_expand its formula in PyTorch ops, and router_gemm_lora
-router_gemm_with_shrink then lora_expand; the fused ones count their calls. In a subprocess, since the stand-ins register
-the namespace moegate that a built gate._C registers too. Needs a C++ compiler and ninja; skipped
-without them.
+router_gemm_with_shrink then lora_expand; the fused ones count their calls. In a subprocess, since
+the stand-ins register the namespace moegate that a built gate._C registers too. Needs a C++
+compiler and ninja; skipped without them.
 """
 
 import re
@@ -45,7 +45,8 @@ at::Tensor lora_expand(const at::Tensor& logits, const at::Tensor& xa, const at:
   const at::Tensor slot = slot_ids.clamp(0, S - 1);
   const at::Tensor xa_own = xa.view({M, S, R}).gather(1, slot.view({M, 1, 1}).expand({M, 1, R}));
   const at::Tensor b = lora_b.to(at::kFloat).index_select(0, slot);            // [M, E, R]
-  const at::Tensor delta = at::bmm(b, xa_own.transpose(1, 2)).squeeze(2) * scaling.index_select(0, slot).unsqueeze(1);
+  const at::Tensor delta =
+      at::bmm(b, xa_own.transpose(1, 2)).squeeze(2) * scaling.index_select(0, slot).unsqueeze(1);
   const at::Tensor adapted = (logits.to(at::kFloat) + delta).to(logits.scalar_type());
   return at::where(slot.eq(slot_ids).unsqueeze(1), adapted, logits);
 }

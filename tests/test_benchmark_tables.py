@@ -51,7 +51,8 @@ def test_lora_table_compares_each_layer_with_its_base(bench):
     lines = table.strip().splitlines()
     assert lines[0].startswith("| rank | M | base | LoRA | ratio | base pdl | LoRA pdl | ratio |")
     assert len(lines) == 2 + 4  # header, rule, two ranks x two M
-    assert "| 16 | 1 | 2.00 | 4.00 | 2.00x | 1.00 | 3.00 | 3.00x | 3.10 | +0.10 | 5.00 | 4.50 | 20.00 |" in lines
+    assert ("| 16 | 1 | 2.00 | 4.00 | 2.00x | 1.00 | 3.00 | 3.00x | 3.10 | +0.10 | 5.00 | 4.50 | 20.00 |"
+            in lines)
 
 
 def test_route_table_has_a_row_per_shape_and_m(bench):

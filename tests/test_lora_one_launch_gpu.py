@@ -9,8 +9,8 @@ import torch
 from gpu_helpers import kernels_launched, memory_hog, realistic_activations
 from test_lora_layer import bits, random_adapter, random_gate
 
-from lora import GateLinearWithLoRA, TokenSlots
 from gate import ops
+from lora import GateLinearWithLoRA, TokenSlots
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernel]
 
@@ -70,8 +70,8 @@ def test_one_launch_has_the_two_launch_bits(K, E, M, max_rank, ranks, bias, out_
     layer = adapted_layer(K, E, M, max_rank, ranks, generator, bias, out_dtype)
     x = realistic_activations(M, K, generator)
     expected = two_launches(layer, x)
-    no_adapter = torch.tensor([s < 0 or s >= layer.max_loras for s in layer.token_slots.for_tokens(M).tolist()],
-                              device="cuda")
+    slots = layer.token_slots.for_tokens(M)
+    no_adapter = (slots < 0) | (slots >= layer.max_loras)
     base = layer.base_layer(x)
     for pdl in (False, True):
         layer.base_layer.pdl = pdl
@@ -141,7 +141,8 @@ def test_cuda_graph_replay_follows_slot_and_adapter_changes(M):
         static_x.copy_(realistic_activations(M, K, generator))
         layer.token_slots.set([(i + step) % 5 - 1 for i in range(M)])
         if step % 2 == 1:
-            layer.set_lora(step % 3, *random_adapter(8 * (1 + step % 2), K, E, torch.bfloat16, generator, "cuda"))
+            adapter = random_adapter(8 * (1 + step % 2), K, E, torch.bfloat16, generator, "cuda")
+            layer.set_lora(step % 3, *adapter)
         graph.replay()
         assert torch.equal(bits(static_out), bits(two_launches(layer, static_x))), step
 
