@@ -295,9 +295,9 @@ class GateLinearWithLoRA(nn.Module):
                 out = ops.lora_expand_one_slot_torch(out, xa, slot, scaled_b)
         else:
             buffers = self._buffers
-            out = ops.router_gemm_lora_unchecked(
-                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
-                buffers["lora_b_stacked"], buffers["scaling"], slot_ids, base.out_dtype, base.pdl, backend)
+            logits, xa = self._base_and_shrink(base, x_flat, weight, bias, backend)
+            out = ops.lora_expand_unchecked(logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
+                                            slot_ids, base.pdl, backend)
         return out if flat else out.view(*x.shape[:-1], base.num_experts)
 
     def _base_and_shrink(self, base, x_flat, weight, bias, backend):

@@ -57,6 +57,25 @@ inline cudaLaunchAttribute programmatic_dependent_launch() {
   return attribute;
 }
 
+// The configuration of a launch in clusters of `cluster` CTAs along x, as a programmatic dependent
+// of the kernel before it when `pdl`. It points at `attributes`, which must outlive the launch.
+inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, dim3 block, cudaStream_t stream,
+                                                unsigned cluster, bool pdl,
+                                                cudaLaunchAttribute (&attributes)[2]) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  attributes[0].id = cudaLaunchAttributeClusterDimension;
+  attributes[0].val.clusterDim.x = cluster;
+  attributes[0].val.clusterDim.y = 1;
+  attributes[0].val.clusterDim.z = 1;
+  attributes[1] = programmatic_dependent_launch();
+  config.attrs = attributes;
+  config.numAttrs = pdl ? 2 : 1;
+  return config;
+}
+
 // Launches `kernel` on `stream`, as a programmatic dependent of the kernel before it when `pdl`.
 template <typename... Params, typename... Args>
 cudaError_t launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block,

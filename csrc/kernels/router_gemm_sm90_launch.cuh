@@ -26,19 +26,9 @@ using sm90::ShrinkPart;
 template <Fusion kFusion, int kExpertTiles, int kTokenTiles, int kCluster, typename Out>
 cudaError_t launch_tiles(const RouterGemmArgs& a, const FusedPart& fused) {
   const RouterGemmSm90Config tiles{kExpertTiles, kTokenTiles, kCluster};
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid_for(a, tiles);
-  config.blockDim = dim3(sm90::kWarps * 32, 1, 1);
-  config.dynamicSmemBytes = 0;
-  config.stream = a.stream;
   cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = kCluster;
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1] = sm90::programmatic_dependent_launch();
-  config.attrs = attributes;
-  config.numAttrs = a.pdl ? 2 : 1;
+  cudaLaunchConfig_t config = sm90::cluster_launch_config(
+      grid_for(a, tiles), dim3(sm90::kWarps * 32, 1, 1), a.stream, kCluster, a.pdl, attributes);
   const auto* x = static_cast<const __nv_bfloat16*>(a.x);
   const auto* weight = static_cast<const __nv_bfloat16*>(a.weight);
   const auto* bias = static_cast<const __nv_bfloat16*>(a.bias);

@@ -19,27 +19,53 @@ int items_per_cta(int tokens_per_cta, int rank) {
 }
 
 template <int kExperts, int kTokens, typename Out>
+constexpr auto lora_kernel =
+    router_gemm_small_m_kernel<kShortRowThreads, kExperts, kTokens, Out, Fusion::kLora>;
+
+// Whether a cluster of this kernel fits on the device: clusters of 16 are a non-portable size
+// (allowed here), and they need 16 CTAs resident in one GPC, which Hopper parts with small GPCs do
+// not give the kernels of one CTA an SM. Asked once per kernel (a thread-safe static: one kind of
+// GPU per process).
+template <int kExperts, int kTokens, typename Out>
+bool clusters_fit() {
+  static const bool fit = [] {
+    const auto kernel = lora_kernel<kExperts, kTokens, Out>;
+    cudaLaunchAttribute attributes[2];
+    const cudaLaunchConfig_t config = sm90::cluster_launch_config(
+        dim3(kCluster, 1, 1), dim3(kShortRowThreads, 1, 1), nullptr, kCluster, false, attributes);
+    int clusters = 0;
+    const bool ok =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
+            cudaSuccess &&
+        cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+    if (!ok) cudaGetLastError();  // a refusal is an answer here, not an error for the next launch
+    return ok;
+  }();
+  return fit;
+}
+
+template <typename Out>
+bool clusters_fit_for(int experts_per_cta, int tokens_per_cta) {
+  switch (experts_per_cta * 8 + tokens_per_cta) {  // the instantiated (experts, tokens) tiles
+    case 9: return clusters_fit<1, 1, Out>();
+    case 10: return clusters_fit<1, 2, Out>();
+    case 12: return clusters_fit<1, 4, Out>();
+    case 17: return clusters_fit<2, 1, Out>();
+    case 18: return clusters_fit<2, 2, Out>();
+    case 20: return clusters_fit<2, 4, Out>();
+  }
+  return false;
+}
+
+template <int kExperts, int kTokens, typename Out>
 cudaError_t launch_lora_tiles(const RouterGemmArgs& a, const FusedPart& fused) {
-  auto kernel = router_gemm_small_m_kernel<kShortRowThreads, kExperts, kTokens, Out, Fusion::kLora>;
-  // Clusters of 16 are a non-portable size: each kernel allows them once (thread-safe static).
-  static const cudaError_t allowed =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  if (allowed != cudaSuccess) return allowed;
   dim3 grid = grid_for<kExperts, kTokens>(a);
   grid.x = sm90::ceil_div(static_cast<int>(grid.x), kCluster) * kCluster;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kShortRowThreads, 1, 1);
-  config.stream = a.stream;
   cudaLaunchAttribute attributes[2];
-  attributes[0].id = cudaLaunchAttributeClusterDimension;
-  attributes[0].val.clusterDim.x = kCluster;
-  attributes[0].val.clusterDim.y = 1;
-  attributes[0].val.clusterDim.z = 1;
-  attributes[1] = sm90::programmatic_dependent_launch();
-  config.attrs = attributes;
-  config.numAttrs = a.pdl ? 2 : 1;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(a.x),
+  const cudaLaunchConfig_t config = sm90::cluster_launch_config(
+      grid, dim3(kShortRowThreads, 1, 1), a.stream, kCluster, a.pdl, attributes);
+  return cudaLaunchKernelEx(&config, lora_kernel<kExperts, kTokens, Out>,
+                            static_cast<const __nv_bfloat16*>(a.x),
                             static_cast<const __nv_bfloat16*>(a.weight),
                             static_cast<const __nv_bfloat16*>(a.bias), static_cast<Out*>(a.out),
                             a.M, a.E, a.K, a.pdl, fused.shrink, fused.route, fused.lora,
@@ -81,6 +107,10 @@ const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& a, const 
   if (tokens_per_cta > 4) return "token groups of 8 are not instantiated";
   if (items_per_cta(tokens_per_cta, lora.rank) == 0)
     return "token group x rank exceeds the shrink items a cluster takes";
+  const bool fit = a.out_dtype == DType::kFloat32
+                       ? clusters_fit_for<float>(experts_per_cta, tokens_per_cta)
+                       : clusters_fit_for<__nv_bfloat16>(experts_per_cta, tokens_per_cta);
+  if (!fit) return "a cluster of 16 of these CTAs does not fit on this GPU";
   return nullptr;
 }
 
