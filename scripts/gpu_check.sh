@@ -98,8 +98,8 @@ case "$mode" in
     ;;
   stop)
     run_tests "(gpu or kernel) and not slow" gpu
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py tests/test_lora_gpu.py \
-      >"$out/pytest_slow.log" 2>&1
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py tests/test_lora_gpu.py \
+      tests/test_lora_one_launch_gpu.py >"$out/pytest_slow.log" 2>&1
     summary+=("pytest routing and LoRA stress: exit $?: $(tail -1 "$out/pytest_slow.log")")
     timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,8,16,32,64,128,256 --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"

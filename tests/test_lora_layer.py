@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gate import GateLinear
+from gate import GateLinear, ops
 from lora import GateLinearWithLoRA, TokenSlots
 
 _SAME_SIZE_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -387,3 +387,21 @@ def test_set_lora_casts_float32_factors_and_refuses_what_the_cast_loses():
     with pytest.raises(ValueError, match="lora_b underflows torch.float16: every non-zero value"):
         layer.set_lora(1, lora_a, lora_b * 1e-12, 1.0)
     assert layer.slot_ranks == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_gemm_lora_off_the_kernels_is_the_layers_two_ops(dtype):
+    """gate.ops.router_gemm_lora_unchecked (one op on our kernels) on the PyTorch backend: the
+    layer's logits bit for bit, slot -1 and unchecked ids included."""
+    generator = torch.Generator().manual_seed(5)
+    K, E, M = 360, 32, 9
+    layer = GateLinearWithLoRA(random_gate(K, E, dtype, generator), 4, 16, TokenSlots(M))
+    for slot, rank in ((0, 16), (1, 5), (3, 9)):
+        layer.set_lora(slot, *random_adapter(rank, K, E, dtype, generator))
+    layer.token_slots.set(torch.tensor([0, 1, -1, 3, 2, 0, 7, 1, 3]), validate=False)
+    x = torch.randn(M, K, generator=generator).to(dtype)
+    base = layer.base_layer
+    out = ops.router_gemm_lora_unchecked(
+        x, base.weight, base.bias, layer.lora_a_stacked.view(-1, K), layer.lora_b_stacked,
+        layer.scaling, layer.token_slots.for_tokens(M), None, False, "torch")
+    assert torch.equal(bits(out), bits(layer(x)))
