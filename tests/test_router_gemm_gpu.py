@@ -145,6 +145,9 @@ BAD_OP_CALLS = {
     "xa must be [2, 8], got [2, 5]": "op.lora_expand(bf16(2, 8), torch.zeros(2, 5, device='cuda'), "
                                      "bf16(2, 8, 4), torch.ones(2, device='cuda'), "
                                      "torch.zeros(2, dtype=torch.long, device='cuda'))",
+    "lora_a must have S * R = 8 rows, got 5": "op.router_gemm_lora(bf16(2, 64), bf16(32, 64), None, "
+                                              "bf16(5, 64), bf16(2, 32, 4), torch.ones(2, device='cuda'), "
+                                              "torch.zeros(2, dtype=torch.long, device='cuda'), None, False)",
 }
 
 

@@ -19,27 +19,39 @@
 namespace moegate::bindings {
 namespace {
 
+// The adapters' checks shared by the LoRA ops, for M tokens and E experts on `device`: lora_b
+// [S, E, R], scaling [S] float32, slot_ids [M] int64, each contiguous and on `device`.
+void check_adapters(const char* op, const at::Device& device, int64_t M, int64_t E,
+                    const at::Tensor& lora_b, const at::Tensor& scaling, const at::Tensor& slot_ids) {
+  for (const at::Tensor* t : {&lora_b, &scaling, &slot_ids}) {
+    TORCH_CHECK(t->device() == device, "moegate: ", op, "'s tensors must all be on ", device,
+                ", one is on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "moegate: ", op, "'s tensors must be contiguous");
+  }
+  TORCH_CHECK(lora_b.dim() == 3, "moegate: lora_b must be [S, E, R], got ", shape(lora_b.sizes()));
+  TORCH_CHECK(lora_b.size(1) == E, "moegate: lora_b has E=", num(lora_b.size(1)), " but the logits have E=",
+              num(E));
+  const int64_t S = lora_b.size(0);
+  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
+              "moegate: scaling must be float32 [", num(S), "]");
+  TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == M && slot_ids.scalar_type() == at::kLong,
+              "moegate: slot_ids must be int64 [", num(M), "]");
+}
+
 // lora_expand's checks; fills every field of the kernel arguments but `out`.
 LoraExpandArgs lora_expand_args(const at::Tensor& logits, const at::Tensor& xa,
                                 const at::Tensor& lora_b, const at::Tensor& scaling,
                                 const at::Tensor& slot_ids, bool pdl) {
   TORCH_CHECK(logits.is_cuda(), "moegate: logits must be a CUDA tensor, got device ", logits.device());
-  for (const at::Tensor* t : {&xa, &lora_b, &scaling, &slot_ids}) {
-    TORCH_CHECK(t->device() == logits.device(), "moegate: lora_expand's tensors must all be on ",
-                logits.device(), ", one is on ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "moegate: lora_expand's tensors must be contiguous");
-  }
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "moegate: logits must be a contiguous [M, E]");
-  TORCH_CHECK(lora_b.dim() == 3, "moegate: lora_b must be [S, E, R], got ", shape(lora_b.sizes()));
-  const int64_t M = logits.size(0), E = logits.size(1), S = lora_b.size(0), R = lora_b.size(2);
-  TORCH_CHECK(lora_b.size(1) == E, "moegate: lora_b has E=", num(lora_b.size(1)), " but logits have E=", num(E));
+  TORCH_CHECK(xa.device() == logits.device() && xa.is_contiguous(),
+              "moegate: xa must be contiguous on ", logits.device());
+  const int64_t M = logits.size(0), E = logits.size(1);
+  check_adapters("lora_expand", logits.device(), M, E, lora_b, scaling, slot_ids);
+  const int64_t S = lora_b.size(0), R = lora_b.size(2);
   TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M && xa.size(1) == S * R, "moegate: xa must be [", num(M),
               ", ", num(S * R), "], got ", shape(xa.sizes()));
   TORCH_CHECK(xa.scalar_type() == at::kFloat, "moegate: xa must be float32, got ", xa.scalar_type());
-  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
-              "moegate: scaling must be float32 [", num(S), "]");
-  TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == M && slot_ids.scalar_type() == at::kLong,
-              "moegate: slot_ids must be int64 [", num(M), "]");
   TORCH_CHECK(M <= INT32_MAX && E * std::max<int64_t>(R, 1) * std::max<int64_t>(S, 1) <= INT32_MAX,
               "moegate: lora_expand sizes must fit in int32");
   LoraExpandArgs args;
@@ -104,21 +116,11 @@ at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
                             bool pdl) {
   check_inputs(x, weight, bias);
   check_inputs(x, lora_a, std::nullopt);
-  for (const at::Tensor* t : {&lora_b, &scaling, &slot_ids}) {
-    TORCH_CHECK(t->device() == x.device(), "moegate: router_gemm_lora's tensors must all be on ",
-                x.device(), ", one is on ", t->device());
-    TORCH_CHECK(t->is_contiguous(), "moegate: router_gemm_lora's tensors must be contiguous");
-  }
-  TORCH_CHECK(lora_b.dim() == 3 && lora_b.size(1) == weight.size(0), "moegate: lora_b must be [S, ",
-              num(weight.size(0)), ", R], got ", shape(lora_b.sizes()));
+  check_adapters("router_gemm_lora", x.device(), x.size(0), weight.size(0), lora_b, scaling,
+                 slot_ids);
   const int64_t S = lora_b.size(0), R = lora_b.size(2);
   TORCH_CHECK(lora_a.size(0) == S * R, "moegate: lora_a must have S * R = ", num(S * R),
               " rows, got ", num(lora_a.size(0)));
-  TORCH_CHECK(scaling.dim() == 1 && scaling.size(0) == S && scaling.scalar_type() == at::kFloat,
-              "moegate: scaling must be float32 [", num(S), "]");
-  TORCH_CHECK(slot_ids.dim() == 1 && slot_ids.size(0) == x.size(0) &&
-                  slot_ids.scalar_type() == at::kLong,
-              "moegate: slot_ids must be int64 [", num(x.size(0)), "]");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
@@ -129,14 +131,15 @@ at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
   lora.slot_ids = slot_ids.data_ptr<int64_t>();
   lora.S = static_cast<int>(S);
   lora.rank = static_cast<int>(R);
-  if (args.M > 0 && S > 0 && R > 0 && lora_b.scalar_type() == at::kBFloat16 &&
-      route_for(args, is_hopper(x)) == Route::kSmallM &&
+  const Route route = args.M > 0 ? route_for(args, is_hopper(x)) : Route::kSimple;
+  if (route == Route::kSmallM && S > 0 && R > 0 && lora_b.scalar_type() == at::kBFloat16 &&
       router_gemm_small_m_lora_unsupported(args, lora) == nullptr) {
     at::Tensor out = allocate_out(x, weight, out_type, args);
     check_launch(launch_router_gemm_small_m_lora(args, lora), "router_gemm_lora");
     return out;
   }
-  const auto [logits, xa] = router_gemm_with_shrink(x, weight, bias, lora_a, out_dtype, pdl);
+  const auto [logits, xa] =
+      router_gemm_with_shrink_dispatched(x, weight, bias, lora_a, out_type, args, route);
   return lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
 }
 

@@ -47,6 +47,12 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
                                                            std::optional<at::ScalarType> out_dtype,
                                                            bool pdl);
 
+// router_gemm_with_shrink after its checks, under the caller's device guard, with the path
+// `route_for` chose for the base call (`args`, whose `out` it sets).
+std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink_dispatched(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, at::ScalarType out_type, RouterGemmArgs& args, Route route);
+
 // -- routing_ops.cpp: top-k and softmax of logits, alone or fused into the router ----------------
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> route(

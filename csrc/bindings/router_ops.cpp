@@ -149,9 +149,15 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType out_type = out_dtype.value_or(x.scalar_type());
   RouterGemmArgs args = make_args(x, weight, bias, out_type, pdl);
+  const Route route = args.M > 0 ? route_for(args, is_hopper(x)) : Route::kSimple;
+  return router_gemm_with_shrink_dispatched(x, weight, bias, lora_a, out_type, args, route);
+}
+
+std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink_dispatched(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a, at::ScalarType out_type, RouterGemmArgs& args, Route route) {
   const int rows = static_cast<int>(lora_a.size(0));
   const void* a = lora_a.data_ptr();
-  const Route route = args.M > 0 ? route_for(args, is_hopper(x)) : Route::kSimple;
   const bool small_m = route == Route::kSmallM &&
                        router_gemm_small_m_with_shrink_unsupported(args, a, rows) == nullptr;
   const bool sm90 =
@@ -166,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> router_gemm_with_shrink(const at::Tensor& x,
     return {logits, xa};
   }
   return {router_gemm_dispatched(x, weight, bias, out_type, args, route),
-          router_gemm(x, lora_a, std::nullopt, at::kFloat, pdl)};
+          router_gemm(x, lora_a, std::nullopt, at::kFloat, args.pdl)};
 }
 
 }  // namespace moegate::bindings

@@ -83,6 +83,7 @@ struct LoraAdapters {
 constexpr int kLoraItemsPerCta = 4;
 const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& args,
                                                  const LoraAdapters& lora);
+// Callers check router_gemm_small_m_lora_unsupported() first.
 cudaError_t launch_router_gemm_small_m_lora(const RouterGemmArgs& args, const LoraAdapters& lora);
 
 // Tile configuration of the Hopper kernel; zero fields are chosen by a heuristic on M, E, K.

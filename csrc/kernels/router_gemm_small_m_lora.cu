@@ -1,6 +1,8 @@
 // The decode-size router GEMM with a LoRA layer's whole delta in the same launch (router_gemm.h,
 // lora_cluster.cuh): the plain call's tiles, so tokens without an adapter keep its bits, in
 // clusters of lora_cluster::kCluster CTAs along the experts.
+#include <type_traits>
+
 #include "kernels/router_gemm.h"
 #include "kernels/router_gemm_small_m.cuh"
 
@@ -44,17 +46,30 @@ bool clusters_fit() {
   return fit;
 }
 
-template <typename Out>
-bool clusters_fit_for(int experts_per_cta, int tokens_per_cta) {
-  switch (experts_per_cta * 8 + tokens_per_cta) {  // the instantiated (experts, tokens) tiles
-    case 9: return clusters_fit<1, 1, Out>();
-    case 10: return clusters_fit<1, 2, Out>();
-    case 12: return clusters_fit<1, 4, Out>();
-    case 17: return clusters_fit<2, 1, Out>();
-    case 18: return clusters_fit<2, 2, Out>();
-    case 20: return clusters_fit<2, 4, Out>();
+template <int kValue>
+using Int = std::integral_constant<int, kValue>;
+
+// Calls f(Int<experts>, Int<tokens>, Out{}) for the instantiated tiles and output dtype: the one
+// place that maps run-time tiles to kernels (the fit check and the launch both go through it).
+template <typename R, typename F>
+R with_lora_kernel(int experts_per_cta, int tokens_per_cta, DType out_dtype, R otherwise, F f) {
+  auto by_out = [&](auto experts, auto tokens) -> R {
+    if (out_dtype == DType::kFloat32) return f(experts, tokens, float{});
+    return f(experts, tokens, __nv_bfloat16{});
+  };
+  auto by_tokens = [&](auto experts) -> R {
+    switch (tokens_per_cta) {
+      case 1: return by_out(experts, Int<1>{});
+      case 2: return by_out(experts, Int<2>{});
+      case 4: return by_out(experts, Int<4>{});
+    }
+    return otherwise;
+  };
+  switch (experts_per_cta) {
+    case 1: return by_tokens(Int<1>{});
+    case 2: return by_tokens(Int<2>{});
   }
-  return false;
+  return otherwise;
 }
 
 template <int kExperts, int kTokens, typename Out>
@@ -72,26 +87,6 @@ cudaError_t launch_lora_tiles(const RouterGemmArgs& a, const FusedPart& fused) {
                             fused.lora_items);
 }
 
-template <int kExperts, typename Out>
-cudaError_t launch_lora_tokens(const RouterGemmArgs& a, int tokens_per_cta, const FusedPart& fused) {
-  switch (tokens_per_cta) {
-    case 1: return launch_lora_tiles<kExperts, 1, Out>(a, fused);
-    case 2: return launch_lora_tiles<kExperts, 2, Out>(a, fused);
-    case 4: return launch_lora_tiles<kExperts, 4, Out>(a, fused);
-  }
-  return cudaErrorInvalidValue;
-}
-
-template <typename Out>
-cudaError_t launch_lora_out(const RouterGemmArgs& a, int experts_per_cta, int tokens_per_cta,
-                            const FusedPart& fused) {
-  switch (experts_per_cta) {
-    case 1: return launch_lora_tokens<1, Out>(a, tokens_per_cta, fused);
-    case 2: return launch_lora_tokens<2, Out>(a, tokens_per_cta, fused);
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& a, const LoraAdapters& lora) {
@@ -107,23 +102,26 @@ const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& a, const 
   if (tokens_per_cta > 4) return "token groups of 8 are not instantiated";
   if (items_per_cta(tokens_per_cta, lora.rank) == 0)
     return "token group x rank exceeds the shrink items a cluster takes";
-  const bool fit = a.out_dtype == DType::kFloat32
-                       ? clusters_fit_for<float>(experts_per_cta, tokens_per_cta)
-                       : clusters_fit_for<__nv_bfloat16>(experts_per_cta, tokens_per_cta);
+  const bool fit = with_lora_kernel(experts_per_cta, tokens_per_cta, a.out_dtype, false,
+                                    [](auto experts, auto tokens, auto out) {
+                                      return clusters_fit<decltype(experts)::value,
+                                                          decltype(tokens)::value, decltype(out)>();
+                                    });
   if (!fit) return "a cluster of 16 of these CTAs does not fit on this GPU";
   return nullptr;
 }
 
 cudaError_t launch_router_gemm_small_m_lora(const RouterGemmArgs& a, const LoraAdapters& lora) {
-  if (router_gemm_small_m_lora_unsupported(a, lora) != nullptr) return cudaErrorInvalidValue;
   int experts_per_cta = 0, tokens_per_cta = 0;
   resolve_tiles(a, experts_per_cta, tokens_per_cta);
   FusedPart fused;
   fused.lora = lora;
   fused.lora_items = items_per_cta(tokens_per_cta, lora.rank);
-  if (a.out_dtype == DType::kFloat32)
-    return launch_lora_out<float>(a, experts_per_cta, tokens_per_cta, fused);
-  return launch_lora_out<__nv_bfloat16>(a, experts_per_cta, tokens_per_cta, fused);
+  return with_lora_kernel(experts_per_cta, tokens_per_cta, a.out_dtype, cudaErrorInvalidValue,
+                          [&](auto experts, auto tokens, auto out) {
+                            return launch_lora_tiles<decltype(experts)::value,
+                                                     decltype(tokens)::value, decltype(out)>(a, fused);
+                          });
 }
 
 }  // namespace moegate
