@@ -21,28 +21,36 @@ out=$(mktemp -d)
 mkdir -p "$final_out"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
 summary=()
+# Keeps the summary and the packed logs current after every step: a call cut off at the device's
+# time limit still returns what ran.
+record() {
+  summary+=("$1")
+  printf '%s\n' "${summary[@]}" >"$out/summary.txt"
+  tar czf "$final_out/logs.tgz" -C "$out" .
+}
 start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
 status=$?
 build_s=$(( $(date +%s) - start ))
-summary+=("build: exit $status in ${build_s}s")
+record "build: exit $status in ${build_s}s"
 if [ $status -ne 0 ]; then
-  tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; tar czf "$final_out/logs.tgz" -C "$out" .; exit 1
+  tail -40 "$out/build.log"; exit 1
 fi
 python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 
 run_tests() {  # $1: pytest marker expression, $2: label, then pytest's extra arguments
-  python3 -m pytest -q -p no:cacheprovider -m "$1" tests --durations=8 --continue-on-collection-errors \
+  timeout "${tests_timeout:-0}" python3 -m pytest -q -p no:cacheprovider -m "$1" tests --durations=8 \
+    --continue-on-collection-errors \
     "${@:3}" >"$out/pytest_$2.log" 2>&1
   local rc=$?
-  summary+=("pytest [$1]: exit $rc: $(tail -1 "$out/pytest_$2.log")")
+  record "pytest [$1]: exit $rc: $(tail -1 "$out/pytest_$2.log")"
   [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$out/pytest_$2.log" | head -20
 }
 
 sanitize() {  # compute-sanitizer's memcheck, racecheck and synccheck on a representative workload
   for tool in memcheck racecheck synccheck; do
     compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-    summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+    record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
   done
 }
 
@@ -69,9 +77,9 @@ case "$mode" in
   final)  # all GPU tests, synccheck, the main demo on the GPU (the benchmark is its own call: `bench`)
     run_tests "gpu or kernel" gpu_all
     compute-sanitizer --tool synccheck --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_synccheck.log" 2>&1
-    summary+=("compute-sanitizer synccheck: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_synccheck.log" | tail -1))")
+    record "compute-sanitizer synccheck: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_synccheck.log" | tail -1))"
     python3 examples/serve_router_adapters.py --device cuda >"$out/demo.log" 2>&1
-    summary+=("demo on cuda: exit $?")
+    record "demo on cuda: exit $?"
     tail -30 "$out/demo.log"
     ;;
   full)
@@ -87,13 +95,13 @@ case "$mode" in
   route-final)
     run_tests "(gpu or kernel) and not slow" gpu
     python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py >"$out/pytest_route_slow.log" 2>&1
-    summary+=("pytest routing stress: exit $?: $(tail -1 "$out/pytest_route_slow.log")")
+    record "pytest routing stress: exit $?: $(tail -1 "$out/pytest_route_slow.log")"
     for tool in memcheck racecheck synccheck; do
       timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-      summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+      record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
     done
     python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
-    summary+=("host time, cuda: $(tail -3 "$out/host_cuda.txt" | tr '\n' ' ')")
+    record "host time, cuda: $(tail -3 "$out/host_cuda.txt" | tr '\n' ' ')"
     python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
       2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
@@ -102,25 +110,25 @@ case "$mode" in
     # must not take the device time of the whole check.
     timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
       >"$out/pytest_lora_one_launch.log" 2>&1
-    summary+=("pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")")
-    run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py
+    record "pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")"
+    tests_timeout=300 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py tests/test_lora_gpu.py \
       tests/test_lora_one_launch_gpu.py >"$out/pytest_slow.log" 2>&1
-    summary+=("pytest routing and LoRA stress: exit $?: $(tail -1 "$out/pytest_slow.log")")
+    record "pytest routing and LoRA stress: exit $?: $(tail -1 "$out/pytest_slow.log")"
     timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,8,16,32,64,128,256 --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     timeout 60 python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
-    summary+=("host time, cuda: see host_cuda.txt")
+    record "host time, cuda: see host_cuda.txt"
     for tool in memcheck synccheck; do
       timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-      summary+=("compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))")
+      record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
     done
     ;;
   profile)
     for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do
       read -r experts tokens <<<"$shape"
       python3 benchmarks/probes/ncu_router.py --e "$experts" --m "$tokens" --out "$out/ncu" 2>&1 | tee -a "$out/ncu.txt"
-      summary+=("ncu E=$experts M=$tokens: exit ${PIPESTATUS[0]}")
+      record "ncu E=$experts M=$tokens: exit ${PIPESTATUS[0]}"
     done
     ;;
 esac
