@@ -53,28 +53,30 @@ def poisoned_call(fn, like_bytes):
     return fn()
 
 
-# (K, E, M, max_rank, ranks, bias, out_dtype): gpt-oss shapes at decode sizes, odd E and M, the
-# slots' rank (max_rank) at its bounds (8 and 64) and adapters of smaller ranks, fp32 logits, no
-# bias, a grid padded to whole clusters (E = 8, 40, 129).
+# (K, E, M, max_rank, ranks, bias, out_dtype, launches): gpt-oss shapes at decode sizes, odd E and
+# M, the slots' rank (max_rank) at its bounds (8 and 64) and adapters of smaller ranks, fp32 logits,
+# no bias, a grid padded to whole clusters (E = 8, 40, 129). launches: the op's kernels. (1, 2): the
+# tiles hold one CTA an SM (2 x 2 and 2 x 4: 185 and 229 registers) and the grid 8 clusters of 16,
+# which one launch takes only where the GPU holds all 8 at once (an H100 did not); else the two.
 CASES = [
-    (2880, 128, 1, 16, (16, 8, 3), True, None),
-    (2880, 128, 1, 64, (16, 16, 1), True, None),
-    (2880, 128, 1, 64, (64, 40), True, None),
-    (2880, 128, 2, 16, (16, 16), True, None),
-    (2880, 128, 3, 32, (16, 5), True, torch.float32),
-    (2880, 128, 4, 16, (16, 16, 16), False, None),
-    (2880, 128, 8, 16, (16, 12, 16, 9), True, None),
-    (2880, 32, 1, 64, (64,), True, None),
-    (2880, 32, 5, 32, (32, 7), True, torch.float32),
-    (2880, 32, 16, 16, (16, 16, 16, 16), True, None),
-    (360, 40, 3, 8, (8, 1), True, None),
-    (64, 8, 5, 24, (24, 17), False, None),
-    (4096, 129, 2, 16, (16,), True, torch.float32),
+    (2880, 128, 1, 16, (16, 8, 3), True, None, (1,)),
+    (2880, 128, 1, 64, (16, 16, 1), True, None, (1,)),
+    (2880, 128, 1, 64, (64, 40), True, None, (1,)),
+    (2880, 128, 2, 16, (16, 16), True, None, (1,)),
+    (2880, 128, 3, 32, (16, 5), True, torch.float32, (1,)),
+    (2880, 128, 4, 16, (16, 16, 16), False, None, (1,)),
+    (2880, 128, 8, 16, (16, 12, 16, 9), True, None, (1, 2)),
+    (2880, 32, 1, 64, (64,), True, None, (1,)),
+    (2880, 32, 5, 32, (32, 7), True, torch.float32, (1,)),
+    (2880, 32, 16, 16, (16, 16, 16, 16), True, None, (1, 2)),
+    (360, 40, 3, 8, (8, 1), True, None, (1,)),
+    (64, 8, 5, 24, (24, 17), False, None, (1,)),
+    (4096, 129, 2, 16, (16,), True, torch.float32, (1,)),
 ]
 
 
-@pytest.mark.parametrize("K, E, M, max_rank, ranks, bias, out_dtype", CASES)
-def test_one_launch_has_the_two_launch_bits(K, E, M, max_rank, ranks, bias, out_dtype):
+@pytest.mark.parametrize("K, E, M, max_rank, ranks, bias, out_dtype, launches", CASES)
+def test_one_launch_has_the_two_launch_bits(K, E, M, max_rank, ranks, bias, out_dtype, launches):
     generator = torch.Generator().manual_seed(K + 7 * E + 31 * M + max_rank)
     layer = adapted_layer(K, E, M, max_rank, ranks, generator, bias, out_dtype)
     x = realistic_activations(M, K, generator)
@@ -88,7 +90,7 @@ def test_one_launch_has_the_two_launch_bits(K, E, M, max_rank, ranks, bias, out_
             out = poisoned_call(lambda: one_op(layer, x), M * E * 4)
             assert torch.equal(bits(out), bits(expected)), pdl
         assert torch.equal(bits(out[no_adapter]), bits(base_out[no_adapter]))
-    assert len(kernels_launched(lambda: one_op(layer, x))) == 1
+    assert len(kernels_launched(lambda: one_op(layer, x))) in launches
 
 
 def test_adapters_the_one_launch_does_not_take_keep_the_two_launches():
@@ -181,7 +183,7 @@ def test_lagging_producer_and_rewritten_slots_in_a_pdl_chain(M):
                 outs[i] = one_op(layer, static_x) * 1    # and a consumer that waits for the gate
         mismatches = 0
         for replay in range(replays):
-            layer.token_slots.set([(i * 3 + replay) % 6 - 1 for i in range(M)])
+            layer.token_slots.set([(i * 3 + replay) % 5 - 1 for i in range(M)])
             outs.fill_(float("nan"))
             torch.cuda.synchronize()
             memory_hog(side, big_a, big_b, rounds=4)

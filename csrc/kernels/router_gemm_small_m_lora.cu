@@ -24,26 +24,36 @@ template <int kExperts, int kTokens, typename Out>
 constexpr auto lora_kernel =
     router_gemm_small_m_kernel<kShortRowThreads, kExperts, kTokens, Out, Fusion::kLora>;
 
-// Whether a cluster of this kernel fits on the device: clusters of 16 are a non-portable size
-// (allowed here), and they need 16 CTAs resident in one GPC, which Hopper parts with small GPCs do
-// not give the kernels of one CTA an SM. Asked once per kernel (a thread-safe static: one kind of
-// GPU per process).
+// How many clusters of this kernel the device holds at once (0: none). Clusters of 16 are a
+// non-portable size (allowed here) and need 16 CTAs resident in one GPC, which Hopper parts with
+// small GPCs do not give kernels of one CTA an SM; and a grid with more clusters than fit runs in
+// two waves (the 2 x 4 tiles at E = 128, M = 8 did, at 3.5x the base gate:
+// benchmarks/results/README.md, "The one-launch LoRA kernel's first GPU run"). Asked once per
+// kernel (a thread-safe static: one kind of GPU per process).
 template <int kExperts, int kTokens, typename Out>
-bool clusters_fit() {
-  static const bool fit = [] {
+int resident_clusters() {
+  static const int clusters = [] {
     const auto kernel = lora_kernel<kExperts, kTokens, Out>;
     cudaLaunchAttribute attributes[2];
     const cudaLaunchConfig_t config = sm90::cluster_launch_config(
         dim3(kCluster, 1, 1), dim3(kShortRowThreads, 1, 1), nullptr, kCluster, false, attributes);
-    int clusters = 0;
+    int count = 0;
     const bool ok =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) ==
             cudaSuccess &&
-        cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+        cudaOccupancyMaxActiveClusters(&count, kernel, &config) == cudaSuccess;
     if (!ok) cudaGetLastError();  // a refusal is an answer here, not an error for the next launch
-    return ok;
+    return ok ? count : 0;
   }();
-  return fit;
+  return clusters;
+}
+
+// The plain call's grid, padded along the experts to whole clusters.
+template <int kExperts, int kTokens>
+dim3 lora_grid(const RouterGemmArgs& a) {
+  dim3 grid = grid_for<kExperts, kTokens>(a);
+  grid.x = sm90::ceil_div(static_cast<int>(grid.x), kCluster) * kCluster;
+  return grid;
 }
 
 template <int kValue>
@@ -74,8 +84,7 @@ R with_lora_kernel(int experts_per_cta, int tokens_per_cta, DType out_dtype, R o
 
 template <int kExperts, int kTokens, typename Out>
 cudaError_t launch_lora_tiles(const RouterGemmArgs& a, const FusedPart& fused) {
-  dim3 grid = grid_for<kExperts, kTokens>(a);
-  grid.x = sm90::ceil_div(static_cast<int>(grid.x), kCluster) * kCluster;
+  const dim3 grid = lora_grid<kExperts, kTokens>(a);
   cudaLaunchAttribute attributes[2];
   const cudaLaunchConfig_t config = sm90::cluster_launch_config(
       grid, dim3(kShortRowThreads, 1, 1), a.stream, kCluster, a.pdl, attributes);
@@ -102,12 +111,14 @@ const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& a, const 
   if (tokens_per_cta > 4) return "token groups of 8 are not instantiated";
   if (items_per_cta(tokens_per_cta, lora.rank) == 0)
     return "token group x rank exceeds the shrink items a cluster takes";
-  const bool fit = with_lora_kernel(experts_per_cta, tokens_per_cta, a.out_dtype, false,
-                                    [](auto experts, auto tokens, auto out) {
-                                      return clusters_fit<decltype(experts)::value,
-                                                          decltype(tokens)::value, decltype(out)>();
-                                    });
-  if (!fit) return "a cluster of 16 of these CTAs does not fit on this GPU";
+  const bool fit = with_lora_kernel(
+      experts_per_cta, tokens_per_cta, a.out_dtype, false, [&](auto experts, auto tokens, auto out) {
+        constexpr int kExperts = decltype(experts)::value, kTokens = decltype(tokens)::value;
+        const dim3 grid = lora_grid<kExperts, kTokens>(a);
+        const int clusters = static_cast<int>(grid.x / kCluster * grid.y);
+        return clusters <= resident_clusters<kExperts, kTokens, decltype(out)>();
+      });
+  if (!fit) return "the grid's clusters of 16 CTAs do not all fit on this GPU at once";
   return nullptr;
 }
 
