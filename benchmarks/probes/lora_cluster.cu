@@ -11,6 +11,12 @@
 //                waits for its own inbox, and adds scale * (B_s[e, :] . xa) to its logit before
 //                the one rounding. The slot's A and B rotate with the weights (cold too); B's row
 //                is loaded at the start. No CTA waits for another outside its cluster.
+//   slot read    the same, but the slot (one of kSlots adapters) is read from device memory, as the
+//                library's kernel reads slot_ids after griddepcontrol.wait: A and B leave HBM one
+//                dependent trip after it (the library kernel measured far slower than the rows
+//                above: benchmarks/results/README.md, "The one-launch LoRA kernel's first GPU run")
+//   prefetched   slot read, with every slot's A rows of the CTA and B row of its expert asked of
+//                L2 (prefetch.global.L2) at entry, so that the dependent trip stops at L2
 // The math is the real one (fp32 sums in a fixed order), so the probe also checks its outputs
 // against a host reference; the timing is what matters. Timed like every probe (graph_timing.cuh).
 // Standalone, from the repo root:
@@ -44,14 +50,28 @@ constexpr int kWarps = kThreads / 32;
 constexpr size_t kColdBytes = 96u << 20;
 constexpr int kMinLaunches = 200;
 constexpr float kScale = 2.f;
+constexpr int kSlots = 4;  // adapters a copy holds (the LoRA rows' protocol: 4 slots)
+constexpr int kUsedSlot = kSlots - 1;
+
+// Where a CTA's adapter rows come from: a slot fixed at compile time (slot 0, loads at entry), or
+// the slot read from memory first, with or without an L2 prefetch of every slot's rows at entry.
+enum class Slot { kFixed, kRead, kReadPrefetched };
+
+// Asks L2 for [p, p + bytes), the lines split over the CTA's threads.
+__device__ __forceinline__ void prefetch_l2(const void* p, int bytes) {
+  const char* first = static_cast<const char*>(p);
+  for (int offset = 128 * static_cast<int>(threadIdx.x); offset < bytes; offset += 128 * kThreads)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + offset));
+}
 
 // kCluster 1: base. kRowsPerCta 0: no adapter. Otherwise the cluster's rank is
 // kCluster * kRowsPerCta, and CTA rank q computes shrink rows [q * kRowsPerCta, ...).
-template <int kCluster, int kRowsPerCta>
+// A copy holds kSlots adapters: slot s's A rows at lora_a + s * 64 * K, its B at lora_b + s * E * 64.
+template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 __global__ void __launch_bounds__(kThreads, 1)
     gate_kernel(const __nv_bfloat16* __restrict__ weight, const __nv_bfloat16* __restrict__ x,
                 const __nv_bfloat16* __restrict__ lora_a, const __nv_bfloat16* __restrict__ lora_b,
-                __nv_bfloat16* __restrict__ out) {
+                const int* __restrict__ slot, __nv_bfloat16* __restrict__ out) {
   constexpr int kRank = kCluster * kRowsPerCta;
   static_assert(kRank <= 64, "warp 0 holds B's row in two values a lane");
   constexpr int kRows = 1 + kRowsPerCta;  // the expert's row, then its shrink rows
@@ -67,8 +87,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int e = static_cast<int>(blockIdx.x);
   const int q = static_cast<int>(blockIdx.x) % kCluster;
   const int t = static_cast<int>(threadIdx.x);
+  if constexpr (kSlot == Slot::kReadPrefetched) {
+    for (int s = 0; s < kSlots; ++s) {
+      prefetch_l2(lora_a + (static_cast<long long>(s) * 64 + q * kRowsPerCta) * K,
+                  2 * K * kRowsPerCta);
+      prefetch_l2(lora_b + static_cast<long long>(s) * E * 64 + e * kRank, 2 * kRank);
+    }
+  }
+  uint4 weight_row[kChunksPerThread];  // issued first, as the library kernel issues it
+#pragma unroll
+  for (int j = 0; j < kChunksPerThread; ++j)
+    weight_row[j] = sm90::load_weight_16B(weight + static_cast<long long>(e) * K + 8 * (j * kThreads + t),
+                                          j * kThreads + t < kChunks);
+  if constexpr (kSlot != Slot::kFixed) {
+    const int s = *slot;  // the adapters' addresses wait for this load
+    lora_a += static_cast<long long>(s) * 64 * K;
+    lora_b += static_cast<long long>(s) * E * 64;
+  }
 
-  float b_low = 0.f, b_high = 0.f;  // warp 0: B[e, lane] and B[e, lane + 32], loaded first
+  float b_low = 0.f, b_high = 0.f;  // warp 0: B[e, lane] and B[e, lane + 32]
   if constexpr (kRank > 0) {
     const __nv_bfloat16* b_row = lora_b + static_cast<long long>(e) * kRank;
     if (t < kRank) b_low = __bfloat162float(b_row[t]);
@@ -80,7 +117,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int j = 0; j < kChunksPerThread; ++j) {
     const int chunk = j * kThreads + t;
     const bool valid = chunk < kChunks;
-    rows[0][j] = sm90::load_weight_16B(weight + static_cast<long long>(e) * K + 8 * chunk, valid);
+    rows[0][j] = weight_row[j];
 #pragma unroll
     for (int r = 1; r < kRows; ++r)
       rows[r][j] = sm90::load_weight_16B(
@@ -139,12 +176,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 struct Buffers {
   __nv_bfloat16 *weights, *a, *b, *x, *out;
+  int* slot;  // kUsedSlot
   int copies;
 };
 
-template <int kCluster, int kRowsPerCta>
+template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 float time_variant(const Buffers& p) {
-  auto kernel = gate_kernel<kCluster, kRowsPerCta>;
+  auto kernel = gate_kernel<kCluster, kRowsPerCta, kSlot>;
   if (kCluster > 8)
     CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   return time_graph(
@@ -153,8 +191,9 @@ float time_variant(const Buffers& p) {
         launch_1d(kernel, E, kThreads, 0, stream, kCluster, false,
                   static_cast<const __nv_bfloat16*>(p.weights + c * E * K),
                   static_cast<const __nv_bfloat16*>(p.x),
-                  static_cast<const __nv_bfloat16*>(p.a + c * 64 * K),
-                  static_cast<const __nv_bfloat16*>(p.b + c * E * 64), p.out);
+                  static_cast<const __nv_bfloat16*>(p.a + c * kSlots * 64 * K),
+                  static_cast<const __nv_bfloat16*>(p.b + c * kSlots * E * 64),
+                  static_cast<const int*>(p.slot), p.out);
       },
       std::max(kMinLaunches, p.copies));
 }
@@ -177,13 +216,18 @@ float round_bf16(float f) {
 
 // Runs the variant once on copy 0 and returns the largest error against a host reference, in
 // units of the output's bf16 spacing (<= 1 expected: the sums' order differs from the host's).
-template <int kCluster, int kRowsPerCta>
-float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& a,
-                    const std::vector<uint16_t>& b, const std::vector<uint16_t>& x) {
+// a and b: copy 0's adapters, every slot.
+template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
+float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& all_a,
+                    const std::vector<uint16_t>& all_b, const std::vector<uint16_t>& x) {
   constexpr int kRank = kCluster * kRowsPerCta;
-  launch_1d(gate_kernel<kCluster, kRowsPerCta>, E, kThreads, 0, nullptr, kCluster, false,
+  const int used = kSlot == Slot::kFixed ? 0 : kUsedSlot;
+  const uint16_t* a = all_a.data() + static_cast<size_t>(used) * 64 * K;
+  const uint16_t* b = all_b.data() + static_cast<size_t>(used) * E * 64;
+  launch_1d(gate_kernel<kCluster, kRowsPerCta, kSlot>, E, kThreads, 0, nullptr, kCluster, false,
             static_cast<const __nv_bfloat16*>(p.weights), static_cast<const __nv_bfloat16*>(p.x),
-            static_cast<const __nv_bfloat16*>(p.a), static_cast<const __nv_bfloat16*>(p.b), p.out);
+            static_cast<const __nv_bfloat16*>(p.a), static_cast<const __nv_bfloat16*>(p.b),
+            static_cast<const int*>(p.slot), p.out);
   CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> out(E);
   CHECK(cudaMemcpy(out.data(), p.out, 2 * E, cudaMemcpyDeviceToHost));
@@ -218,12 +262,12 @@ __global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float amplitude)
   }
 }
 
-template <int kCluster, int kRowsPerCta>
+template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
          const std::vector<uint16_t>& a, const std::vector<uint16_t>& b,
          const std::vector<uint16_t>& x, float base_us) {
-  const float us = time_variant<kCluster, kRowsPerCta>(p);
-  const float error = check_variant<kCluster, kRowsPerCta>(p, w, a, b, x);
+  const float us = time_variant<kCluster, kRowsPerCta, kSlot>(p);
+  const float error = check_variant<kCluster, kRowsPerCta, kSlot>(p, w, a, b, x);
   std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, kCluster,
               kCluster * kRowsPerCta, us, us / base_us, error);
   std::fflush(stdout);
@@ -235,17 +279,19 @@ int main() {
   Buffers p;
   p.copies = static_cast<int>(kColdBytes / (2LL * E * K)) + 1;
   CHECK(cudaMalloc(&p.weights, 2LL * p.copies * E * K));
-  CHECK(cudaMalloc(&p.a, 2LL * p.copies * 64 * K));
-  CHECK(cudaMalloc(&p.b, 2LL * p.copies * E * 64));
+  CHECK(cudaMalloc(&p.a, 2LL * p.copies * kSlots * 64 * K));
+  CHECK(cudaMalloc(&p.b, 2LL * p.copies * kSlots * E * 64));
+  CHECK(cudaMalloc(&p.slot, sizeof(int)));
+  CHECK(cudaMemcpy(p.slot, &kUsedSlot, sizeof(int), cudaMemcpyHostToDevice));
   CHECK(cudaMalloc(&p.x, 2LL * K));
   CHECK(cudaMalloc(&p.out, 2LL * E));
   fill<<<1024, 256>>>(p.weights, 1ULL * p.copies * E * K, 1, 0.1f);
-  fill<<<1024, 256>>>(p.a, 1ULL * p.copies * 64 * K, 2, 0.1f);
-  fill<<<256, 256>>>(p.b, 1ULL * p.copies * E * 64, 3, 0.5f);
+  fill<<<1024, 256>>>(p.a, 1ULL * p.copies * kSlots * 64 * K, 2, 0.1f);
+  fill<<<256, 256>>>(p.b, 1ULL * p.copies * kSlots * E * 64, 3, 0.5f);
   fill<<<16, 256>>>(p.x, K, 4, 2.f);
   CHECK(cudaDeviceSynchronize());
   // The host reference reads copy 0; a rank-R variant uses B as [E, R] (the first E * R values).
-  std::vector<uint16_t> w(E * K), a(64 * K), b(E * 64), x(K);
+  std::vector<uint16_t> w(E * K), a(kSlots * 64 * K), b(kSlots * E * 64), x(K);
   CHECK(cudaMemcpy(w.data(), p.weights, 2 * w.size(), cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(a.data(), p.a, 2 * a.size(), cudaMemcpyDeviceToHost));
   CHECK(cudaMemcpy(b.data(), p.b, 2 * b.size(), cudaMemcpyDeviceToHost));
@@ -265,5 +311,9 @@ int main() {
   row<16, 0>("clusters", p, w, a, b, x, base);
   row<16, 1>("LoRA", p, w, a, b, x, base);
   row<16, 4>("LoRA", p, w, a, b, x, base);
+  row<16, 1, Slot::kRead>("LoRA, slot read", p, w, a, b, x, base);
+  row<16, 4, Slot::kRead>("LoRA, slot read", p, w, a, b, x, base);
+  row<16, 1, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
+  row<16, 4, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
   return 0;
 }
