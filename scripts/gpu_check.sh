@@ -5,6 +5,8 @@
 #   tune: GPU tests (no slow) + tile sweep           check: all GPU tests + memcheck, racecheck, synccheck
 #   bench: the full benchmark                        final: all GPU tests + synccheck + the main demo
 #   full: all GPU tests + the three sanitizers + the full benchmark
+#   lora: the LoRA GPU tests (slow included), the LoRA rows of the benchmark, then the other GPU
+#   tests (no slow), memcheck and synccheck
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -119,6 +121,21 @@ case "$mode" in
       --m 1,8,16,32,64,128,256 --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     timeout 60 python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
     record "host time, cuda: see host_cuda.txt"
+    for tool in memcheck synccheck; do
+      timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
+      record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
+    done
+    ;;
+  lora)  # the LoRA kernels first, then the rest of the suite and the sanitizers (stop's order when
+    # device time is short: what a LoRA change needs comes back even if the call is cut off)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
+      tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
+    record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
+    timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
+      --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    record "LoRA rows: see bench.txt"
+    tests_timeout=240 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
+      --ignore=tests/test_lora_gpu.py
     for tool in memcheck synccheck; do
       timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
       record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
