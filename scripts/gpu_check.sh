@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device-machine session: build gate._C, run the GPU tests, the sanitizers and the benchmark.
-# Usage (on the GPU machine, repository root): scripts/gpu_check.sh MODE, every mode builds first.
+# Usage (on the GPU machine, repository root): scripts/gpu_check.sh MODE, every mode but probes
+# builds first.
 #   quick: GPU tests (no slow) + quick benchmark     tests: all GPU tests (slow stress tests included)
 #   tune: GPU tests (no slow) + tile sweep           check: all GPU tests + memcheck, racecheck, synccheck
 #   bench: the full benchmark                        final: all GPU tests + synccheck + the main demo
 #   full: all GPU tests + the three sanitizers + the full benchmark
 #   lora: the LoRA GPU tests (slow included), the LoRA rows of the benchmark, then the other GPU
 #   tests (no slow), memcheck and synccheck
+#   probes: the lora_cluster and x_multicast probes (benchmarks/probes; no build of the package)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -31,14 +33,16 @@ record() {
   tar czf "$final_out/logs.tgz" -C "$out" .
 }
 start=$(date +%s)
-python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
-status=$?
-build_s=$(( $(date +%s) - start ))
-record "build: exit $status in ${build_s}s"
-if [ $status -ne 0 ]; then
-  tail -40 "$out/build.log"; exit 1
+if [ "$mode" != probes ]; then  # the probes are torch-free: no package build
+  python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
+  status=$?
+  build_s=$(( $(date +%s) - start ))
+  record "build: exit $status in ${build_s}s"
+  if [ $status -ne 0 ]; then
+    tail -40 "$out/build.log"; exit 1
+  fi
+  python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 fi
-python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 
 run_tests() {  # $1: pytest marker expression, $2: label, then pytest's extra arguments
   timeout "${tests_timeout:-0}" python3 -m pytest -q -p no:cacheprovider -m "$1" tests --durations=8 \
@@ -139,6 +143,18 @@ case "$mode" in
     for tool in memcheck synccheck; do
       timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
       record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
+    done
+    ;;
+  probes)  # the torch-free probes that decide the next LoRA and tensor-core steps
+    for probe in lora_cluster x_multicast; do
+      extra=""
+      [ "$probe" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
+      nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$probe" \
+        "benchmarks/probes/$probe.cu" $extra >"$out/probe_$probe.txt" 2>&1 &&
+        timeout 120 "$out/$probe" >>"$out/probe_$probe.txt" 2>&1
+      record "probe $probe: exit $?"
+      rm -f "$out/$probe"
+      tail -25 "$out/probe_$probe.txt"
     done
     ;;
   profile)
