@@ -212,20 +212,6 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         x_frag[b][t] = load_x_shared_16B(x_rows[t] + 2 * kBlockK * block, in_k && x_valid[t]);
     }
   };
-  auto multiply = [&]() {
-#pragma unroll
-    for (int b = 0; b < kBlocksPerChunk; ++b)
-#pragma unroll
-      for (int i = 0; i < kExpertTiles; ++i)
-#pragma unroll
-        for (int j = 0; j < kTokenTiles; ++j) {
-          const uint4& lo = w_frag[b][i][0];
-          const uint4& hi = w_frag[b][i][1];
-          const uint4& xv = x_frag[b][j];
-          mma_bf16_16816(acc[(2 * b) % kChains][i][j], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-          mma_bf16_16816(acc[(2 * b + 1) % kChains][i][j], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
-        }
-  };
 
   constexpr int kThreads = kWarps * 32;
   constexpr int kLanes = lanes_per_output(kThreads, kPerRank, kSplit);
@@ -261,62 +247,25 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   }
   mbarrier_wait_phase0(x_bar);  // the whole x tile has landed in this CTA
   load_x(block_begin);
-  multiply();
+  multiply_chunk(acc, w_frag, x_frag);
   for (int chunk = block_begin + kBlocksPerChunk; chunk < block_end; chunk += kBlocksPerChunk) {
     load_weights(chunk);
     load_x(chunk);
-    multiply();
+    multiply_chunk(acc, w_frag, x_frag);
   }
 
-  // The shipped reduction: chains pairwise, warps in order, pushes to the owners of the same share
-  // (the cluster wait above stands for the shipped one), each owner's inbox in rank order.
-#pragma unroll
-  for (int half = kChains / 2; half > 0; half /= 2)
-#pragma unroll
-    for (int s = 0; s < half; ++s)
-#pragma unroll
-      for (int i = 0; i < kExpertTiles; ++i)
-#pragma unroll
-        for (int j = 0; j < kTokenTiles; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[s][i][j][c] += acc[s + half][i][j][c];
-#pragma unroll
-  for (int i = 0; i < kExpertTiles; ++i)
-#pragma unroll
-    for (int j = 0; j < kTokenTiles; ++j)
-      *reinterpret_cast<float4*>(&staged[warp][((i * kTokenTiles + j) * 32 + lane) * 4]) =
-          make_float4(acc[0][i][j][0], acc[0][i][j][1], acc[0][i][j][2], acc[0][i][j][3]);
+  // The shipped reduction (its helpers): chains pairwise, warps in order, pushes to the owners of
+  // the same share (the cluster wait above stands for the shipped one), each owner's inbox in
+  // split order.
+  stage_warp_sums(acc, staged, warp, lane);
   __syncthreads();
-  constexpr int kMessages = kTileOut / 4;
-#pragma unroll
-  for (int first = 0; first < kMessages; first += kThreads) {
-    const int idx = 4 * (first + static_cast<int>(threadIdx.x));
-    if (kMessages % kThreads == 0 || idx < kTileOut) {
-      float4 sum = *reinterpret_cast<const float4*>(&staged[0][idx]);
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) {
-        const float4 part = *reinterpret_cast<const float4*>(&staged[w][idx]);
-        sum = make_float4(sum.x + part.x, sum.y + part.y, sum.z + part.z, sum.w + part.w);
-      }
-      const float message[4] = {sum.x, sum.y, sum.z, sum.w};
-      const uint32_t owner = first_rank + static_cast<uint32_t>(idx / kPerRank);
-      push_to_rank(map_to_rank(shared_address(&inbox[split][idx % kPerRank]), owner), message,
-                   map_to_rank(inbox_bar, owner));
-    }
-  }
+  push_cta_sums(staged, inbox, split, first_rank, inbox_bar);
   if (threadIdx.x == 0) mbarrier_expect_bytes(inbox_bar, kSplit * kPerRank * sizeof(float));
   mbarrier_wait_phase0(inbox_bar);
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
     const int local = p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
-    float sum = 0.f;
-    if (local < kPerRank) {
-#pragma unroll
-      for (int q = 0; q < kSplit / kLanes; ++q) sum += inbox[q * kLanes + sub][local];
-    }
-#pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset /= 2)
-      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const float sum = owned_sum<kLanes>(inbox, local, sub);
     int expert, token;
     fragment_output<kTokenTiles>(out_begin + local, expert, token);
     const int out_m = m0 + token, out_e = e0 + expert;

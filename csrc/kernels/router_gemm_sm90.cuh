@@ -92,6 +92,98 @@ __device__ __forceinline__ void fragment_output(int idx, int& expert, int& token
   token = 8 * (tile % kTokenTiles) + 2 * (lane % 4) + c % 2;
 }
 
+// One chunk's MMAs: the two k16 MMAs of k32 block b add into chain (2b + h) % kChains.
+template <int kChains, int kExpertTiles, int kTokenTiles>
+__device__ __forceinline__ void multiply_chunk(
+    float (&acc)[kChains][kExpertTiles][kTokenTiles][4],
+    const uint4 (&w_frag)[kBlocksPerChunk][kExpertTiles][2],
+    const uint4 (&x_frag)[kBlocksPerChunk][kTokenTiles]) {
+#pragma unroll
+  for (int b = 0; b < kBlocksPerChunk; ++b)
+#pragma unroll
+    for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+      for (int j = 0; j < kTokenTiles; ++j) {
+        const uint4& lo = w_frag[b][i][0];  // expert row group
+        const uint4& hi = w_frag[b][i][1];  // expert row group + 8
+        const uint4& xv = x_frag[b][j];
+        mma_bf16_16816(acc[(2 * b) % kChains][i][j], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
+        mma_bf16_16816(acc[(2 * b + 1) % kChains][i][j], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
+      }
+}
+
+// The end of a warp's K slice: its chains added pairwise (a fixed order), then its partial sums of
+// the CTA's tile written to staged[warp] in fragment order (fragment_output).
+template <int kChains, int kExpertTiles, int kTokenTiles, int kTileOut>
+__device__ __forceinline__ void stage_warp_sums(float (&acc)[kChains][kExpertTiles][kTokenTiles][4],
+                                                float (&staged)[kWarps][kTileOut], int warp,
+                                                int lane) {
+#pragma unroll
+  for (int half = kChains / 2; half > 0; half /= 2)
+#pragma unroll
+    for (int s = 0; s < half; ++s)
+#pragma unroll
+      for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[s][i][j][c] += acc[s + half][i][j][c];
+#pragma unroll
+  for (int i = 0; i < kExpertTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < kTokenTiles; ++j) {
+      const int idx = ((i * kTokenTiles + j) * 32 + lane) * 4;
+      *reinterpret_cast<float4*>(&staged[warp][idx]) =
+          make_float4(acc[0][i][j][0], acc[0][i][j][1], acc[0][i][j][2], acc[0][i][j][3]);
+    }
+}
+
+// The CTA's sums (the warps' partials added in warp order), four outputs a message, pushed to the
+// inboxes of their owners: output idx goes to cluster rank first_owner + idx / kPerRank, into
+// inbox[sender][idx % kPerRank] there. After a CTA barrier (staged complete) and the cluster wait
+// (every owner's mbarrier initialised).
+template <int kTileOut, int kPerRank, int kSenders>
+__device__ __forceinline__ void push_cta_sums(const float (&staged)[kWarps][kTileOut],
+                                              float (&inbox)[kSenders][kPerRank], int sender,
+                                              uint32_t first_owner, uint32_t inbox_bar) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kMessages = kTileOut / 4;
+#pragma unroll
+  for (int first = 0; first < kMessages; first += kThreads) {
+    const int idx = 4 * (first + static_cast<int>(threadIdx.x));
+    if (kMessages % kThreads == 0 || idx < kTileOut) {
+      float4 sum = *reinterpret_cast<const float4*>(&staged[0][idx]);
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 part = *reinterpret_cast<const float4*>(&staged[w][idx]);
+        sum = make_float4(sum.x + part.x, sum.y + part.y, sum.z + part.z, sum.w + part.w);
+      }
+      const float message[4] = {sum.x, sum.y, sum.z, sum.w};
+      const uint32_t owner = first_owner + static_cast<uint32_t>(idx / kPerRank);
+      push_to_rank(map_to_rank(shared_address(&inbox[sender][idx % kPerRank]), owner), message,
+                   map_to_rank(inbox_bar, owner));
+    }
+  }
+}
+
+// Output `local` of this CTA's share, once its inbox is complete: kLanes neighbouring lanes share
+// it, lane `sub` adding the inbox rows of senders sub, sub + kLanes, ..., then a butterfly over
+// the kLanes lanes. Both orders are fixed, so the result is bitwise deterministic. Every lane of
+// the warp calls it (the shuffles).
+template <int kLanes, int kSenders, int kPerRank>
+__device__ __forceinline__ float owned_sum(const float (&inbox)[kSenders][kPerRank], int local,
+                                           int sub) {
+  float sum = 0.f;
+  if (local < kPerRank) {
+#pragma unroll
+    for (int q = 0; q < kSenders / kLanes; ++q) sum += inbox[q * kLanes + sub][local];
+  }
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2)
+    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  return sum;
+}
+
 // Grid: (kCluster, ceil(E / (16 * kExpertTiles)), ceil(M / (8 * kTokenTiles))); cluster
 // (kCluster, 1, 1). CTA rank r of a cluster and warp w own K slice p = r * kWarps + w of
 // kCluster * kWarps contiguous slices of whole k32 blocks. Fusion::kShrink: ceil(shrink.rows /
@@ -210,24 +302,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         x_frag[b][t] = load_activation_16B(x_rows[t] + block * kBlockK, in_k && x_valid[t]);
     }
   };
-  auto multiply = [&]() {
-#pragma unroll
-    for (int b = 0; b < kBlocksPerChunk; ++b)
-#pragma unroll
-      for (int i = 0; i < kExpertTiles; ++i)
-#pragma unroll
-        for (int j = 0; j < kTokenTiles; ++j) {
-          const uint4& lo = w_frag[b][i][0];  // expert row group
-          const uint4& hi = w_frag[b][i][1];  // expert row group + 8
-          const uint4& xv = x_frag[b][j];
-          mma_bf16_16816(acc[(2 * b) % kChains][i][j], lo.x, hi.x, lo.y, hi.y, xv.x, xv.y);
-          mma_bf16_16816(acc[(2 * b + 1) % kChains][i][j], lo.z, hi.z, lo.w, hi.w, xv.z, xv.w);
-        }
-  };
 
-  // Final reduction (after the pushes below): kLanes neighbouring lanes share one output; lane
-  // `sub` adds the inbox rows of ranks sub, sub + kLanes, ... and a butterfly over the kLanes lanes
-  // finishes the sum. Both orders are fixed, so the result is bitwise deterministic.
+  // Final reduction (owned_sum, after the pushes below): kLanes neighbouring lanes share one output.
   constexpr int kThreads = kWarps * 32;
   constexpr int kLanes = lanes_per_output(kThreads, kPerRank, kCluster);
   constexpr int kOutPerPass = kThreads / kLanes;
@@ -251,52 +327,19 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     const bool owned = idx < out_begin + kPerRank;
     bias_bits[p] = load_bias_bits(bias, e, owned && e < E);
   }
-  multiply();
+  multiply_chunk(acc, w_frag, x_frag);
   for (int chunk = block_begin + kBlocksPerChunk; chunk < block_end; chunk += kBlocksPerChunk) {
     load_weights(chunk);
     load_activations(chunk);
-    multiply();
+    multiply_chunk(acc, w_frag, x_frag);
   }
 
   // The chains, added pairwise; then the warps' partial sums, added in warp order, then pushed
   // four outputs per message to the inbox of the CTA that owns them.
-#pragma unroll
-  for (int half = kChains / 2; half > 0; half /= 2)
-#pragma unroll
-    for (int s = 0; s < half; ++s)
-#pragma unroll
-      for (int i = 0; i < kExpertTiles; ++i)
-#pragma unroll
-        for (int j = 0; j < kTokenTiles; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[s][i][j][c] += acc[s + half][i][j][c];
-#pragma unroll
-  for (int i = 0; i < kExpertTiles; ++i)
-#pragma unroll
-    for (int j = 0; j < kTokenTiles; ++j) {
-      const int idx = ((i * kTokenTiles + j) * 32 + lane) * 4;
-      *reinterpret_cast<float4*>(&staged[warp][idx]) =
-          make_float4(acc[0][i][j][0], acc[0][i][j][1], acc[0][i][j][2], acc[0][i][j][3]);
-    }
+  stage_warp_sums(acc, staged, warp, lane);
   __syncthreads();
   cluster_wait_acquire();  // every inbox mbarrier of the cluster is initialised
-  constexpr int kMessages = kTileOut / 4;
-#pragma unroll
-  for (int first = 0; first < kMessages; first += kThreads) {
-    const int idx = 4 * (first + static_cast<int>(threadIdx.x));
-    if (kMessages % kThreads == 0 || idx < kTileOut) {
-      float4 sum = *reinterpret_cast<const float4*>(&staged[0][idx]);
-#pragma unroll
-      for (int w = 1; w < kWarps; ++w) {
-        const float4 part = *reinterpret_cast<const float4*>(&staged[w][idx]);
-        sum = make_float4(sum.x + part.x, sum.y + part.y, sum.z + part.z, sum.w + part.w);
-      }
-      const float message[4] = {sum.x, sum.y, sum.z, sum.w};
-      const uint32_t owner = static_cast<uint32_t>(idx / kPerRank);
-      push_to_rank(map_to_rank(shared_address(&inbox[rank][idx % kPerRank]), owner), message,
-                   map_to_rank(inbox_bar, owner));
-    }
-  }
+  push_cta_sums(staged, inbox, rank, 0u, inbox_bar);
   if (threadIdx.x == 0) mbarrier_expect_bytes(inbox_bar, kCluster * kPerRank * sizeof(float));
   mbarrier_wait_phase0(inbox_bar);  // every push of the cluster to this CTA has landed
 
@@ -304,14 +347,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   for (int p = 0; p < kPasses; ++p) {
     const int local = p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
     const int idx = out_begin + local;
-    float sum = 0.f;
-    if (local < kPerRank) {
-#pragma unroll
-      for (int q = 0; q < kCluster / kLanes; ++q) sum += inbox[q * kLanes + sub][local];
-    }
-#pragma unroll
-    for (int offset = kLanes / 2; offset > 0; offset /= 2)
-      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    const float sum = owned_sum<kLanes>(inbox, local, sub);
     int expert, token;
     fragment_output<kTokenTiles>(idx, expert, token);
     const int out_m = m0 + token, out_e = e0 + expert;
