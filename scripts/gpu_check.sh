@@ -53,9 +53,11 @@ run_tests() {  # $1: pytest marker expression, $2: label, then pytest's extra ar
   [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$out/pytest_$2.log" | head -20
 }
 
-sanitize() {  # compute-sanitizer's memcheck, racecheck and synccheck on a representative workload
-  for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
+sanitize() {  # $1: seconds per tool (0: none), then compute-sanitizer tools; a representative workload
+  local limit=$1 tool
+  for tool in "${@:2}"; do
+    timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_workload.py \
+      >"$out/sanitize_$tool.log" 2>&1
     record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
   done
 }
@@ -75,22 +77,21 @@ case "$mode" in
     ;;
   check)
     run_tests "gpu or kernel" gpu_all
-    sanitize
+    sanitize 0 memcheck racecheck synccheck
     ;;
   bench)
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   final)  # all GPU tests, synccheck, the main demo on the GPU (the benchmark is its own call: `bench`)
     run_tests "gpu or kernel" gpu_all
-    compute-sanitizer --tool synccheck --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_synccheck.log" 2>&1
-    record "compute-sanitizer synccheck: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_synccheck.log" | tail -1))"
+    sanitize 0 synccheck
     python3 examples/serve_router_adapters.py --device cuda >"$out/demo.log" 2>&1
     record "demo on cuda: exit $?"
     tail -30 "$out/demo.log"
     ;;
   full)
     run_tests "gpu or kernel" gpu_all
-    sanitize
+    sanitize 0 memcheck racecheck synccheck
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   route)
@@ -102,18 +103,15 @@ case "$mode" in
     run_tests "(gpu or kernel) and not slow" gpu
     python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py >"$out/pytest_route_slow.log" 2>&1
     record "pytest routing stress: exit $?: $(tail -1 "$out/pytest_route_slow.log")"
-    for tool in memcheck racecheck synccheck; do
-      timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-      record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
-    done
+    sanitize 90 memcheck racecheck synccheck
     python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
     record "host time, cuda: $(tail -3 "$out/host_cuda.txt" | tr '\n' ' ')"
     python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
       2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   stop)
-    # The one-launch LoRA kernel first, on its own clock: until it has run on a GPU, a hang there
-    # must not take the device time of the whole check.
+    # The one-launch LoRA kernel first, on its own clock: a hang in its cluster exchange must not
+    # take the device time of the whole check.
     timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
       >"$out/pytest_lora_one_launch.log" 2>&1
     record "pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")"
@@ -125,10 +123,7 @@ case "$mode" in
       --m 1,8,16,32,64,128,256 --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     timeout 60 python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
     record "host time, cuda: see host_cuda.txt"
-    for tool in memcheck synccheck; do
-      timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-      record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
-    done
+    sanitize 60 memcheck synccheck
     ;;
   lora)  # the LoRA kernels first, then the rest of the suite and the sanitizers (stop's order when
     # device time is short: what a LoRA change needs comes back even if the call is cut off)
@@ -140,10 +135,7 @@ case "$mode" in
     record "LoRA rows: see bench.txt"
     tests_timeout=240 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
       --ignore=tests/test_lora_gpu.py
-    for tool in memcheck synccheck; do
-      timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 python3 scripts/sanitize_workload.py >"$out/sanitize_$tool.log" 2>&1
-      record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
-    done
+    sanitize 60 memcheck synccheck
     ;;
   probes)  # the torch-free probes that decide the next LoRA and tensor-core steps
     for probe in lora_cluster x_multicast; do
