@@ -57,12 +57,6 @@ constexpr int kUsedSlot = kSlots - 1;
 // the slot read from memory first, with or without an L2 prefetch of every slot's rows at entry.
 enum class Slot { kFixed, kRead, kReadPrefetched };
 
-// Asks L2 for [p, p + bytes), the lines split over the CTA's threads.
-__device__ __forceinline__ void prefetch_l2(const void* p, int bytes) {
-  const char* first = static_cast<const char*>(p);
-  for (int offset = 128 * static_cast<int>(threadIdx.x); offset < bytes; offset += 128 * kThreads)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + offset));
-}
 
 // kCluster 1: base. kRowsPerCta 0: no adapter. Otherwise the cluster's rank is
 // kCluster * kRowsPerCta, and CTA rank q computes shrink rows [q * kRowsPerCta, ...).
@@ -89,9 +83,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int t = static_cast<int>(threadIdx.x);
   if constexpr (kSlot == Slot::kReadPrefetched) {
     for (int s = 0; s < kSlots; ++s) {
-      prefetch_l2(lora_a + (static_cast<long long>(s) * 64 + q * kRowsPerCta) * K,
-                  2 * K * kRowsPerCta);
-      prefetch_l2(lora_b + static_cast<long long>(s) * E * 64 + e * kRank, 2 * kRank);
+      sm90::prefetch_l2<kThreads>(
+          reinterpret_cast<const char*>(lora_a + (static_cast<long long>(s) * 64 + q * kRowsPerCta) * K),
+          2LL * K * kRowsPerCta);
+      sm90::prefetch_l2<kThreads>(
+          reinterpret_cast<const char*>(lora_b + static_cast<long long>(s) * E * 64 + e * kRank),
+          2LL * kRank);
     }
   }
   uint4 weight_row[kChunksPerThread];  // issued first, as the library kernel issues it

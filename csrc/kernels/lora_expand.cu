@@ -84,17 +84,6 @@ __device__ __forceinline__ void load8(const T* row, int first, int count, float 
   }
 }
 
-// Asks L2 for every line of bytes [begin, begin + size) (size > 0), one line per thread and pass.
-template <int kCtaThreads>
-__device__ __forceinline__ void prefetch_l2(const char* begin, long long size) {
-  constexpr int kLine = 128;
-  const char* first = begin - reinterpret_cast<std::uintptr_t>(begin) % kLine;
-  const int lines = static_cast<int>((begin + size - first + kLine - 1) / kLine);
-#pragma unroll 1
-  for (int i = threadIdx.x; i < lines; i += kCtaThreads)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + static_cast<long long>(i) * kLine));
-}
-
 // sum_r xa_row[r] * b_row[r] for r < R, over the kLanesPerOutput lanes of a group (group_mask):
 // each lane sums its values in order, then three shuffles add the group's partial sums in a fixed
 // tree. Every lane of the group gets the sum.
@@ -131,8 +120,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 1
     for (int s = blockIdx.y; s < S; s += gridDim.y) {
       const B* rows = lora_b + (static_cast<long long>(s) * E + e_begin) * R;
-      prefetch_l2<kThreads>(reinterpret_cast<const char*>(rows),
-                  static_cast<long long>(experts) * R * static_cast<long long>(sizeof(B)));
+      sm90::prefetch_l2<kThreads>(
+          reinterpret_cast<const char*>(rows),
+          static_cast<long long>(experts) * R * static_cast<long long>(sizeof(B)));
     }
   }
   sm90::grid_dependency_wait(pdl);
@@ -172,7 +162,7 @@ __global__ void __launch_bounds__(kRouteThreads)
   if (pdl) {  // every slot's B (the token's slot is not known yet); CTA row y takes slots y, ...
 #pragma unroll 1
     for (int s = blockIdx.y; s < S; s += gridDim.y)
-      prefetch_l2<kRouteThreads>(
+      sm90::prefetch_l2<kRouteThreads>(
           reinterpret_cast<const char*>(lora_b + static_cast<long long>(s) * E * R),
           static_cast<long long>(E) * R * static_cast<long long>(sizeof(B)));
   }

@@ -1,5 +1,6 @@
 // Memory access shared by the router kernels (sm_90): 16-byte operand loads that keep their place
-// around griddepcontrol.wait, the output cast, the bias, and the launchers' size helpers.
+// around griddepcontrol.wait, the output cast, the bias, L2 prefetches, and the launchers' size
+// helpers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -67,6 +68,17 @@ __device__ __forceinline__ unsigned short load_bias_bits(const __nv_bfloat16* bi
 }
 __device__ __forceinline__ float bias_value(unsigned short bits) {
   return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
+// Asks L2 for every line of bytes [begin, begin + size) (size > 0), one line per thread and pass.
+template <int kCtaThreads>
+__device__ __forceinline__ void prefetch_l2(const char* begin, long long size) {
+  constexpr int kLine = 128;
+  const char* first = begin - reinterpret_cast<std::uintptr_t>(begin) % kLine;
+  const int lines = static_cast<int>((begin + size - first + kLine - 1) / kLine);
+#pragma unroll 1
+  for (int i = threadIdx.x; i < lines; i += kCtaThreads)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + static_cast<long long>(i) * kLine));
 }
 
 }  // namespace sm90
