@@ -7,7 +7,7 @@
 #   bench: the full benchmark                        final: all GPU tests + synccheck + the main demo
 #   full: all GPU tests + the three sanitizers + the full benchmark
 #   lora: the LoRA GPU tests (slow included), the LoRA rows of the benchmark, then the other GPU
-#   tests (no slow), memcheck and synccheck
+#   tests (no slow), memcheck and synccheck (the whole workload, its one-launch part, the rest)
 #   probes: the lora_cluster and x_multicast probes (benchmarks/probes; no build of the package)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
@@ -53,12 +53,15 @@ run_tests() {  # $1: pytest marker expression, $2: label, then pytest's extra ar
   [ $rc -ne 0 ] && grep -E "^(FAILED|ERROR)|Error|assert" "$out/pytest_$2.log" | head -20
 }
 
-sanitize() {  # $1: seconds per tool (0: none), then compute-sanitizer tools; a representative workload
-  local limit=$1 tool
+sanitize() {  # $1: seconds per tool (0: none), then compute-sanitizer tools; a representative
+  # workload, all of it or the parts in $sanitize_parts (scripts/sanitize_workload.py --help)
+  local limit=$1 tool log
   for tool in "${@:2}"; do
+    log="$out/sanitize_$tool${sanitize_parts:+_${sanitize_parts// /_}}.log"
+    # shellcheck disable=SC2086  # the parts are words
     timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 9 python3 scripts/sanitize_workload.py \
-      >"$out/sanitize_$tool.log" 2>&1
-    record "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize_$tool.log" | tail -1))"
+      ${sanitize_parts:-} >"$log" 2>&1
+    record "compute-sanitizer $tool ${sanitize_parts:-}: exit $? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1))"
   done
 }
 
@@ -136,6 +139,10 @@ case "$mode" in
     tests_timeout=240 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
       --ignore=tests/test_lora_gpu.py
     sanitize 60 memcheck synccheck
+    # synccheck stopped the whole workload in its one-launch part (illegal address, 0 hazards):
+    # that part alone, then the rest without it
+    sanitize_parts=lora_one_launch sanitize 60 synccheck
+    sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
   probes)  # the torch-free probes that decide the next LoRA and tensor-core steps
     for probe in lora_cluster x_multicast; do

@@ -6,8 +6,10 @@ shrink; both kernels fused with routing (top-k + softmax) and the routing kernel
 foundation kernel on odd sizes; the LoRA expand kernel with every slot, no adapter and
 out-of-range ids; a LoRA layer's logits in one launch (the decode kernel in clusters).
 Exits non-zero if any result is off, so the sanitizer run checks answers as well as accesses.
+Runs every part, or the parts named (`--help` lists them), so a tool can look at one alone.
 """
 
+import argparse
 import itertools
 import sys
 
@@ -31,8 +33,8 @@ def check_routing(weights, ids, logits, top_k, scoring="softmax_topk", renormali
         sys.exit(f"wrong routing weights for E={logits.shape[1]}, top_k={top_k}")
 
 
-def main():
-    generator = torch.Generator().manual_seed(0)
+def router_kernels(generator):
+    """The router kernels in every tile configuration, each fused with a LoRA shrink and routing."""
     shapes = [(1, 2880, 32), (5, 7168, 256), (9, 360, 24), (33, 2880, 32), (129, 2880, 128),
               (256, 7168, 256)]
     for M, K, E in shapes:
@@ -63,10 +65,18 @@ def main():
             check_routing(weights, ids, logits, top_k, scoring, renormalize)
         if counters.any():
             sys.exit("route left its counters non-zero")
+
+
+def simple_kernel(generator):
+    """The foundation kernel on odd sizes."""
     for M, K, E in [(3, 13, 5), (17, 100, 1)]:
         x = torch.randn(M, K, generator=generator).cuda()
         w = torch.randn(E, K, generator=generator).cuda()
         check(tuning.router_gemm_simple(x, w, None), x, w, None)
+
+
+def lora_expand(generator):
+    """The LoRA expand kernel with every slot, no adapter and out-of-range ids."""
     for M, E, S, R in [(1, 32, 4, 16), (7, 13, 3, 5), (129, 128, 8, 64), (5, 40, 2, 72)]:
         logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
         xa = torch.randn(M, S * R, generator=generator).cuda()
@@ -78,8 +88,11 @@ def main():
             out = ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl).double()
             if not torch.allclose(out, expected, rtol=1e-2, atol=1e-2):
                 sys.exit(f"wrong lora_expand result at M={M}, E={E}, S={S}, R={R}, pdl={pdl}")
-    # A LoRA layer's logits in one launch (the decode kernel in clusters; M = 8 at rank 64 takes
-    # the two launches), against those two launches.
+
+
+def lora_one_launch(generator):
+    """A LoRA layer's logits in one launch (the decode kernel in clusters; M = 8 at rank 64 takes
+    the two launches), against those two launches."""
     for M, E, S, R in [(1, 128, 4, 16), (3, 32, 2, 32), (8, 128, 4, 16), (2, 40, 3, 64), (8, 128, 2, 64)]:
         K = 2880
         x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16)
@@ -95,12 +108,33 @@ def main():
             out = torch.ops.moegate.router_gemm_lora(x, w, b, lora_a, lora_b, scaling, slot_ids, None, pdl)
             if not torch.equal(out, expected):
                 sys.exit(f"wrong router_gemm_lora result at M={M}, E={E}, S={S}, R={R}, pdl={pdl}")
+
+
+def routing_kernel(generator):
+    """The routing kernel alone."""
     for M, E in [(1, 8), (7, 33), (129, 128), (5, 512)]:
         logits = torch.randn(M, E, generator=generator).to("cuda", torch.bfloat16)
         weights, ids = ops.route_logits(logits, 4, "softmax", False, pdl=True)
         check_routing(weights, ids, logits, 4, "softmax")
+
+
+PARTS = {part.__name__: part for part in (router_kernels, simple_kernel, lora_expand, lora_one_launch,
+                                           routing_kernel)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", metavar="PART",
+                        help=f"the parts to run, in this order (default: all): {', '.join(PARTS)}")
+    parts = parser.parse_args().parts or list(PARTS)
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
+    generator = torch.Generator().manual_seed(0)
+    for part in parts:
+        PARTS[part](generator)
     torch.cuda.synchronize()
-    print("sanitize workload: all results correct")
+    print(f"sanitize workload ({', '.join(parts)}): all results correct")
 
 
 if __name__ == "__main__":
