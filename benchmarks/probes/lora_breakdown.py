@@ -9,6 +9,9 @@ E = 128), 4 slots of rank 64, CUDA-graph replay, cold weights and adapters (the 
 protocol: every call reads another copy), and prints us per call.
 
     python benchmarks/probes/lora_breakdown.py [--m 1,16,128] [--replays 20] [--pdl-combinations]
+
+--pdl-combinations also times the three ops, and the two of the fused path, with each choice of
+which kernels launch as PDL dependents.
 """
 
 import argparse
@@ -29,6 +32,9 @@ SLOTS, RANK = 4, 64
 # Which of (base, shrink, expand) launch as PDL dependents, for --pdl-combinations.
 COMBINATIONS = [(False, False, False), (False, True, False), (False, False, True),
                 (False, True, True), (True, True, True)]
+# Which of (base gate + shrink in one launch, expand) launch as PDL dependents: the layer's two
+# launches where the decode kernel serves, for --pdl-combinations.
+FUSED_COMBINATIONS = [(False, False), (False, True), (True, True)]
 
 
 def stage_times(M: int, replays: int, combinations: bool) -> dict:
@@ -66,6 +72,14 @@ def stage_times(M: int, replays: int, combinations: bool) -> dict:
     def as_ops(pdl_base, pdl_shrink, pdl_expand):  # the three stages as separate ops
         return lambda i: expand(i, base(i, pdl_base), shrink(i, pdl_shrink), pdl_expand)
 
+    def fused(pdl_first, pdl_expand):  # base + shrink in one op, then the expand
+        def step(i):
+            gate = layer_at(i).base_layer
+            a = layer_at(i).lora_a_stacked.view(SLOTS * RANK, shape.K)
+            return expand(i, *ops.router_gemm_with_shrink(x, gate.weight, gate.bias, a, pdl=pdl_first),
+                          pdl_expand)
+        return step
+
     def layer_call(pdl):
         def step(i):
             layer_at(i).base_layer.pdl = pdl  # governs all three kernels
@@ -78,6 +92,7 @@ def stage_times(M: int, replays: int, combinations: bool) -> dict:
               "layer+pdl": layer_call(True)}
     if combinations:
         stages.update({flags: as_ops(*flags) for flags in COMBINATIONS})
+        stages.update({("fused",) + flags: fused(*flags) for flags in FUSED_COMBINATIONS})
     with torch.no_grad():
         return {name: per_call_us(step, weights.calls, replays) for name, step in stages.items()}
 
@@ -95,10 +110,13 @@ def main() -> int:
     bench_floor(args.replays)  # brings the process to the state the benchmark measures in
     columns = ["base", "shrink", "expand", "sum", "serial", "layer", "layer+pdl"]
     if args.pdl_combinations:
-        columns += COMBINATIONS
+        columns += COMBINATIONS + [("fused",) + flags for flags in FUSED_COMBINATIONS]
     label = {flags: "pdl " + ",".join(str(int(f)) for f in flags) for flags in COMBINATIONS}
+    label.update({("fused",) + flags: "fused " + ",".join(str(int(f)) for f in flags)
+                  for flags in FUSED_COMBINATIONS})
     print("us per call, cold. serial: the three stages as separate ops; layer: GateLinearWithLoRA; "
-          "pdl b,s,e: which of base, shrink, expand launch as PDL dependents")
+          "pdl b,s,e: which of base, shrink, expand launch as PDL dependents; fused f,e: the same "
+          "for the base gate and shrink in one launch, then the expand")
     print(f"{'M':>5} " + " ".join(f"{label.get(c, c):>10}" for c in columns))
     for M in (int(m) for m in args.m.split(",")):
         t = stage_times(M, args.replays, args.pdl_combinations)
