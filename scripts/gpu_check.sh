@@ -8,7 +8,8 @@
 #   full: all GPU tests + the three sanitizers + the full benchmark
 #   lora: the LoRA GPU tests (slow included), the LoRA rows of the benchmark, then the other GPU
 #   tests (no slow), memcheck and synccheck (the whole workload, its one-launch part, the rest)
-#   probes: the lora_cluster and x_multicast probes (benchmarks/probes; no build of the package)
+#   probes: the lora_cluster, x_multicast and route_cluster probes (benchmarks/probes; no build of
+#   the package)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -144,8 +145,8 @@ case "$mode" in
     sanitize_parts=lora_one_launch sanitize 60 synccheck
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
-  probes)  # the torch-free probes that decide the next LoRA and tensor-core steps
-    for probe in lora_cluster x_multicast; do
+  probes)  # the torch-free probes that decide the next LoRA, tensor-core and routing steps
+    for probe in lora_cluster x_multicast route_cluster; do
       extra=""
       [ "$probe" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
       nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$probe" \
