@@ -16,9 +16,8 @@
 // between the CTAs of one launch costs") is replaced by recomputing the shrink in every cluster.
 //
 // PDL: the slots, hence which rows of A and B to read, are known only after
-// griddepcontrol.wait, so every LoRA load comes after it, one trip behind the slot read; before
-// the wait each CTA asks L2 for every slot's rows it may read (prefetch_slots), and the mbarrier
-// set-up touches only this CTA's shared memory.
+// griddepcontrol.wait, so every LoRA load comes after it; the mbarrier set-up before it touches
+// only this CTA's shared memory.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -64,28 +63,6 @@ __device__ __forceinline__ T token_entry(const T (&values)[kTokens], int t) {
 #pragma unroll
   for (int n = 1; n < kTokens; ++n) v = n == t ? values[n] : v;
   return v;
-}
-
-// Before griddepcontrol.wait (the adapters are weights): asks L2 for every slot's A rows that this
-// CTA's items may read, and every slot's B rows of its experts, so that the reads the slot read
-// gates stop at L2 rather than HBM (benchmarks/probes/lora_cluster.cu, "prefetched").
-template <int kThreads, int kExperts>
-__device__ __forceinline__ void prefetch_slots(const LoraAdapters& lora, int items, int e0, int E,
-                                               int K) {
-  const auto* a = static_cast<const char*>(lora.lora_a);
-  const auto* b = static_cast<const char*>(lora.lora_b);
-  const long long row_bytes = 2LL * K;
-  const int first = static_cast<int>(sm90::cluster_rank()) * items;
-  const int experts = E - e0 < kExperts ? E - e0 : kExperts;
-  for (int s = 0; s < lora.S; ++s) {
-#pragma unroll 1
-    for (int u = 0; u < items; ++u)
-      sm90::prefetch_l2<kThreads>(a + (static_cast<long long>(s) * lora.rank + (first + u) % lora.rank) * row_bytes,
-                                  row_bytes);
-    if (experts > 0)
-      sm90::prefetch_l2<kThreads>(b + (static_cast<long long>(s) * E + e0) * lora.rank * 2,
-                                  2LL * experts * lora.rank);
-  }
 }
 
 // What a thread knows of its CTA's token group after griddepcontrol.wait: the tokens' slots (-1:

@@ -169,8 +169,6 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
         w[j][e] = sm90::load_weight_16B(weight + static_cast<long long>(e0 + e) * K + 8 * chunk,
                            chunk < num_chunks && e0 + e < E);
     }
-    if constexpr (kWithLora)
-      if (pass == 0) lora_cluster::prefetch_slots<kThreads, kExperts>(lora, lora_items, e0, E, K);
     if (pass == 0) sm90::grid_dependency_wait(pdl);
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j) {
