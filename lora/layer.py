@@ -36,18 +36,17 @@ def add_lora_delta(
     logits: [M, E]; x: [M, K]; lora_a: [S, R, K], lora_b: [S, E, R] (x's dtype); scaling: [S] fp32;
     slot_ids: [M] int64. Returns [M, E] in logits' dtype. Batched ops only, no host sync.
 
-    pdl: launch both kernels (shrink, expand) as programmatic dependents of the kernel before each,
-    as GateLinear's ``pdl``: their launches and adapter-weight loads overlap that kernel's tail, and
-    x, logits, xa and slot_ids are read only after it completes, so the kernel before must not
-    write lora_a or lora_b. A GateLinearWithLoRA passes its base gate's setting to all of its
-    kernels: PDL pays when every kernel of the chain takes it, and only the shrink or only the
-    expand PDL-launched between plain launches measured slower (benchmarks/results/README.md).
+    pdl: launch the shrink as a programmatic dependent of the kernel before it, as GateLinear's
+    ``pdl``: its launch and its loads of A overlap that kernel's tail, and x is read only after that
+    kernel completes, so it must not write lora_a or lora_b. The expand always starts behind the
+    shrink (``gate.ops.EXPAND_PDL``): it reads logits, xa and slot_ids only after the shrink
+    completes, and the shrink, which waited for the kernels before it, writes no adapter.
     """
     num_slots, rank, in_features = lora_a.shape
     # Shrink for every slot at once, through the same ops path as the base gate (our kernel on the GPU).
     xa = ops.lora_shrink(x, lora_a.view(num_slots * rank, in_features), pdl=pdl, backend=backend)
     # Expand: each token's slot of xa through its B, scaled, added once (one kernel on the GPU).
-    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=pdl, backend=backend)
+    return ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl=ops.EXPAND_PDL, backend=backend)
 
 
 class GateLinearWithLoRA(nn.Module):
@@ -57,7 +56,8 @@ class GateLinearWithLoRA(nn.Module):
     ``scaling[s] * (x A_s^T) B_s^T`` (``add_lora_delta``). The token -> slot mapping comes from the
     attached ``TokenSlots``, shared by all wrapped layers of a model; a forward with none attached
     raises. The output dtype is the base layer's (``base_layer.out_dtype``, default x's dtype), and
-    so is the PDL setting (``base_layer.pdl``), for the delta's two kernels too.
+    so is the PDL setting (``base_layer.pdl``) of its first kernel; the expand always starts behind
+    that kernel (``gate.ops.EXPAND_PDL``).
 
     Slots are buffers written in place, so compiled code and captured CUDA graphs see new slot
     contents and a new mapping without recompiling or recapturing:
@@ -297,7 +297,7 @@ class GateLinearWithLoRA(nn.Module):
             buffers = self._buffers
             logits, xa = self._base_and_shrink(base, x_flat, weight, bias, backend)
             out = ops.lora_expand_unchecked(logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
-                                            slot_ids, base.pdl, backend)
+                                            slot_ids, ops.EXPAND_PDL, backend)
         return out if flat else out.view(*x.shape[:-1], base.num_experts)
 
     def _base_and_shrink(self, base, x_flat, weight, bias, backend):
@@ -332,7 +332,7 @@ class GateLinearWithLoRA(nn.Module):
             out, weights, ids = ops.lora_expand_route(
                 logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
                 self.token_slots.for_tokens(x_flat.shape[0]), top_k, scoring, renormalize,
-                weights_dtype, ids_dtype, pdl=base.pdl, backend="moegate")
+                weights_dtype, ids_dtype, pdl=ops.EXPAND_PDL, backend="moegate")
             leading = x.shape[:-1]
             return (weights.view(*leading, top_k), ids.view(*leading, top_k),
                     out.view(*leading, base.num_experts))

@@ -48,14 +48,16 @@ def test_mixed_batch_on_the_kernel_path(M, num_adapters, E):
 
 
 @pytest.mark.kernel
-def test_pdl_chain_matches_serial_launches():
-    """With its base gate's pdl on, the layer launches all three kernels as PDL dependents of the
-    kernel before each. 200 rounds in one CUDA graph, each with x written by the kernel right
-    before the layer: every output has the bits of the same three ops launched without PDL."""
+@pytest.mark.parametrize("pdl", [False, True])
+def test_pdl_chain_matches_serial_launches(pdl):
+    """With its base gate's pdl on, the layer's first kernel is a PDL dependent of the kernel before
+    it; on or off, the expand is one of the first kernel's. 200 rounds in one CUDA graph, each with
+    x written by the kernel right before the layer: every output has the bits of the same ops
+    launched without PDL."""
     M, E, rounds = 8, 128, 200
     generator = torch.Generator().manual_seed(77)
     layer, _, _ = loaded_layer(K, E, 4, 64, 4, M, torch.bfloat16, generator, device="cuda")
-    layer.base_layer.pdl = True
+    layer.base_layer.pdl = pdl
     sources = torch.randn(rounds, M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
     static_x = torch.empty(M, K, device="cuda", dtype=torch.bfloat16)
     outs = torch.empty(rounds, M, E, device="cuda", dtype=torch.bfloat16)

@@ -56,15 +56,15 @@ def poisoned_call(fn, like_bytes):
 # (K, E, M, max_rank, ranks, bias, out_dtype, launches): gpt-oss shapes at decode sizes, odd E and
 # M, the slots' rank (max_rank) at its bounds (8 and 64) and adapters of smaller ranks, fp32 logits,
 # no bias, a grid padded to whole clusters (E = 8, 40, 129). launches: the op's kernels. (1, 2): the
-# tiles hold one CTA an SM (2 x 2 and 2 x 4: 185 and 229 registers) and the grid 8 clusters of 16,
-# which one launch takes only where the GPU holds all 8 at once (an H100 did not); else the two.
+# tiles hold one CTA an SM (1 x 4, 2 x 2 and 2 x 4: 185-229 registers) and the grid 8 clusters of
+# 16, which one launch takes only where the GPU holds all 8 at once (an H100 did not); else the two.
 CASES = [
     (2880, 128, 1, 16, (16, 8, 3), True, None, (1,)),
     (2880, 128, 1, 64, (16, 16, 1), True, None, (1,)),
     (2880, 128, 1, 64, (64, 40), True, None, (1,)),
     (2880, 128, 2, 16, (16, 16), True, None, (1,)),
-    (2880, 128, 3, 32, (16, 5), True, torch.float32, (1,)),
-    (2880, 128, 4, 16, (16, 16, 16), False, None, (1,)),
+    (2880, 128, 3, 32, (16, 5), True, torch.float32, (1, 2)),
+    (2880, 128, 4, 16, (16, 16, 16), False, None, (1, 2)),
     (2880, 128, 8, 16, (16, 12, 16, 9), True, None, (1, 2)),
     (2880, 32, 1, 64, (64,), True, None, (1,)),
     (2880, 32, 5, 32, (32, 7), True, torch.float32, (1,)),
@@ -105,7 +105,7 @@ def test_adapters_the_one_launch_does_not_take_keep_the_two_launches():
 
 def test_gradients_are_the_two_ops_gradients_and_grad_mode_keeps_one_launch():
     generator = torch.Generator().manual_seed(11)
-    M, K, E = 3, 2880, 128
+    M, K, E = 2, 2880, 128  # tiles of two CTAs an SM: one launch on every Hopper part
     layer = adapted_layer(K, E, M, 16, (16, 8), generator)
     base = layer.base_layer
     S, R = layer.lora_a_stacked.shape[:2]

@@ -1,13 +1,15 @@
 """Nsight Compute's view of one router call: how long a CTA lives, what its warps wait for.
 
 Runs itself under `ncu` (full section set, `--clock-control none`, `--cache-control none`) and
-profiles one eager call of `torch.ops.moegate.router_gemm` after a few warm-up calls. Weights rotate
-through >= 96 MB of copies, so each call reads them from HBM, while x stays in L2: the cold case of
-`benchmarks/router_gemm.py`. Prints the kernel, its duration, the busiest SM's active cycles (a
+profiles one eager call of `torch.ops.moegate.router_gemm` (with --lora R: `router_gemm_lora`, 4
+slots of rank R, the tokens spread over them) after a few warm-up calls. Weights (and adapters)
+rotate through >= 96 MB of copies, so each call reads them from HBM, while x stays in L2: the cold
+case of `benchmarks/router_gemm.py`. Prints the kernel, its duration, the busiest SM's active cycles (a
 CTA's lifetime), instructions per warp, DRAM bytes and the warps' top stall reasons (cycles per
 issued instruction); the full report is kept as a .ncu-rep under --out.
 
-    python benchmarks/probes/ncu_router.py [--e 128] [--m 8] [--k 2880] [--fp32] [--pdl] [--out DIR]
+    python benchmarks/probes/ncu_router.py [--e 128] [--m 8] [--k 2880] [--fp32] [--pdl] [--lora R]
+                                          [--out DIR]
 
 A single eager launch under ncu is not a CUDA-graph replay: durations come out longer than the
 benchmark's. Compare the parts, not the totals.
@@ -25,6 +27,7 @@ import tempfile
 import torch
 
 WARMUP_CALLS = 4
+LORA_SLOTS = 4
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
 
@@ -40,8 +43,19 @@ def run_calls(args):
     bias = torch.randn(args.e, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(args.m, args.k, device="cuda", dtype=torch.bfloat16)
     out_dtype = torch.float32 if args.fp32 else None
+    if args.lora:
+        S, R = LORA_SLOTS, args.lora
+        lora_a = torch.randn(copies, S * R, args.k, device="cuda", dtype=torch.bfloat16) * 0.02
+        lora_b = torch.randn(copies, S, args.e, R, device="cuda", dtype=torch.bfloat16) * 0.1
+        scaling = torch.full((S,), 2.0, device="cuda")
+        slot_ids = torch.arange(args.m, device="cuda") % S
     for i in range(WARMUP_CALLS + 1):
-        torch.ops.moegate.router_gemm(x, weights[i % copies], bias, out_dtype, args.pdl)
+        c = i % copies
+        if args.lora:
+            torch.ops.moegate.router_gemm_lora(x, weights[c], bias, lora_a[c], lora_b[c], scaling,
+                                               slot_ids, out_dtype, args.pdl)
+        else:
+            torch.ops.moegate.router_gemm(x, weights[c], bias, out_dtype, args.pdl)
     torch.cuda.synchronize()
 
 
@@ -85,6 +99,8 @@ def main():
     parser.add_argument("--k", type=int, default=2880)
     parser.add_argument("--fp32", action="store_true", help="fp32 logits")
     parser.add_argument("--pdl", action="store_true", help="launch with programmatic dependent launch")
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help=f"profile router_gemm_lora with {LORA_SLOTS} slots of rank R instead")
     parser.add_argument("--out", default=None, help="where the .ncu-rep goes (default: a temp dir)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -98,10 +114,12 @@ def main():
         raise SystemExit("ncu (Nsight Compute) is not on PATH")
     out_dir = args.out or tempfile.mkdtemp(prefix="moegate-ncu-")
     os.makedirs(out_dir, exist_ok=True)
-    name = f"router_e{args.e}_m{args.m}_k{args.k}{'_fp32' if args.fp32 else ''}{'_pdl' if args.pdl else ''}"
+    name = (f"router_e{args.e}_m{args.m}_k{args.k}{'_fp32' if args.fp32 else ''}"
+            f"{'_pdl' if args.pdl else ''}{f'_lora{args.lora}' if args.lora else ''}")
     report = os.path.join(out_dir, name)
     child = [sys.executable, os.path.abspath(__file__), "--child", "--e", str(args.e), "--m",
-             str(args.m), "--k", str(args.k)] + ["--fp32"] * args.fp32 + ["--pdl"] * args.pdl
+             str(args.m), "--k", str(args.k), "--lora", str(args.lora)] + ["--fp32"] * args.fp32 + \
+        ["--pdl"] * args.pdl
     profile = [ncu, "--set", "full", "--clock-control", "none", "--cache-control", "none",
                "-k", "regex:router_gemm", "--launch-skip", str(WARMUP_CALLS), "--launch-count", "1",
                "-f", "-o", report]
@@ -109,7 +127,8 @@ def main():
     if done.returncode != 0:
         raise SystemExit(f"ncu failed ({done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}")
     print(f"{torch.cuda.get_device_name()}, M={args.m} E={args.e} K={args.k}, "
-          f"{'fp32' if args.fp32 else 'bf16'} logits, pdl={args.pdl}; report {report}.ncu-rep")
+          f"{'fp32' if args.fp32 else 'bf16'} logits, pdl={args.pdl}, lora rank {args.lora or '-'}; "
+          f"report {report}.ncu-rep")
     print(summarize(report + ".ncu-rep", ncu))
 
 

@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_route(
     return {out, o.weights, o.ids};
   }
   at::Tensor out = lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
-  route_logits_into(out, o, pdl);
+  route_logits_into(out, o, /*pdl=*/true);  // behind our expand, as route() routes behind its GEMM
   return {out, o.weights, o.ids};
 }
 
@@ -140,7 +140,11 @@ at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
   }
   const auto [logits, xa] =
       router_gemm_with_shrink_dispatched(x, weight, bias, lora_a, out_type, args, route);
-  return lora_expand(logits, xa, lora_b, scaling, slot_ids, pdl);
+  // The expand reads that launch's logits and xa only after its grid-dependency wait, and that
+  // launch (ours) triggers at entry: PDL-launched behind it whatever `pdl` says, the expand starts
+  // and fetches B while it runs (`pdl` governs only the first launch's overlap with the caller's
+  // kernel before it).
+  return lora_expand(logits, xa, lora_b, scaling, slot_ids, /*pdl=*/true);
 }
 
 }  // namespace moegate::bindings
