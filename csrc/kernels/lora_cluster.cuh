@@ -88,10 +88,14 @@ struct Tile {
       slot[m] = s >= 0 && s < lora.S ? static_cast<int>(s) : -1;
     }
     const auto* a = static_cast<const __nv_bfloat16*>(lora.lora_a);
+    // Item first + u is (token m, rank row r): one division for the CTA's first item; the next
+    // ones step r and wrap at most once (u < kMaxItems <= 8 <= rank).
     const int first = static_cast<int>(sm90::cluster_rank()) * items;
+    const int m_first = first / lora.rank, r_first = first - m_first * lora.rank;
 #pragma unroll
     for (int u = 0; u < kMaxItems; ++u) {
-      const int i = first + u, m = i / lora.rank, r = i % lora.rank;
+      const int wrap = r_first + u >= lora.rank ? 1 : 0;
+      const int m = m_first + wrap, r = r_first + u - wrap * lora.rank;
       const int s = m < kTokens ? token_entry(slot, m) : -1;
       item_token[u] = m;
       item_row[u] = u < items && s >= 0 ? a + (static_cast<long long>(s) * lora.rank + r) * K
@@ -173,14 +177,24 @@ __device__ __forceinline__ void expand(const Tile<kExperts, kTokens>& tile,
   const int o = t / kLanesPerOutput, lane = t % kLanesPerOutput;
   const int m = o % kTokens;
   const uint32_t words[4] = {tile.b.x, tile.b.y, tile.b.z, tile.b.w};
-  float dot = 0.f;
+  // Item i is inbox[i / items][i % items], and items is 1, 2 or 4: shifts and masks, not divisions
+  // (which ran one after another here, behind the exchange), and every read issued before the
+  // first use (a rank row past the rank reads entry 0 and drops it).
+  const int shift = items >> 1;
+  const float* inbox = &sh.inbox[0][0];
+  float xa[kValuesPerLane];
 #pragma unroll
   for (int i = 0; i < kValuesPerLane; ++i) {
     const int r = kValuesPerLane * lane + i;
     const int item = m * rank + r;
-    const float x = r < rank ? sh.inbox[item / items][item % items] : 0.f;
+    xa[i] = inbox[r < rank ? (item >> shift) * kMaxItems + (item & (items - 1)) : 0];
+  }
+  float dot = 0.f;
+#pragma unroll
+  for (int i = 0; i < kValuesPerLane; ++i) {
+    const int r = kValuesPerLane * lane + i;
     const float2 pair = widen_bf16x2(words[i / 2]);
-    dot = fmaf(x, i % 2 == 0 ? pair.x : pair.y, dot);
+    dot = fmaf(r < rank ? xa[i] : 0.f, i % 2 == 0 ? pair.x : pair.y, dot);
   }
   const unsigned group_mask = 0xffu << (t % 32 / kLanesPerOutput * kLanesPerOutput);
 #pragma unroll
