@@ -65,6 +65,21 @@ __device__ __forceinline__ T token_entry(const T (&values)[kTokens], int t) {
   return v;
 }
 
+// Where item i of a cluster's shrink sits in every CTA's inbox: inbox[i / items][i % items] (sender
+// i / items, which holds items consecutive ones), as a flat index. items is 1, 2 or 4
+// (kLoraItemsPerCta's powers of two), so shifts and masks: divisions by a run-time value cost the
+// expand a serial chain behind the exchange.
+__host__ __device__ constexpr int inbox_index(int item, int items) {
+  return (item >> (items >> 1)) * kMaxItems + (item & (items - 1));
+}
+constexpr bool inbox_index_is_the_division() {  // every item of a cluster, every items
+  for (int items = 1; items <= kMaxItems; items *= 2)
+    for (int item = 0; item < kCluster * items; ++item)
+      if (inbox_index(item, items) != item / items * kMaxItems + item % items) return false;
+  return true;
+}
+static_assert(inbox_index_is_the_division(), "inbox_index must equal the division form");
+
 // What a thread knows of its CTA's token group after griddepcontrol.wait: the tokens' slots (-1:
 // no adapter), its items' A rows, and, as an expand lane (thread t: output t / 8, lane t % 8), its
 // output's slot, scale and 8 values of B (zeros past the rank).
@@ -177,17 +192,13 @@ __device__ __forceinline__ void expand(const Tile<kExperts, kTokens>& tile,
   const int o = t / kLanesPerOutput, lane = t % kLanesPerOutput;
   const int m = o % kTokens;
   const uint32_t words[4] = {tile.b.x, tile.b.y, tile.b.z, tile.b.w};
-  // Item i is inbox[i / items][i % items], and items is 1, 2 or 4: shifts and masks, not divisions
-  // (which ran one after another here, behind the exchange), and every read issued before the
-  // first use (a rank row past the rank reads entry 0 and drops it).
-  const int shift = items >> 1;
+  // Every read issued before the first use (a rank row past the rank reads entry 0 and drops it).
   const float* inbox = &sh.inbox[0][0];
   float xa[kValuesPerLane];
 #pragma unroll
   for (int i = 0; i < kValuesPerLane; ++i) {
     const int r = kValuesPerLane * lane + i;
-    const int item = m * rank + r;
-    xa[i] = inbox[r < rank ? (item >> shift) * kMaxItems + (item & (items - 1)) : 0];
+    xa[i] = inbox[r < rank ? inbox_index(m * rank + r, items) : 0];
   }
   float dot = 0.f;
 #pragma unroll
