@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "graph_timing.cuh"
+#include "probe_data.cuh"
 #include "kernels/cluster_exchange.cuh"
 #include "kernels/float_convert.cuh"
 #include "kernels/memory_access.cuh"
@@ -195,13 +196,6 @@ float time_variant(const Buffers& p) {
       std::max(kMinLaunches, p.copies));
 }
 
-float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 float round_bf16(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, 4);
@@ -246,17 +240,6 @@ float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std:
     worst = std::max(worst, std::fabs(bf16_to_float(out[e]) - expected) / spacing);
   }
   return worst;
-}
-
-__global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float amplitude) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * amplitude);
-  }
 }
 
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>

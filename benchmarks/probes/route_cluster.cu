@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "graph_timing.cuh"
+#include "probe_data.cuh"
 #include "kernels/cluster_exchange.cuh"
 #include "kernels/float_convert.cuh"
 #include "kernels/memory_access.cuh"
@@ -154,13 +155,6 @@ void launch(const Buffers& p, int copy, cudaStream_t stream) {
             static_cast<const __nv_bfloat16*>(p.x), p.out, p.route());
 }
 
-float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 // Runs the variant once on copy 0. Returns the largest logit error in bf16 spacings against a
 // float64 reference, or -1 if its routing differs from the host's routing of its own logits.
 template <int kThreads, int kExperts, bool kRouted>
@@ -197,17 +191,6 @@ float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std:
     }
   }
   return worst;
-}
-
-__global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float amplitude) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
-    h ^= h >> 13;
-    h *= 0x5bd1e995u;
-    h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * amplitude);
-  }
 }
 
 template <int kThreads, int kExperts, bool kRouted>

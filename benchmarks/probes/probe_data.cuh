@@ -1,0 +1,27 @@
+// Data shared by the torch-free probes that check their outputs on the host: a deterministic fill
+// of bf16 buffers on the device, and bf16 bits widened on the host.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <cstring>
+
+// p[i] uniform in [-amplitude / 2, amplitude / 2), from a hash of i and seed (no RNG state).
+__global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float amplitude) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * amplitude);
+  }
+}
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
