@@ -10,6 +10,8 @@
 #   tests (no slow), memcheck and synccheck (the whole workload, its one-launch part, the rest)
 #   probes: the lora_cluster, x_multicast and route_cluster probes (benchmarks/probes; no build of
 #   the package)
+#   lora-gap: the one-launch LoRA tests and rows, Nsight Compute on router_gemm_lora and on the
+#   lora_cluster probe at M = 1, and synccheck on the probe (its clusters of 16)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -156,6 +158,31 @@ case "$mode" in
       rm -f "$out/$probe"
       tail -25 "$out/probe_$probe.txt"
     done
+    ;;
+  lora-gap)  # why router_gemm_lora's one launch is slower than the lora_cluster probe's design
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
+      >"$out/pytest_lora_one_launch.log" 2>&1
+    record "pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")"
+    timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
+      --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    record "LoRA rows: see bench.txt"
+    for lora in 0 16 64; do  # Nsight Compute: the base gate, and the one launch at ranks 16 and 64
+      timeout 60 python3 benchmarks/probes/ncu_router.py --e 128 --m 1 --lora "$lora" --out "$out/ncu" \
+        >>"$out/ncu.txt" 2>&1
+      record "ncu router_gemm(_lora) M=1 rank $lora: exit $?"
+    done
+    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/lora_cluster" \
+      benchmarks/probes/lora_cluster.cu >"$out/probe_lora_cluster.txt" 2>&1
+    # the probe's rank-16 kernel with its slot read from memory, as the library reads it
+    timeout 60 ncu --set full --kernel-name-base demangled -k 'regex:gate_kernel<16, 1, .*1>' \
+      --launch-count 1 "$out/lora_cluster" >"$out/ncu_probe.txt" 2>&1
+    record "ncu lora_cluster probe: exit $?"
+    # the probe's clusters of 16 exchange as the library's kernel does: does synccheck stop it too?
+    timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" \
+      >"$out/synccheck_probe.txt" 2>&1
+    record "compute-sanitizer synccheck on the lora_cluster probe: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
+    rm -f "$out/lora_cluster"
+    cat "$out/ncu.txt"; grep -E 'Duration|Elapsed Cycles|Registers Per|Warp Cycles Per Issued' "$out/ncu_probe.txt"
     ;;
   profile)
     for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do
