@@ -56,7 +56,7 @@ def poisoned_call(fn, like_bytes):
 # (K, E, M, max_rank, ranks, bias, out_dtype, launches): gpt-oss shapes at decode sizes, odd E and
 # M, the slots' rank (max_rank) at its bounds (8 and 64) and adapters of smaller ranks, fp32 logits,
 # no bias, a grid padded to whole clusters (E = 8, 40, 129). launches: the op's kernels. (1, 2): the
-# tiles hold one CTA an SM (1 x 4, 2 x 2 and 2 x 4: 185-229 registers) and the grid 8 clusters of
+# tiles hold one CTA an SM (1 x 4, 2 x 2 and 2 x 4: 140-164 registers) and the grid 8 clusters of
 # 16, which one launch takes only where the GPU holds all 8 at once (an H100 did not); else the two.
 CASES = [
     (2880, 128, 1, 16, (16, 8, 3), True, None, (1,)),

@@ -133,24 +133,31 @@ struct Tile {
 // The items' share of one pass: chunk j of each item's A row (xv: the chunk of every token of the
 // group) into its accumulator, as the shrink's CTAs add it (dot8_bf16, the same operand order).
 template <int kTokens>
+// Items past `items` (the CTA's count, uniform) are skipped here and below: at rank 16, M = 1 a
+// CTA has one item, and the other three's arithmetic was the critical path's.
 __device__ __forceinline__ void add_items(const uint4 (&a)[kMaxItems], const uint4 (&xv)[kTokens],
-                                          const int (&item_token)[kMaxItems],
+                                          const int (&item_token)[kMaxItems], int items,
                                           float (&acc)[kMaxItems]) {
 #pragma unroll
   for (int u = 0; u < kMaxItems; ++u)
-    acc[u] = dot8_bf16(a[u], token_entry(xv, item_token[u] < kTokens ? item_token[u] : 0), acc[u]);
+    if (u < items)
+      acc[u] = dot8_bf16(a[u], token_entry(xv, item_token[u] < kTokens ? item_token[u] : 0), acc[u]);
 }
 
 // Each warp's item sums into shared memory (the warp butterfly; the shrink's reduction adds in the
 // same tree, whichever tile it runs in).
 template <int kWarps, int kOutputs>
-__device__ __forceinline__ void reduce_items(float (&acc)[kMaxItems], Shared<kWarps, kOutputs>& sh) {
+__device__ __forceinline__ void reduce_items(float (&acc)[kMaxItems], int items,
+                                             Shared<kWarps, kOutputs>& sh) {
   const int t = static_cast<int>(threadIdx.x);
 #pragma unroll
   for (int u = 0; u < kMaxItems; ++u) {
-    float v = acc[u];
+    float v = 0.f;  // stored for absent items too: exchange reads each warp's 4 sums as one vector
+    if (u < items) {
+      v = acc[u];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
     if (t % 32 == 0) sh.item_sums[t / 32][u] = v;
   }
 }

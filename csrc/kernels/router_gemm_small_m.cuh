@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
     if constexpr (kWithLora) {
 #pragma unroll
       for (int j = 0; j < kChunksPerThread; ++j)
-        lora_cluster::add_items(a[j], xv[j], tile.item_token, item_acc);
+        lora_cluster::add_items(a[j], xv[j], tile.item_token, lora_items, item_acc);
     }
   }
 
@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
       if (lane == 0) warp_sums[t / 32][i] = v;
     }
   }
-  if constexpr (kWithLora) lora_cluster::reduce_items(item_acc, lora_shared);
+  if constexpr (kWithLora) lora_cluster::reduce_items(item_acc, lora_items, lora_shared);
   __syncthreads();
   if (stores) {
     float sum = 0.f;
