@@ -178,7 +178,7 @@ case "$mode" in
       --launch-count 1 "$out/lora_cluster" >"$out/ncu_probe.txt" 2>&1
     record "ncu lora_cluster probe: exit $?"
     # the probe's clusters of 16 exchange as the library's kernel does: does synccheck stop it too?
-    timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" \
+    timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
       >"$out/synccheck_probe.txt" 2>&1
     record "compute-sanitizer synccheck on the lora_cluster probe: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
     rm -f "$out/lora_cluster"

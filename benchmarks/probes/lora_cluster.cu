@@ -21,7 +21,8 @@
 // against a host reference; the timing is what matters. Timed like every probe (graph_timing.cuh).
 // Standalone, from the repo root:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o /tmp/lora_cluster \
-//     benchmarks/probes/lora_cluster.cu && /tmp/lora_cluster
+//     benchmarks/probes/lora_cluster.cu && /tmp/lora_cluster [--check-only]
+// --check-only runs every variant once and checks it, untimed (for compute-sanitizer).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -245,19 +246,24 @@ float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std:
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
          const std::vector<uint16_t>& a, const std::vector<uint16_t>& b,
-         const std::vector<uint16_t>& x, float base_us) {
-  const float us = time_variant<kCluster, kRowsPerCta, kSlot>(p);
+         const std::vector<uint16_t>& x, float base_us) {  // base_us 0: checked only
+  const float us = base_us > 0.f ? time_variant<kCluster, kRowsPerCta, kSlot>(p) : 0.f;
   const float error = check_variant<kCluster, kRowsPerCta, kSlot>(p, w, a, b, x);
-  std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, kCluster,
-              kCluster * kRowsPerCta, us, us / base_us, error);
+  if (base_us > 0.f)
+    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, kCluster,
+                kCluster * kRowsPerCta, us, us / base_us, error);
+  else
+    std::printf("| %s | %d | %d | - | - | %.2f |\n", name, kCluster, kCluster * kRowsPerCta, error);
   std::fflush(stdout);
 }
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  // --check-only: every variant once on one copy, checked and not timed (for compute-sanitizer)
+  const bool check_only = argc > 1 && std::strcmp(argv[1], "--check-only") == 0;
   Buffers p;
-  p.copies = static_cast<int>(kColdBytes / (2LL * E * K)) + 1;
+  p.copies = check_only ? 1 : static_cast<int>(kColdBytes / (2LL * E * K)) + 1;
   CHECK(cudaMalloc(&p.weights, 2LL * p.copies * E * K));
   CHECK(cudaMalloc(&p.a, 2LL * p.copies * kSlots * 64 * K));
   CHECK(cudaMalloc(&p.b, 2LL * p.copies * kSlots * E * 64));
@@ -278,8 +284,9 @@ int main() {
   CHECK(cudaMemcpy(x.data(), p.x, 2 * x.size(), cudaMemcpyDeviceToHost));
   // Graph timings step up once within a process after a few measurements (benchmarks/results/
   // README.md): settle first, as the benchmark does.
-  for (int i = 0; i < 4; ++i) time_variant<1, 0>(p);
-  const float base = time_variant<1, 0>(p);
+  if (!check_only)
+    for (int i = 0; i < 4; ++i) time_variant<1, 0>(p);
+  const float base = check_only ? 0.f : time_variant<1, 0>(p);
   std::printf("K = %d, E = %d, M = 1, cold, us per call; error: worst |out - reference| in bf16 "
               "spacings\n\n| variant | cluster | rank | us | x base | error |\n|---|---|---|---|---|---|\n",
               K, E);
