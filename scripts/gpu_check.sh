@@ -173,9 +173,10 @@ case "$mode" in
     done
     nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/lora_cluster" \
       benchmarks/probes/lora_cluster.cu >"$out/probe_lora_cluster.txt" 2>&1
-    # the probe's rank-16 kernel with its slot read from memory, as the library reads it
+    # the probe's rank-16 kernel with its slot read from memory, as the library reads it (its
+    # check launch; ncu flushes the caches before it, so x and the slot are cold too)
     timeout 60 ncu --set full --kernel-name-base demangled -k 'regex:gate_kernel<16, 1, .*1>' \
-      --launch-count 1 "$out/lora_cluster" >"$out/ncu_probe.txt" 2>&1
+      --launch-count 1 "$out/lora_cluster" --check-only >"$out/ncu_probe.txt" 2>&1
     record "ncu lora_cluster probe: exit $?"
     # the probe's clusters of 16 exchange as the library's kernel does: does synccheck stop it too?
     timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
