@@ -68,6 +68,27 @@ sanitize() {  # $1: seconds per tool (0: none), then compute-sanitizer tools; a 
   done
 }
 
+one_launch_tests() {  # $1: seconds; the one-launch LoRA tests (not slow), on their own clock: a
+  # hang in the cluster exchange must not take the device time of the whole check
+  timeout "$1" python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
+    >"$out/pytest_lora_one_launch.log" 2>&1
+  record "pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")"
+}
+
+lora_rows() {  # the benchmark's LoRA rows (issue 22's protocol), cold
+  timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
+    --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+  record "LoRA rows: see bench.txt"
+}
+
+compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the tensor-core kernel)
+  local extra=""
+  [ "$1" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
+  # shellcheck disable=SC2086  # no extra source is an empty word list
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$1" \
+    "benchmarks/probes/$1.cu" $extra >"$out/probe_$1.txt" 2>&1
+}
+
 case "$mode" in
   quick)
     run_tests "(gpu or kernel) and not slow" gpu
@@ -116,11 +137,7 @@ case "$mode" in
       2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   stop)
-    # The one-launch LoRA kernel first, on its own clock: a hang in its cluster exchange must not
-    # take the device time of the whole check.
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
-      >"$out/pytest_lora_one_launch.log" 2>&1
-    record "pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")"
+    one_launch_tests 120
     tests_timeout=300 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py tests/test_lora_gpu.py \
       tests/test_lora_one_launch_gpu.py >"$out/pytest_slow.log" 2>&1
@@ -136,9 +153,7 @@ case "$mode" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
       tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
     record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
-    timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
-      --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
-    record "LoRA rows: see bench.txt"
+    lora_rows
     tests_timeout=240 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
       --ignore=tests/test_lora_gpu.py
     sanitize 60 memcheck synccheck
@@ -149,30 +164,21 @@ case "$mode" in
     ;;
   probes)  # the torch-free probes that decide the next LoRA, tensor-core and routing steps
     for probe in lora_cluster x_multicast route_cluster; do
-      extra=""
-      [ "$probe" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
-      nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$probe" \
-        "benchmarks/probes/$probe.cu" $extra >"$out/probe_$probe.txt" 2>&1 &&
-        timeout 120 "$out/$probe" >>"$out/probe_$probe.txt" 2>&1
+      compile_probe "$probe" && timeout 120 "$out/$probe" >>"$out/probe_$probe.txt" 2>&1
       record "probe $probe: exit $?"
       rm -f "$out/$probe"
       tail -25 "$out/probe_$probe.txt"
     done
     ;;
   lora-gap)  # why router_gemm_lora's one launch is slower than the lora_cluster probe's design
-    timeout 90 python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
-      >"$out/pytest_lora_one_launch.log" 2>&1
-    record "pytest one-launch LoRA: exit $?: $(tail -1 "$out/pytest_lora_one_launch.log")"
-    timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
-      --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
-    record "LoRA rows: see bench.txt"
+    one_launch_tests 90
+    lora_rows
     for lora in 0 16 64; do  # Nsight Compute: the base gate, and the one launch at ranks 16 and 64
       timeout 60 python3 benchmarks/probes/ncu_router.py --e 128 --m 1 --lora "$lora" --out "$out/ncu" \
         >>"$out/ncu.txt" 2>&1
       record "ncu router_gemm(_lora) M=1 rank $lora: exit $?"
     done
-    nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/lora_cluster" \
-      benchmarks/probes/lora_cluster.cu >"$out/probe_lora_cluster.txt" 2>&1
+    compile_probe lora_cluster
     # the probe's rank-16 kernel with its slot read from memory, as the library reads it (its
     # check launch; ncu flushes the caches before it, so x and the slot are cold too)
     timeout 60 ncu --set full --kernel-name-base demangled -k 'regex:gate_kernel<16, 1, .*1>' \
