@@ -227,6 +227,23 @@ def test_tensor_core_kernels_keep_their_ctas_per_sm(tools, tmp_path):
     assert not too_big, too_big
 
 
+def test_one_launch_lora_kernels_hold_two_ctas_per_sm_without_spilling(tools, tmp_path):
+    """The one-launch LoRA grids run only where all their clusters of 16 are resident at once
+    (router_gemm_small_m_lora.cu); two CTAs per SM let the grids of M = 3-8 in. The register cap
+    that buys it must not buy it with local memory on the critical path."""
+    _, cuobjdump, env = tools
+    cubin = compiled_cubin(tools, os.path.join(ROOT, "csrc", "kernels", "router_gemm_small_m_lora.cu"),
+                           tmp_path)
+    usage = subprocess.run([cuobjdump, "-res-usage", cubin], check=True, capture_output=True,
+                           text=True, env=env).stdout
+    kernels = re.findall(r"Function (\S*router_gemm_small_m_kernel\S*):\s+REG:(\d+) STACK:(\d+)", usage)
+    assert len(kernels) == 12, f"expected 6 tiles x 2 outputs, found {kernels}"
+    threads = 256  # kShortRowThreads
+    broken = {name: (int(regs), int(stack)) for name, regs, stack in kernels
+              if ctas_per_sm_by_registers(int(regs), threads) < 2 or int(stack) > 0}
+    assert not broken, broken
+
+
 BROKEN_KERNELS = r"""
 #include <cuda_bf16.h>
 __device__ float weight_load(const float* p) {  // as the kernels load weights: LDG.E.NA

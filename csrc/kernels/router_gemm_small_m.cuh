@@ -58,6 +58,11 @@ constexpr int kShortRowMaxK = kShortRowThreads * kChunksPerThread * 8;
 // wave costs more than the second pass it saves.
 constexpr int kWaveSms = 132;
 __host__ __device__ constexpr int long_row_ctas_per_sm(int outputs) { return outputs <= 2 ? 2 : 1; }
+// A one-launch LoRA grid runs only where all its clusters of 16 are resident at once
+// (router_gemm_small_m_lora.cu): two CTAs per SM (at most 128 registers a thread; every LoRA tile
+// fits without spilling, tests/test_kernel_sass.py) let the grids of M = 3-8 in, which one CTA per
+// SM sent to the two-launch path.
+constexpr int kLoraCtasPerSm = 2;
 constexpr int kMaxTokensPerCta = 8;  // the largest token group launch_tokens instantiates
 
 // Sums each of the N values of `v` over the warp's 32 lanes and returns one of those sums: lane l
@@ -110,7 +115,8 @@ using sm90::ShrinkPart;  // the second GEMM of a fused launch (expert blocks alo
 // Fusion::kLora: clusters of lora_cluster::kCluster CTAs along x (gridDim.x a multiple of it; CTAs
 // past E compute shrink items only), each CTA with lora_items shrink items (lora_cluster.cuh).
 template <int kThreads, int kExperts, int kTokens, typename Out, Fusion kFusion>
-__global__ void __launch_bounds__(kThreads, kThreads == kLongRowThreads
+__global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtasPerSm
+                                            : kThreads == kLongRowThreads
                                                 ? long_row_ctas_per_sm(kExperts * kTokens)
                                                 : 1)
     router_gemm_small_m_kernel(const __nv_bfloat16* __restrict__ x,
