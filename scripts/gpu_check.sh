@@ -12,6 +12,8 @@
 #   the package)
 #   lora-gap: the one-launch LoRA tests and rows, Nsight Compute on router_gemm_lora and on the
 #   lora_cluster probe at M = 1, and synccheck on the probe (its clusters of 16)
+#   lora-all: lora's LoRA tests and rows, the rest of the GPU tests (no slow), Nsight Compute on
+#   router_gemm(_lora) at M = 1, synccheck on the one-launch part, memcheck (one call's worth)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -161,6 +163,24 @@ case "$mode" in
     # that part alone, then the rest without it
     sanitize_parts=lora_one_launch sanitize 60 synccheck
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
+    ;;
+  lora-all)  # lora and lora-gap in one call, by priority (a call cut off at the device's limit
+    # keeps what ran): correctness of the LoRA kernels, their rows, the rest of the suite, then why
+    # the one launch is slower than the probe, then the sanitizers
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
+      tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
+    record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
+    lora_rows
+    tests_timeout=200 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
+      --ignore=tests/test_lora_gpu.py
+    for lora in 0 16; do
+      timeout 60 python3 benchmarks/probes/ncu_router.py --e 128 --m 1 --lora "$lora" --out "$out/ncu" \
+        >>"$out/ncu.txt" 2>&1
+      record "ncu router_gemm(_lora) M=1 rank $lora: exit $?"
+    done
+    sanitize_parts=lora_one_launch sanitize 60 synccheck
+    sanitize 60 memcheck
+    cat "$out/ncu.txt"
     ;;
   probes)  # the torch-free probes that decide the next LoRA, tensor-core and routing steps
     for probe in lora_cluster x_multicast route_cluster; do
