@@ -83,6 +83,16 @@ lora_rows() {  # the benchmark's LoRA rows (issue 22's protocol), cold
   record "LoRA rows: see bench.txt"
 }
 
+lora_then_rest() {  # $1: seconds for the rest; the LoRA GPU tests (slow included), the LoRA rows,
+  # then the other GPU tests (no slow): what a LoRA change needs comes back first
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
+    tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
+  record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
+  lora_rows
+  tests_timeout=$1 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
+    --ignore=tests/test_lora_gpu.py
+}
+
 compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the tensor-core kernel)
   local extra=""
   [ "$1" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
@@ -152,12 +162,7 @@ case "$mode" in
     ;;
   lora)  # the LoRA kernels first, then the rest of the suite and the sanitizers (stop's order when
     # device time is short: what a LoRA change needs comes back even if the call is cut off)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
-      tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
-    record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
-    lora_rows
-    tests_timeout=240 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
-      --ignore=tests/test_lora_gpu.py
+    lora_then_rest 240
     sanitize 60 memcheck synccheck
     # synccheck stopped the whole workload in its one-launch part (illegal address, 0 hazards):
     # that part alone, then the rest without it
@@ -167,12 +172,7 @@ case "$mode" in
   lora-all)  # lora and lora-gap in one call, by priority (a call cut off at the device's limit
     # keeps what ran): correctness of the LoRA kernels, their rows, the rest of the suite, then why
     # the one launch is slower than the probe, then the sanitizers
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
-      tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
-    record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
-    lora_rows
-    tests_timeout=200 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
-      --ignore=tests/test_lora_gpu.py
+    lora_then_rest 200
     for lora in 0 16; do
       timeout 60 python3 benchmarks/probes/ncu_router.py --e 128 --m 1 --lora "$lora" --out "$out/ncu" \
         >>"$out/ncu.txt" 2>&1
