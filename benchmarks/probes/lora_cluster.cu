@@ -43,13 +43,9 @@ namespace {
 
 namespace sm90 = moegate::sm90;
 
-constexpr int K = 2880;
-constexpr int E = 128;
-constexpr int kThreads = 256;
-constexpr int kChunks = K / 8;          // 16-byte chunks of a row
-constexpr int kChunksPerThread = 2;     // 512 chunks >= 360
+using namespace gpt_oss_router;
+constexpr int kThreads = kRowThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr size_t kColdBytes = 96u << 20;
 constexpr int kMinLaunches = 200;
 constexpr float kScale = 2.f;
 constexpr int kSlots = 4;  // adapters a copy holds (the LoRA rows' protocol: 4 slots)

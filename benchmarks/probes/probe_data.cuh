@@ -7,6 +7,18 @@
 #include <cstdint>
 #include <cstring>
 
+// The router the M = 1 probes (lora_cluster, route_cluster) run: gpt-oss-120b's, rows read by 256
+// threads of 16-byte chunks, and enough copies of the problem to exceed the L2 (cold calls).
+namespace gpt_oss_router {
+constexpr int K = 2880;
+constexpr int E = 128;
+constexpr int kChunks = K / 8;  // 16-byte chunks of a row
+constexpr int kRowThreads = 256;
+constexpr int kChunksPerThread = 2;
+static_assert(kRowThreads * kChunksPerThread >= kChunks, "a row in one pass");
+constexpr size_t kColdBytes = 96u << 20;
+}  // namespace gpt_oss_router
+
 // p[i] uniform in [-amplitude / 2, amplitude / 2), from a hash of i and seed (no RNG state).
 __global__ void fill(__nv_bfloat16* p, size_t n, unsigned seed, float amplitude) {
   for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;

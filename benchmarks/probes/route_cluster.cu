@@ -42,14 +42,10 @@ namespace {
 
 namespace sm90 = moegate::sm90;
 
-constexpr int K = 2880;
-constexpr int E = 128;
+using namespace gpt_oss_router;
 constexpr int kTopK = 4;
-constexpr int kChunks = K / 8;       // 16-byte chunks of a row
-constexpr int kGroupThreads = 256;   // threads that share one set of experts
-constexpr int kChunksPerThread = 2;  // 512 chunks >= 360
+constexpr int kGroupThreads = kRowThreads;  // threads that share one set of experts
 constexpr int kCluster = 16;
-constexpr size_t kColdBytes = 96u << 20;
 constexpr int kMinLaunches = 200;
 
 // kExperts experts a CTA (E / kExperts CTAs); kThreads / 256 groups of threads split them.
