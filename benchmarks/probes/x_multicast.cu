@@ -238,13 +238,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   // The bias, issued here as the shipped kernel issues it behind its x loads (ptxas sinks it to
   // the first MMAs in both kernels).
   unsigned short bias_bits[kPasses];
-#pragma unroll
-  for (int p = 0; p < kPasses; ++p) {
-    const int idx = out_begin + p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
-    int expert, token;
-    fragment_output<kTokenTiles>(idx, expert, token);
-    bias_bits[p] = load_bias_bits(bias, e0 + expert, idx < out_begin + kPerRank && e0 + expert < E);
-  }
+  load_owned_bias_bits<kTokenTiles, kLanes, kPerRank>(bias, e0, E, out_begin, bias_bits);
   mbarrier_wait_phase0(x_bar);  // the whole x tile has landed in this CTA
   load_x(block_begin);
   multiply_chunk(acc, w_frag, x_frag);

@@ -92,6 +92,25 @@ __device__ __forceinline__ void fragment_output(int idx, int& expert, int& token
   token = 8 * (tile % kTokenTiles) + 2 * (lane % 4) + c % 2;
 }
 
+// The bias bits of the outputs this thread stores after the cluster reduction: in pass p, the
+// CTA's output out_begin + p * (threads / kLanes) + threadIdx.x / kLanes while it is one of the
+// kPerRank the CTA owns (owned_sum's layout). Issued behind the first chunk's rows
+// (load_bias_bits), so that no HBM trip is left after the MMAs.
+template <int kTokenTiles, int kLanes, int kPerRank, int kPasses>
+__device__ __forceinline__ void load_owned_bias_bits(const __nv_bfloat16* bias, int e0, int E,
+                                                     int out_begin,
+                                                     unsigned short (&bits)[kPasses]) {
+  constexpr int kOutPerPass = kWarps * 32 / kLanes;
+#pragma unroll
+  for (int p = 0; p < kPasses; ++p) {
+    const int idx = out_begin + p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
+    int expert, token;
+    fragment_output<kTokenTiles>(idx, expert, token);
+    const int e = e0 + expert;
+    bits[p] = load_bias_bits(bias, e, idx < out_begin + kPerRank && e < E);
+  }
+}
+
 // One chunk's MMAs: the two k16 MMAs of k32 block b add into chain (2b + h) % kChains.
 template <int kChains, int kExpertTiles, int kTokenTiles>
 __device__ __forceinline__ void multiply_chunk(
@@ -315,18 +334,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   load_weights(block_begin);
   grid_dependency_wait(pdl);
   load_activations(block_begin);
-  // The bias of the outputs this thread will store: fetched now, behind the first chunk's rows
-  // (load_bias_bits), so that no HBM trip is left after the MMAs.
   unsigned short bias_bits[kPasses];
-#pragma unroll
-  for (int p = 0; p < kPasses; ++p) {
-    const int idx = out_begin + p * kOutPerPass + static_cast<int>(threadIdx.x) / kLanes;
-    int expert, token;
-    fragment_output<kTokenTiles>(idx, expert, token);
-    const int e = e0 + expert;
-    const bool owned = idx < out_begin + kPerRank;
-    bias_bits[p] = load_bias_bits(bias, e, owned && e < E);
-  }
+  load_owned_bias_bits<kTokenTiles, kLanes, kPerRank>(bias, e0, E, out_begin, bias_bits);
   multiply_chunk(acc, w_frag, x_frag);
   for (int chunk = block_begin + kBlocksPerChunk; chunk < block_end; chunk += kBlocksPerChunk) {
     load_weights(chunk);
