@@ -81,8 +81,11 @@ constexpr bool inbox_index_is_the_division() {  // every item of a cluster, ever
 static_assert(inbox_index_is_the_division(), "inbox_index must equal the division form");
 
 // What a thread knows of its CTA's token group after griddepcontrol.wait: the tokens' slots (-1:
-// no adapter), its items' A rows, and, as an expand lane (thread t: output t / 8, lane t % 8), its
-// output's slot, scale and 8 values of B (zeros past the rank).
+// no adapter) and its items' A rows (read_items); then, once those rows' loads are issued, as an
+// expand lane (thread t: output t / 8, lane t % 8), its output's slot, scale and 8 values of B
+// (zeros past the rank; read_expand). The A rows go first: each starts a K-long dot product, the
+// critical path, while B is needed only after the exchange (B first put about 25 SASS
+// instructions more between the slots' arrival and the first A load).
 template <int kExperts, int kTokens>
 struct Tile {
   static constexpr int kOutputs = kExperts * kTokens;
@@ -93,10 +96,9 @@ struct Tile {
   float scale = 0.f;
   uint4 b = make_uint4(0u, 0u, 0u, 0u);
 
-  // tokens: the group's tokens (<= kTokens), from token m0; e0: the CTA's first expert.
-  __device__ __forceinline__ void read(const LoraAdapters& lora, int items, int tokens,
-                                       long long m0, int e0, int E, int K) {
-    const int t = static_cast<int>(threadIdx.x);
+  // tokens: the group's tokens (<= kTokens), from token m0.
+  __device__ __forceinline__ void read_items(const LoraAdapters& lora, int items, int tokens,
+                                             long long m0, int K) {
 #pragma unroll
     for (int m = 0; m < kTokens; ++m) {
       const int64_t s = m < tokens ? lora.slot_ids[m0 + m] : -1;
@@ -116,6 +118,11 @@ struct Tile {
       item_row[u] = u < items && s >= 0 ? a + (static_cast<long long>(s) * lora.rank + r) * K
                                         : nullptr;
     }
+  }
+
+  // e0: the CTA's first expert.
+  __device__ __forceinline__ void read_expand(const LoraAdapters& lora, int e0, int E) {
+    const int t = static_cast<int>(threadIdx.x);
     const int o = t / kLanesPerOutput, lane = t % kLanesPerOutput;
     const int e = e0 + o / kTokens;
     if (o < kOutputs && e < E) {

@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
     if (pass == 0) bias_bits = sm90::load_bias_bits(bias, my_e, stores);  // behind the rows
     uint4 a[kWithLora ? kChunksPerThread : 1][lora_cluster::kMaxItems];
     if constexpr (kWithLora) {
-      if (pass == 0) tile.read(lora, lora_items, M < kTokens ? M : kTokens, m0, e0, E, K);
+      if (pass == 0) tile.read_items(lora, lora_items, M < kTokens ? M : kTokens, m0, K);
 #pragma unroll
       for (int j = 0; j < kChunksPerThread; ++j) {
         const int chunk = pass + j * kThreads + t;
@@ -196,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
           a[j][u] = sm90::load_weight_16B(tile.item_row[u] + 8 * chunk,
                                           chunk < num_chunks && tile.item_row[u] != nullptr);
       }
+      if (pass == 0) tile.read_expand(lora, e0, E);
     }
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j)
