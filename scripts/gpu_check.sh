@@ -13,7 +13,8 @@
 #   lora-gap: the one-launch LoRA tests and rows, Nsight Compute on router_gemm_lora and on the
 #   lora_cluster probe at M = 1, and synccheck on the probe (its clusters of 16)
 #   lora-all: lora's LoRA tests and rows, the rest of the GPU tests (no slow), Nsight Compute on
-#   router_gemm(_lora) at M = 1, synccheck on the one-launch part, memcheck (one call's worth)
+#   router_gemm(_lora) at M = 1, the lora_cluster probe, synccheck on the one-launch part, memcheck
+#   (one call's worth)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -178,9 +179,13 @@ case "$mode" in
         >>"$out/ncu.txt" 2>&1
       record "ncu router_gemm(_lora) M=1 rank $lora: exit $?"
     done
+    # the probe's design on the same GPU: the bar the one launch's rows are read against
+    compile_probe lora_cluster && timeout 60 "$out/lora_cluster" >>"$out/probe_lora_cluster.txt" 2>&1
+    record "probe lora_cluster: exit $?"
+    rm -f "$out/lora_cluster"
     sanitize_parts=lora_one_launch sanitize 60 synccheck
     sanitize 60 memcheck
-    cat "$out/ncu.txt"
+    cat "$out/ncu.txt" "$out/probe_lora_cluster.txt"
     ;;
   probes)  # the torch-free probes that decide the next LoRA, tensor-core and routing steps
     for probe in lora_cluster x_multicast route_cluster; do
