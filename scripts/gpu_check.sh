@@ -15,6 +15,8 @@
 #   lora-all: lora's LoRA tests and rows, the rest of the GPU tests (no slow), Nsight Compute on
 #   router_gemm(_lora) at M = 1, the lora_cluster probe, synccheck on the one-launch part, memcheck
 #   (one call's worth)
+#   lora-probe: the lora_cluster probe with the library's kernels on its clock, synccheck on it,
+#   Nsight Compute on the probe's and the library's M = 1 kernels (no package build)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -39,7 +41,7 @@ record() {
   tar czf "$final_out/logs.tgz" -C "$out" .
 }
 start=$(date +%s)
-if [ "$mode" != probes ]; then  # the probes are torch-free: no package build
+if [ "$mode" != probes ] && [ "$mode" != lora-probe ]; then  # the probes are torch-free: no package build
   python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
   status=$?
   build_s=$(( $(date +%s) - start ))
@@ -94,9 +96,11 @@ lora_then_rest() {  # $1: seconds for the rest; the LoRA GPU tests (slow include
     --ignore=tests/test_lora_gpu.py
 }
 
-compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the tensor-core kernel)
+compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the tensor-core kernel,
+  # lora_cluster the decode kernel's plain and one-launch LoRA forms)
   local extra=""
   [ "$1" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
+  [ "$1" = lora_cluster ] && extra="csrc/kernels/router_gemm_small_m.cu csrc/kernels/router_gemm_small_m_lora.cu"
   # shellcheck disable=SC2086  # no extra source is an empty word list
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$1" \
     "benchmarks/probes/$1.cu" $extra >"$out/probe_$1.txt" 2>&1
@@ -215,6 +219,30 @@ case "$mode" in
     record "compute-sanitizer synccheck on the lora_cluster probe: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
     rm -f "$out/lora_cluster"
     cat "$out/ncu.txt"; grep -E 'Duration|Elapsed Cycles|Registers Per|Warp Cycles Per Issued' "$out/ncu_probe.txt"
+    ;;
+  lora-probe)  # the one launch against the probe's design in one process, no package build: the
+    # lora_cluster probe's rows (its last ones the library's kernels), synccheck on its clusters of
+    # 16 (probe and library kernels), and Nsight Compute on the third launch of each compared
+    # kernel (warm code, cold weights), reports kept for the per-instruction counts
+    compile_probe lora_cluster
+    record "compile lora_cluster: exit $?"
+    timeout 90 "$out/lora_cluster" >"$out/probe_lora_cluster.txt" 2>&1
+    record "probe lora_cluster: exit $?"
+    timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
+      >"$out/synccheck_probe.txt" 2>&1
+    record "synccheck lora_cluster --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
+    for kernel in 'gate_kernel<16, 1, .*1>' 'router_gemm_small_m_kernel<256, 1, 1, __nv_bfloat16, .*3>' \
+        'router_gemm_small_m_kernel<256, 1, 1, __nv_bfloat16, .*0>'; do
+      name=$(echo "$kernel" | tr -c 'a-z0-9\n' '_' | cut -c1-40)
+      timeout 90 ncu --set full --clock-control none --cache-control none --kernel-name-base demangled \
+        -k "regex:$kernel" --launch-skip 2 --launch-count 1 -o "$out/ncu_$name" -f "$out/lora_cluster" \
+        >"$out/ncu_$name.txt" 2>&1
+      record "ncu $kernel: exit $?"
+      ncu --import "$out/ncu_$name.ncu-rep" --page details --print-units base 2>/dev/null |
+        grep -E 'Duration|Elapsed Cycles|SM Active Cycles|Executed Instructions |Registers Per' >>"$out/ncu_summary.txt"
+    done
+    rm -f "$out/lora_cluster"
+    cat "$out/probe_lora_cluster.txt" "$out/ncu_summary.txt"
     ;;
   profile)
     for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do

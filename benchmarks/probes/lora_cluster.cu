@@ -19,9 +19,14 @@
 //                L2 (prefetch.global.L2) at entry, so that the dependent trip stops at L2
 // The math is the real one (fp32 sums in a fixed order), so the probe also checks its outputs
 // against a host reference; the timing is what matters. Timed like every probe (graph_timing.cuh).
+// Last, the library's own kernels on the same buffers and clock: launch_router_gemm_small_m (the
+// base gate) and launch_router_gemm_small_m_lora (the one launch) at ranks 16 and 64, so that the
+// probe's design and the library's kernel are compared without the torch op or the Python
+// benchmark between them.
 // Standalone, from the repo root:
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o /tmp/lora_cluster \
-//     benchmarks/probes/lora_cluster.cu && /tmp/lora_cluster [--check-only]
+//     benchmarks/probes/lora_cluster.cu csrc/kernels/router_gemm_small_m.cu \
+//     csrc/kernels/router_gemm_small_m_lora.cu && /tmp/lora_cluster [--check-only]
 // --check-only runs every variant once and checks it, untimed (for compute-sanitizer).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -38,6 +43,7 @@
 #include "kernels/cluster_exchange.cuh"
 #include "kernels/float_convert.cuh"
 #include "kernels/memory_access.cuh"
+#include "kernels/router_gemm.h"
 
 namespace {
 
@@ -171,7 +177,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 struct Buffers {
   __nv_bfloat16 *weights, *a, *b, *x, *out;
-  int* slot;  // kUsedSlot
+  int* slot;             // kUsedSlot
+  int64_t* slot_ids;     // kUsedSlot, as the library reads a token's slot
+  float* scaling;        // kScale for every slot
   int copies;
 };
 
@@ -253,6 +261,84 @@ void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
   std::fflush(stdout);
 }
 
+// The library's kernels on copy c: the base gate (rank 0), or the one launch with kSlots adapters
+// of `rank` (A as [kSlots * rank, K], B as [kSlots, E, rank], from the start of the copy's buffers).
+moegate::RouterGemmArgs library_args(const Buffers& p, long long c) {
+  moegate::RouterGemmArgs args;
+  args.x = p.x;
+  args.weight = p.weights + c * E * K;
+  args.out = p.out;
+  args.M = 1;
+  args.E = E;
+  args.K = K;
+  return args;
+}
+
+moegate::LoraAdapters library_adapters(const Buffers& p, long long c, int rank) {
+  moegate::LoraAdapters lora;
+  lora.lora_a = p.a + c * kSlots * 64 * K;
+  lora.lora_b = p.b + c * kSlots * E * 64;
+  lora.scaling = p.scaling;
+  lora.slot_ids = p.slot_ids;
+  lora.S = kSlots;
+  lora.rank = rank;
+  return lora;
+}
+
+void launch_library(const Buffers& p, long long c, int rank, cudaStream_t stream) {
+  moegate::RouterGemmArgs args = library_args(p, c);
+  args.stream = stream;
+  CHECK(rank == 0 ? moegate::launch_router_gemm_small_m(args, 0, 0)
+                  : moegate::launch_router_gemm_small_m_lora(args, library_adapters(p, c, rank)));
+}
+
+// One row for the library's kernel at `rank` (0: the base gate), checked on copy 0 against the
+// host reference in the library's adapter layout.
+void library_row(const char* name, int rank, const Buffers& p, const std::vector<uint16_t>& w,
+                 const std::vector<uint16_t>& all_a, const std::vector<uint16_t>& all_b,
+                 const std::vector<uint16_t>& x, float base_us) {
+  if (rank > 0) {
+    if (const char* why = moegate::router_gemm_small_m_lora_unsupported(library_args(p, 0),
+                                                                         library_adapters(p, 0, rank))) {
+      std::printf("| %s | 16 | %d | - | - | not launched: %s |\n", name, rank, why);
+      return;
+    }
+  }
+  const float us = base_us > 0.f
+                       ? time_graph([&](int i, cudaStream_t stream) { launch_library(p, i % p.copies, rank, stream); },
+                                    std::max(kMinLaunches, p.copies))
+                       : 0.f;
+  launch_library(p, 0, rank, nullptr);
+  CHECK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(E);
+  CHECK(cudaMemcpy(out.data(), p.out, 2 * E, cudaMemcpyDeviceToHost));
+  const uint16_t* a = all_a.data() + static_cast<size_t>(kUsedSlot) * rank * K;
+  const uint16_t* b = all_b.data() + static_cast<size_t>(kUsedSlot) * E * rank;
+  std::vector<double> xa(rank);
+  for (int r = 0; r < rank; ++r) {
+    double s = 0;
+    for (int k = 0; k < K; ++k) s += double(bf16_to_float(a[r * K + k])) * bf16_to_float(x[k]);
+    xa[r] = s;
+  }
+  float worst = 0.f;
+  for (int e = 0; e < E; ++e) {
+    double logit = 0;
+    for (int k = 0; k < K; ++k) logit += double(bf16_to_float(w[e * K + k])) * bf16_to_float(x[k]);
+    double delta = 0;
+    for (int r = 0; r < rank; ++r) delta += xa[r] * bf16_to_float(b[e * rank + r]);
+    const float rounded = round_bf16(static_cast<float>(logit));
+    const float expected = rank == 0 ? rounded : round_bf16(static_cast<float>(rounded + kScale * delta));
+    const float spacing = std::ldexp(1.f, std::ilogb(std::fabs(expected) + 1e-30f) - 7);
+    worst = std::max(worst, std::fabs(bf16_to_float(out[e]) - expected) / spacing);
+  }
+  if (base_us > 0.f)
+    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, rank > 0 ? 16 : 1, rank, us,
+                us / base_us, worst);
+  else
+    std::printf("| %s | %d | %d | - | - | %.2f |\n", name, rank > 0 ? 16 : 1, rank, worst);
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -265,6 +351,12 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&p.b, 2LL * p.copies * kSlots * E * 64));
   CHECK(cudaMalloc(&p.slot, sizeof(int)));
   CHECK(cudaMemcpy(p.slot, &kUsedSlot, sizeof(int), cudaMemcpyHostToDevice));
+  const int64_t used_slot = kUsedSlot;
+  CHECK(cudaMalloc(&p.slot_ids, sizeof(int64_t)));
+  CHECK(cudaMemcpy(p.slot_ids, &used_slot, sizeof(int64_t), cudaMemcpyHostToDevice));
+  const std::vector<float> scaling(kSlots, kScale);
+  CHECK(cudaMalloc(&p.scaling, sizeof(float) * kSlots));
+  CHECK(cudaMemcpy(p.scaling, scaling.data(), sizeof(float) * kSlots, cudaMemcpyHostToDevice));
   CHECK(cudaMalloc(&p.x, 2LL * K));
   CHECK(cudaMalloc(&p.out, 2LL * E));
   fill<<<1024, 256>>>(p.weights, 1ULL * p.copies * E * K, 1, 0.1f);
@@ -298,5 +390,8 @@ int main(int argc, char** argv) {
   row<16, 4, Slot::kRead>("LoRA, slot read", p, w, a, b, x, base);
   row<16, 1, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
   row<16, 4, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
+  library_row("library base gate", 0, p, w, a, b, x, base);
+  library_row("library one launch", 16, p, w, a, b, x, base);
+  library_row("library one launch", 64, p, w, a, b, x, base);
   return 0;
 }
