@@ -15,8 +15,8 @@
 #   lora-all: lora's LoRA tests and rows, the rest of the GPU tests (no slow), Nsight Compute on
 #   router_gemm(_lora) at M = 1, the lora_cluster probe, synccheck on the one-launch part, memcheck
 #   (one call's worth)
-#   lora-probe: the lora_cluster probe with the library's kernels on its clock, synccheck on it,
-#   Nsight Compute on the probe's and the library's M = 1 kernels (no package build)
+#   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
+#   the library's and the probe's M = 1 kernels, synccheck on the probe (no package build)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
 #   route: the GPU tests (no slow) + the routing rows of the benchmark
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
@@ -220,19 +220,16 @@ case "$mode" in
     rm -f "$out/lora_cluster"
     cat "$out/ncu.txt"; grep -E 'Duration|Elapsed Cycles|Registers Per|Warp Cycles Per Issued' "$out/ncu_probe.txt"
     ;;
-  lora-probe)  # the one launch against the probe's design in one process, no package build: the
-    # lora_cluster probe's rows (its last ones the library's kernels), synccheck on its clusters of
-    # 16 (probe and library kernels), and Nsight Compute on the third launch of each compared
-    # kernel (warm code, cold weights), reports kept for the per-instruction counts
+  lora-probe)  # the one launch against the probe's design in one process, no package build, by
+    # priority (a call cut off keeps what ran): the lora_cluster probe's rows (its last ones the
+    # library's kernels), Nsight Compute on the third launch of the library's and the probe's
+    # M = 1, rank-16 kernels (warm code, cold weights; reports kept for the per-instruction
+    # counts), then synccheck on the probe's and the library's clusters of 16
     compile_probe lora_cluster
     record "compile lora_cluster: exit $?"
     timeout 90 "$out/lora_cluster" >"$out/probe_lora_cluster.txt" 2>&1
     record "probe lora_cluster: exit $?"
-    timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
-      >"$out/synccheck_probe.txt" 2>&1
-    record "synccheck lora_cluster --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
-    for kernel in 'gate_kernel<16, 1, .*1>' 'router_gemm_small_m_kernel<256, 1, 1, __nv_bfloat16, .*3>' \
-        'router_gemm_small_m_kernel<256, 1, 1, __nv_bfloat16, .*0>'; do
+    for kernel in 'router_gemm_small_m_kernel<256, 1, 1, __nv_bfloat16, .*3>' 'gate_kernel<16, 1, .*1>'; do
       name=$(echo "$kernel" | tr -c 'a-z0-9\n' '_' | cut -c1-40)
       timeout 90 ncu --set full --clock-control none --cache-control none --kernel-name-base demangled \
         -k "regex:$kernel" --launch-skip 2 --launch-count 1 -o "$out/ncu_$name" -f "$out/lora_cluster" \
@@ -241,6 +238,9 @@ case "$mode" in
       ncu --import "$out/ncu_$name.ncu-rep" --page details --print-units base 2>/dev/null |
         grep -E 'Duration|Elapsed Cycles|SM Active Cycles|Executed Instructions |Registers Per' >>"$out/ncu_summary.txt"
     done
+    timeout 60 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
+      >"$out/synccheck_probe.txt" 2>&1
+    record "synccheck lora_cluster --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
     rm -f "$out/lora_cluster"
     cat "$out/probe_lora_cluster.txt" "$out/ncu_summary.txt"
     ;;
