@@ -210,7 +210,7 @@ case "$mode" in
     compile_probe lora_cluster
     # the probe's rank-16 kernel with its slot read from memory, as the library reads it (its
     # check launch; ncu flushes the caches before it, so x and the slot are cold too)
-    timeout 60 ncu --set full --kernel-name-base demangled -k 'regex:gate_kernel<16, 1, .*1>' \
+    timeout 60 ncu --set full --kernel-name-base demangled -k 'regex:gate_kernel<[^,]*16, [^,]*1, [^,]*Slot.1>' \
       --launch-count 1 "$out/lora_cluster" --check-only >"$out/ncu_probe.txt" 2>&1
     record "ncu lora_cluster probe: exit $?"
     # the probe's clusters of 16 exchange as the library's kernel does: does synccheck stop it too?
@@ -229,7 +229,10 @@ case "$mode" in
     record "compile lora_cluster: exit $?"
     timeout 90 "$out/lora_cluster" >"$out/probe_lora_cluster.txt" 2>&1
     record "probe lora_cluster: exit $?"
-    for kernel in 'router_gemm_small_m_kernel<256, 1, 1, __nv_bfloat16, .*3>' 'gate_kernel<16, 1, .*1>'; do
+    # (demangled: "router_gemm_small_m_kernel<(int)256, (int)1, (int)1, __nv_bfloat16, (...Fusion)3>",
+    # "gate_kernel<(int)16, (int)1, (...Slot)1>")
+    for kernel in 'router_gemm_small_m_kernel<[^,]*256, [^,]*1, [^,]*1, __nv_bfloat16, [^>]*3>' \
+        'gate_kernel<[^,]*16, [^,]*1, [^,]*Slot.1>'; do
       name=$(echo "$kernel" | tr -c 'a-z0-9\n' '_' | cut -c1-40)
       timeout 90 ncu --set full --clock-control none --cache-control none --kernel-name-base demangled \
         -k "regex:$kernel" --launch-skip 2 --launch-count 1 -o "$out/ncu_$name" -f "$out/lora_cluster" \

@@ -17,6 +17,11 @@
 //                above: benchmarks/results/README.md, "The one-launch LoRA kernel's first GPU run")
 //   prefetched   slot read, with every slot's A rows of the CTA and B row of its expert asked of
 //                L2 (prefetch.global.L2) at entry, so that the dependent trip stops at L2
+//   <= N an SM   slot read, launched with enough (unused) dynamic shared memory that an SM holds
+//                at most N of its CTAs: the library's one launch holds two an SM (99 registers a
+//                thread), the probe's kernel many; does the cap alone move the time?
+// Each row's check launch records the SM of every CTA: the "SMs holding 1/2/3+" column counts
+// the SMs that held one, two, three or more of the grid's CTAs in that launch.
 // The math is the real one (fp32 sums in a fixed order), so the probe also checks its outputs
 // against a host reference; the timing is what matters. Timed like every probe (graph_timing.cuh).
 // Last, the library's own kernels on the same buffers and clock: launch_router_gemm_small_m (the
@@ -36,6 +41,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "graph_timing.cuh"
@@ -69,7 +76,8 @@ template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 __global__ void __launch_bounds__(kThreads, 1)
     gate_kernel(const __nv_bfloat16* __restrict__ weight, const __nv_bfloat16* __restrict__ x,
                 const __nv_bfloat16* __restrict__ lora_a, const __nv_bfloat16* __restrict__ lora_b,
-                const int* __restrict__ slot, __nv_bfloat16* __restrict__ out) {
+                const int* __restrict__ slot, __nv_bfloat16* __restrict__ out,
+                int* __restrict__ sm_of_cta) {
   constexpr int kRank = kCluster * kRowsPerCta;
   static_assert(kRank <= 64, "warp 0 holds B's row in two values a lane");
   constexpr int kRows = 1 + kRowsPerCta;  // the expert's row, then its shrink rows
@@ -85,6 +93,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int e = static_cast<int>(blockIdx.x);
   const int q = static_cast<int>(blockIdx.x) % kCluster;
   const int t = static_cast<int>(threadIdx.x);
+  if (sm_of_cta != nullptr && t == 0) {  // the check launch only
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    sm_of_cta[e] = static_cast<int>(sm);
+  }
   if constexpr (kSlot == Slot::kReadPrefetched) {
     for (int s = 0; s < kSlots; ++s) {
       sm90::prefetch_l2<kThreads>(
@@ -177,28 +190,82 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 struct Buffers {
   __nv_bfloat16 *weights, *a, *b, *x, *out;
+  int* sm_of_cta;        // [E]: each CTA's SM, in check launches
   int* slot;             // kUsedSlot
   int64_t* slot_ids;     // kUsedSlot, as the library reads a token's slot
   float* scaling;        // kScale for every slot
   int copies;
 };
 
-template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
-float time_variant(const Buffers& p) {
+// Lets `kernel` launch in clusters of `cluster` with `reserved` bytes of dynamic shared memory. The
+// attributes are set before a kernel's first launch and when its reservation grows, never again:
+// the launches in a graph capture change nothing.
+template <typename Kernel>
+void allow_launch(Kernel kernel, int cluster, int reserved) {
+  static std::map<const void*, int> allowed;  // kernel -> its reservation so far
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const auto known = allowed.find(key);
+  if (known != allowed.end() && known->second >= reserved) return;
+  if (cluster > 8) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  if (reserved > 0) CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, reserved));
+  allowed[key] = reserved;
+}
+
+// Clusters of the variant the GPU holds at once with `reserved` bytes a CTA (0: it cannot launch).
+template <int kCluster, int kRowsPerCta, Slot kSlot>
+int resident_clusters(int reserved) {
   auto kernel = gate_kernel<kCluster, kRowsPerCta, kSlot>;
-  if (kCluster > 8)
-    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  allow_launch(kernel, kCluster, reserved);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(E);
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = reserved;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = kCluster;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return clusters;
+}
+
+// One launch of a variant on copy c, with `reserved` bytes of dynamic shared memory that the kernel
+// does not use (0, or enough to cap the CTAs an SM holds), recording each CTA's SM when `record`.
+template <int kCluster, int kRowsPerCta, Slot kSlot>
+void launch_variant(const Buffers& p, long long c, int reserved, bool record, cudaStream_t stream) {
+  auto kernel = gate_kernel<kCluster, kRowsPerCta, kSlot>;
+  allow_launch(kernel, kCluster, reserved);
+  launch_1d(kernel, E, kThreads, reserved, stream, kCluster, false,
+            static_cast<const __nv_bfloat16*>(p.weights + c * E * K), static_cast<const __nv_bfloat16*>(p.x),
+            static_cast<const __nv_bfloat16*>(p.a + c * kSlots * 64 * K),
+            static_cast<const __nv_bfloat16*>(p.b + c * kSlots * E * 64), static_cast<const int*>(p.slot),
+            p.out, record ? p.sm_of_cta : nullptr);
+}
+
+template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
+float time_variant(const Buffers& p, int reserved = 0) {
   return time_graph(
       [&](int i, cudaStream_t stream) {
-        const long long c = i % p.copies;
-        launch_1d(kernel, E, kThreads, 0, stream, kCluster, false,
-                  static_cast<const __nv_bfloat16*>(p.weights + c * E * K),
-                  static_cast<const __nv_bfloat16*>(p.x),
-                  static_cast<const __nv_bfloat16*>(p.a + c * kSlots * 64 * K),
-                  static_cast<const __nv_bfloat16*>(p.b + c * kSlots * E * 64),
-                  static_cast<const int*>(p.slot), p.out);
+        launch_variant<kCluster, kRowsPerCta, kSlot>(p, i % p.copies, reserved, false, stream);
       },
       std::max(kMinLaunches, p.copies));
+}
+
+// "a/b/c": how many SMs held one, two, three or more CTAs in the last recorded launch.
+std::string placement(const Buffers& p) {
+  std::vector<int> sm(E);
+  CHECK(cudaMemcpy(sm.data(), p.sm_of_cta, sizeof(int) * E, cudaMemcpyDeviceToHost));
+  std::map<int, int> ctas;
+  for (int s : sm) ++ctas[s];
+  int held[3] = {0, 0, 0};
+  for (const auto& entry : ctas) ++held[std::min(entry.second, 3) - 1];
+  return std::to_string(held[0]) + "/" + std::to_string(held[1]) + "/" + std::to_string(held[2]);
 }
 
 float round_bf16(float f) {
@@ -215,15 +282,12 @@ float round_bf16(float f) {
 // a and b: copy 0's adapters, every slot.
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& all_a,
-                    const std::vector<uint16_t>& all_b, const std::vector<uint16_t>& x) {
+                    const std::vector<uint16_t>& all_b, const std::vector<uint16_t>& x, int reserved) {
   constexpr int kRank = kCluster * kRowsPerCta;
   const int used = kSlot == Slot::kFixed ? 0 : kUsedSlot;
   const uint16_t* a = all_a.data() + static_cast<size_t>(used) * 64 * K;
   const uint16_t* b = all_b.data() + static_cast<size_t>(used) * E * 64;
-  launch_1d(gate_kernel<kCluster, kRowsPerCta, kSlot>, E, kThreads, 0, nullptr, kCluster, false,
-            static_cast<const __nv_bfloat16*>(p.weights), static_cast<const __nv_bfloat16*>(p.x),
-            static_cast<const __nv_bfloat16*>(p.a), static_cast<const __nv_bfloat16*>(p.b),
-            static_cast<const int*>(p.slot), p.out);
+  launch_variant<kCluster, kRowsPerCta, kSlot>(p, 0, reserved, true, nullptr);
   CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> out(E);
   CHECK(cudaMemcpy(out.data(), p.out, 2 * E, cudaMemcpyDeviceToHost));
@@ -247,17 +311,25 @@ float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std:
   return worst;
 }
 
+// One row of the table; reserved: as launch_variant's.
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
          const std::vector<uint16_t>& a, const std::vector<uint16_t>& b,
-         const std::vector<uint16_t>& x, float base_us) {  // base_us 0: checked only
-  const float us = base_us > 0.f ? time_variant<kCluster, kRowsPerCta, kSlot>(p) : 0.f;
-  const float error = check_variant<kCluster, kRowsPerCta, kSlot>(p, w, a, b, x);
+         const std::vector<uint16_t>& x, float base_us, int reserved = 0) {  // base_us 0: checked only
+  if (kCluster > 1 && resident_clusters<kCluster, kRowsPerCta, kSlot>(reserved) == 0) {
+    std::printf("| %s | %d | %d | - | - | not launched: no cluster fits | - |\n", name, kCluster,
+                kCluster * kRowsPerCta);
+    return;
+  }
+  const float us = base_us > 0.f ? time_variant<kCluster, kRowsPerCta, kSlot>(p, reserved) : 0.f;
+  const float error = check_variant<kCluster, kRowsPerCta, kSlot>(p, w, a, b, x, reserved);
+  const std::string held = placement(p);
   if (base_us > 0.f)
-    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, kCluster,
-                kCluster * kRowsPerCta, us, us / base_us, error);
+    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f | %s |\n", name, kCluster,
+                kCluster * kRowsPerCta, us, us / base_us, error, held.c_str());
   else
-    std::printf("| %s | %d | %d | - | - | %.2f |\n", name, kCluster, kCluster * kRowsPerCta, error);
+    std::printf("| %s | %d | %d | - | - | %.2f | %s |\n", name, kCluster, kCluster * kRowsPerCta,
+                error, held.c_str());
   std::fflush(stdout);
 }
 
@@ -300,7 +372,7 @@ void library_row(const char* name, int rank, const Buffers& p, const std::vector
   if (rank > 0) {
     if (const char* why = moegate::router_gemm_small_m_lora_unsupported(library_args(p, 0),
                                                                          library_adapters(p, 0, rank))) {
-      std::printf("| %s | 16 | %d | - | - | not launched: %s |\n", name, rank, why);
+      std::printf("| %s | 16 | %d | - | - | not launched: %s | - |\n", name, rank, why);
       return;
     }
   }
@@ -332,10 +404,10 @@ void library_row(const char* name, int rank, const Buffers& p, const std::vector
     worst = std::max(worst, std::fabs(bf16_to_float(out[e]) - expected) / spacing);
   }
   if (base_us > 0.f)
-    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f |\n", name, rank > 0 ? 16 : 1, rank, us,
+    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f | - |\n", name, rank > 0 ? 16 : 1, rank, us,
                 us / base_us, worst);
   else
-    std::printf("| %s | %d | %d | - | - | %.2f |\n", name, rank > 0 ? 16 : 1, rank, worst);
+    std::printf("| %s | %d | %d | - | - | %.2f | - |\n", name, rank > 0 ? 16 : 1, rank, worst);
   std::fflush(stdout);
 }
 
@@ -359,6 +431,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(p.scaling, scaling.data(), sizeof(float) * kSlots, cudaMemcpyHostToDevice));
   CHECK(cudaMalloc(&p.x, 2LL * K));
   CHECK(cudaMalloc(&p.out, 2LL * E));
+  CHECK(cudaMalloc(&p.sm_of_cta, sizeof(int) * E));
   fill<<<1024, 256>>>(p.weights, 1ULL * p.copies * E * K, 1, 0.1f);
   fill<<<1024, 256>>>(p.a, 1ULL * p.copies * kSlots * 64 * K, 2, 0.1f);
   fill<<<256, 256>>>(p.b, 1ULL * p.copies * kSlots * E * 64, 3, 0.5f);
@@ -376,7 +449,9 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 4; ++i) time_variant<1, 0>(p);
   const float base = check_only ? 0.f : time_variant<1, 0>(p);
   std::printf("K = %d, E = %d, M = 1, cold, us per call; error: worst |out - reference| in bf16 "
-              "spacings\n\n| variant | cluster | rank | us | x base | error |\n|---|---|---|---|---|---|\n",
+              "spacings; SMs holding 1/2/3+: of the grid's CTAs, in the check launch\n\n"
+              "| variant | cluster | rank | us | x base | error | SMs holding 1/2/3+ |\n"
+              "|---|---|---|---|---|---|---|\n",
               K, E);
   row<1, 0>("base", p, w, a, b, x, base);
   row<8, 0>("clusters", p, w, a, b, x, base);
@@ -393,5 +468,9 @@ int main(int argc, char** argv) {
   library_row("library base gate", 0, p, w, a, b, x, base);
   library_row("library one launch", 16, p, w, a, b, x, base);
   library_row("library one launch", 64, p, w, a, b, x, base);
+  // Shared memory per SM is 228 KB on H100 and H200: 90 KB a CTA leaves room for two, 120 KB one.
+  // Last: a cap that leaves clusters of 16 no room must not cost the rows above.
+  row<16, 1, Slot::kRead>("LoRA, slot read, <= 2 an SM", p, w, a, b, x, base, 90 << 10);
+  row<16, 1, Slot::kRead>("LoRA, slot read, 1 an SM", p, w, a, b, x, base, 120 << 10);
   return 0;
 }
