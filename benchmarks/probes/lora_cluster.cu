@@ -277,22 +277,17 @@ float round_bf16(float f) {
   return r;
 }
 
-// Runs the variant once on copy 0 and returns the largest error against a host reference, in
-// units of the output's bf16 spacing (<= 1 expected: the sums' order differs from the host's).
-// a and b: copy 0's adapters, every slot.
-template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
-float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& all_a,
-                    const std::vector<uint16_t>& all_b, const std::vector<uint16_t>& x, int reserved) {
-  constexpr int kRank = kCluster * kRowsPerCta;
-  const int used = kSlot == Slot::kFixed ? 0 : kUsedSlot;
-  const uint16_t* a = all_a.data() + static_cast<size_t>(used) * 64 * K;
-  const uint16_t* b = all_b.data() + static_cast<size_t>(used) * E * 64;
-  launch_variant<kCluster, kRowsPerCta, kSlot>(p, 0, reserved, true, nullptr);
+// After a launch on copy 0: the largest error of its output against the host reference
+// round(round(w_e . x) + kScale * (B_e . (A x))) for `rank` rows of A from `a` and B as [E, rank]
+// from `b` (rank 0: the base gate), in units of the output's bf16 spacing (<= 1 expected: the sums'
+// order differs from the host's).
+float worst_error(const Buffers& p, const std::vector<uint16_t>& w, const uint16_t* a, const uint16_t* b,
+                  int rank, const std::vector<uint16_t>& x) {
   CHECK(cudaDeviceSynchronize());
   std::vector<uint16_t> out(E);
   CHECK(cudaMemcpy(out.data(), p.out, 2 * E, cudaMemcpyDeviceToHost));
-  std::vector<double> xa(kRank);
-  for (int r = 0; r < kRank; ++r) {
+  std::vector<double> xa(rank);
+  for (int r = 0; r < rank; ++r) {
     double s = 0;
     for (int k = 0; k < K; ++k) s += double(bf16_to_float(a[r * K + k])) * bf16_to_float(x[k]);
     xa[r] = s;
@@ -302,13 +297,25 @@ float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std:
     double logit = 0;
     for (int k = 0; k < K; ++k) logit += double(bf16_to_float(w[e * K + k])) * bf16_to_float(x[k]);
     double delta = 0;
-    for (int r = 0; r < kRank; ++r) delta += xa[r] * bf16_to_float(b[e * kRank + r]);
+    for (int r = 0; r < rank; ++r) delta += xa[r] * bf16_to_float(b[e * rank + r]);
     const float expected = round_bf16(static_cast<float>(round_bf16(static_cast<float>(logit)) +
                                                          kScale * delta));
     const float spacing = std::ldexp(1.f, std::ilogb(std::fabs(expected) + 1e-30f) - 7);
     worst = std::max(worst, std::fabs(bf16_to_float(out[e]) - expected) / spacing);
   }
   return worst;
+}
+
+// Runs the variant once on copy 0 and returns worst_error. a and b: copy 0's adapters, every slot.
+template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
+float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& all_a,
+                    const std::vector<uint16_t>& all_b, const std::vector<uint16_t>& x, int reserved) {
+  constexpr int kRank = kCluster * kRowsPerCta;
+  const int used = kSlot == Slot::kFixed ? 0 : kUsedSlot;
+  const uint16_t* a = all_a.data() + static_cast<size_t>(used) * 64 * K;
+  const uint16_t* b = all_b.data() + static_cast<size_t>(used) * E * 64;
+  launch_variant<kCluster, kRowsPerCta, kSlot>(p, 0, reserved, true, nullptr);
+  return worst_error(p, w, a, b, kRank, x);
 }
 
 // One row of the table; reserved: as launch_variant's.
@@ -381,28 +388,8 @@ void library_row(const char* name, int rank, const Buffers& p, const std::vector
                                     std::max(kMinLaunches, p.copies))
                        : 0.f;
   launch_library(p, 0, rank, nullptr);
-  CHECK(cudaDeviceSynchronize());
-  std::vector<uint16_t> out(E);
-  CHECK(cudaMemcpy(out.data(), p.out, 2 * E, cudaMemcpyDeviceToHost));
-  const uint16_t* a = all_a.data() + static_cast<size_t>(kUsedSlot) * rank * K;
-  const uint16_t* b = all_b.data() + static_cast<size_t>(kUsedSlot) * E * rank;
-  std::vector<double> xa(rank);
-  for (int r = 0; r < rank; ++r) {
-    double s = 0;
-    for (int k = 0; k < K; ++k) s += double(bf16_to_float(a[r * K + k])) * bf16_to_float(x[k]);
-    xa[r] = s;
-  }
-  float worst = 0.f;
-  for (int e = 0; e < E; ++e) {
-    double logit = 0;
-    for (int k = 0; k < K; ++k) logit += double(bf16_to_float(w[e * K + k])) * bf16_to_float(x[k]);
-    double delta = 0;
-    for (int r = 0; r < rank; ++r) delta += xa[r] * bf16_to_float(b[e * rank + r]);
-    const float rounded = round_bf16(static_cast<float>(logit));
-    const float expected = rank == 0 ? rounded : round_bf16(static_cast<float>(rounded + kScale * delta));
-    const float spacing = std::ldexp(1.f, std::ilogb(std::fabs(expected) + 1e-30f) - 7);
-    worst = std::max(worst, std::fabs(bf16_to_float(out[e]) - expected) / spacing);
-  }
+  const float worst = worst_error(p, w, all_a.data() + static_cast<size_t>(kUsedSlot) * rank * K,
+                                  all_b.data() + static_cast<size_t>(kUsedSlot) * E * rank, rank, x);
   if (base_us > 0.f)
     std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f | - |\n", name, rank > 0 ? 16 : 1, rank, us,
                 us / base_us, worst);
