@@ -240,6 +240,9 @@ case "$mode" in
       record "ncu $kernel: exit $?"
       ncu --import "$out/ncu_$name.ncu-rep" --page details --print-units base 2>/dev/null |
         grep -E 'Duration|Elapsed Cycles|SM Active Cycles|Executed Instructions |Registers Per' >>"$out/ncu_summary.txt"
+      # per instruction (also readable here from the report: benchmarks/probes/ncu_source_counters.py)
+      ncu --import "$out/ncu_$name.ncu-rep" --page source --csv --print-source sass \
+        >"$out/ncu_${name}_sass.csv" 2>&1
     done
     timeout 60 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
       >"$out/synccheck_probe.txt" 2>&1
