@@ -17,6 +17,8 @@
 //                above: benchmarks/results/README.md, "The one-launch LoRA kernel's first GPU run")
 //   prefetched   slot read, with every slot's A rows of the CTA and B row of its expert asked of
 //                L2 (prefetch.global.L2) at entry, so that the dependent trip stops at L2
+//   read late    slot read, but only after the whole weight row is asked for, as the library
+//                kernel reads it (left alone, ptxas puts the slot's load first)
 //   <= N an SM   slot read, launched with enough (unused) dynamic shared memory that an SM holds
 //                at most N of its CTAs: the library's one launch holds two an SM (99 registers a
 //                thread), the probe's kernel many; does the cap alone move the time?
@@ -66,18 +68,23 @@ constexpr int kUsedSlot = kSlots - 1;
 
 // Where a CTA's adapter rows come from: a slot fixed at compile time (slot 0, loads at entry), or
 // the slot read from memory first, with or without an L2 prefetch of every slot's rows at entry.
-enum class Slot { kFixed, kRead, kReadPrefetched };
+// kReadLate: the slot read from memory only after the whole weight row is asked for, behind a
+// grid-dependency wait that is never taken, as the library kernel reads it (left alone, ptxas
+// issues the slot's load first and half the weight row behind its arrival).
+enum class Slot { kFixed, kRead, kReadPrefetched, kReadLate };
 
 
 // kCluster 1: base. kRowsPerCta 0: no adapter. Otherwise the cluster's rank is
 // kCluster * kRowsPerCta, and CTA rank q computes shrink rows [q * kRowsPerCta, ...).
 // A copy holds kSlots adapters: slot s's A rows at lora_a + s * 64 * K, its B at lora_b + s * E * 64.
+// sm_of_cta: null, or where each CTA records its SM. wait: whether kReadLate's grid-dependency wait
+// is taken (never: every launch here passes false; the branch only gives the code its shape).
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 __global__ void __launch_bounds__(kThreads, 1)
     gate_kernel(const __nv_bfloat16* __restrict__ weight, const __nv_bfloat16* __restrict__ x,
                 const __nv_bfloat16* __restrict__ lora_a, const __nv_bfloat16* __restrict__ lora_b,
                 const int* __restrict__ slot, __nv_bfloat16* __restrict__ out,
-                int* __restrict__ sm_of_cta) {
+                int* __restrict__ sm_of_cta, bool wait) {
   constexpr int kRank = kCluster * kRowsPerCta;
   static_assert(kRank <= 64, "warp 0 holds B's row in two values a lane");
   constexpr int kRows = 1 + kRowsPerCta;  // the expert's row, then its shrink rows
@@ -113,8 +120,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int j = 0; j < kChunksPerThread; ++j)
     weight_row[j] = sm90::load_weight_16B(weight + static_cast<long long>(e) * K + 8 * (j * kThreads + t),
                                           j * kThreads + t < kChunks);
+  uint4 xv[kChunksPerThread];
+  constexpr bool kSlotLate = kSlot == Slot::kReadLate;
+  if constexpr (kSlotLate) {
+    // The library kernel's shape: a grid-dependency wait taken only under PDL (never here) between
+    // the weight row and the rest. Without the branch and the coherent load below, ptxas issues
+    // the slot's load first. (ptxas puts the slot's load ahead of x's, behind the wait.)
+    if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < kChunksPerThread; ++j)
+      xv[j] = sm90::load_activation_16B(x + 8 * (j * kThreads + t), j * kThreads + t < kChunks);
+  }
   if constexpr (kSlot != Slot::kFixed) {
-    const int s = *slot;  // the adapters' addresses wait for this load
+    int s;  // the adapters' addresses wait for this load
+    if constexpr (kSlotLate)  // coherent, as the library reads slot_ids (ptxas hoists a .nc load)
+      asm volatile("ld.global.u32 %0, [%1];" : "=r"(s) : "l"(slot) : "memory");
+    else
+      s = *slot;
     lora_a += static_cast<long long>(s) * 64 * K;
     lora_b += static_cast<long long>(s) * E * 64;
   }
@@ -126,7 +148,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t < 32 && t + 32 < kRank) b_high = __bfloat162float(b_row[t + 32]);
   }
 
-  uint4 rows[kRows][kChunksPerThread], xv[kChunksPerThread];
+  uint4 rows[kRows][kChunksPerThread];
 #pragma unroll
   for (int j = 0; j < kChunksPerThread; ++j) {
     const int chunk = j * kThreads + t;
@@ -136,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int r = 1; r < kRows; ++r)
       rows[r][j] = sm90::load_weight_16B(
           lora_a + static_cast<long long>(q * kRowsPerCta + r - 1) * K + 8 * chunk, valid);
-    xv[j] = sm90::load_activation_16B(x + 8 * chunk, valid);
+    if constexpr (!kSlotLate) xv[j] = sm90::load_activation_16B(x + 8 * chunk, valid);
   }
   float acc[kRows];
 #pragma unroll
@@ -245,7 +267,7 @@ void launch_variant(const Buffers& p, long long c, int reserved, bool record, cu
             static_cast<const __nv_bfloat16*>(p.weights + c * E * K), static_cast<const __nv_bfloat16*>(p.x),
             static_cast<const __nv_bfloat16*>(p.a + c * kSlots * 64 * K),
             static_cast<const __nv_bfloat16*>(p.b + c * kSlots * E * 64), static_cast<const int*>(p.slot),
-            p.out, record ? p.sm_of_cta : nullptr);
+            p.out, record ? p.sm_of_cta : nullptr, false);
 }
 
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
@@ -452,6 +474,7 @@ int main(int argc, char** argv) {
   row<16, 4, Slot::kRead>("LoRA, slot read", p, w, a, b, x, base);
   row<16, 1, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
   row<16, 4, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
+  row<16, 1, Slot::kReadLate>("LoRA, slot read late", p, w, a, b, x, base);
   library_row("library base gate", 0, p, w, a, b, x, base);
   library_row("library one launch", 16, p, w, a, b, x, base);
   library_row("library one launch", 64, p, w, a, b, x, base);
