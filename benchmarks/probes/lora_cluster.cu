@@ -51,6 +51,7 @@
 #include "probe_data.cuh"
 #include "kernels/cluster_exchange.cuh"
 #include "kernels/float_convert.cuh"
+#include "kernels/grid_dependency.cuh"
 #include "kernels/memory_access.cuh"
 #include "kernels/router_gemm.h"
 
@@ -238,17 +239,10 @@ template <int kCluster, int kRowsPerCta, Slot kSlot>
 int resident_clusters(int reserved) {
   auto kernel = gate_kernel<kCluster, kRowsPerCta, kSlot>;
   allow_launch(kernel, kCluster, reserved);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(E);
-  config.blockDim = dim3(kThreads);
+  cudaLaunchAttribute attributes[2];
+  cudaLaunchConfig_t config =
+      sm90::cluster_launch_config(dim3(E), dim3(kThreads), nullptr, kCluster, false, attributes);
   config.dynamicSmemBytes = reserved;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = kCluster;
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
   int clusters = 0;
   if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
     cudaGetLastError();
@@ -340,6 +334,17 @@ float check_variant(const Buffers& p, const std::vector<uint16_t>& w, const std:
   return worst_error(p, w, a, b, kRank, x);
 }
 
+// Prints one row of the table (us 0: checked only, not timed; held: the placement column).
+void print_row(const char* name, int cluster, int rank, float us, float base_us, float error,
+               const std::string& held) {
+  if (us > 0.f)
+    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f | %s |\n", name, cluster, rank, us, us / base_us,
+                error, held.c_str());
+  else
+    std::printf("| %s | %d | %d | - | - | %.2f | %s |\n", name, cluster, rank, error, held.c_str());
+  std::fflush(stdout);
+}
+
 // One row of the table; reserved: as launch_variant's.
 template <int kCluster, int kRowsPerCta, Slot kSlot = Slot::kFixed>
 void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
@@ -352,14 +357,7 @@ void row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
   }
   const float us = base_us > 0.f ? time_variant<kCluster, kRowsPerCta, kSlot>(p, reserved) : 0.f;
   const float error = check_variant<kCluster, kRowsPerCta, kSlot>(p, w, a, b, x, reserved);
-  const std::string held = placement(p);
-  if (base_us > 0.f)
-    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f | %s |\n", name, kCluster,
-                kCluster * kRowsPerCta, us, us / base_us, error, held.c_str());
-  else
-    std::printf("| %s | %d | %d | - | - | %.2f | %s |\n", name, kCluster, kCluster * kRowsPerCta,
-                error, held.c_str());
-  std::fflush(stdout);
+  print_row(name, kCluster, kCluster * kRowsPerCta, us, base_us, error, placement(p));
 }
 
 // The library's kernels on copy c: the base gate (rank 0), or the one launch with kSlots adapters
@@ -412,12 +410,7 @@ void library_row(const char* name, int rank, const Buffers& p, const std::vector
   launch_library(p, 0, rank, nullptr);
   const float worst = worst_error(p, w, all_a.data() + static_cast<size_t>(kUsedSlot) * rank * K,
                                   all_b.data() + static_cast<size_t>(kUsedSlot) * E * rank, rank, x);
-  if (base_us > 0.f)
-    std::printf("| %s | %d | %d | %.2f | %.2fx | %.2f | - |\n", name, rank > 0 ? 16 : 1, rank, us,
-                us / base_us, worst);
-  else
-    std::printf("| %s | %d | %d | - | - | %.2f | - |\n", name, rank > 0 ? 16 : 1, rank, worst);
-  std::fflush(stdout);
+  print_row(name, rank > 0 ? 16 : 1, rank, us, base_us, worst, "-");
 }
 
 }  // namespace
