@@ -229,9 +229,9 @@ case "$mode" in
     record "compile lora_cluster: exit $?"
     timeout 90 "$out/lora_cluster" >"$out/probe_lora_cluster.txt" 2>&1
     record "probe lora_cluster: exit $?"
-    # (demangled: "router_gemm_small_m_kernel<(int)256, (int)1, (int)1, __nv_bfloat16, (...Fusion)3>",
-    # "gate_kernel<(int)16, (int)1, (...Slot)1>")
-    for kernel in 'router_gemm_small_m_kernel<[^,]*256, [^,]*1, [^,]*1, __nv_bfloat16, [^>]*3>' \
+    # (demangled: "router_gemm_small_m_kernel<(int)256, (int)1, (int)1, __nv_bfloat16, (...Fusion)3,
+    # (int)1>", "gate_kernel<(int)16, (int)1, (...Slot)1>")
+    for kernel in 'router_gemm_small_m_kernel<[^,]*256, [^,]*1, [^,]*1, __nv_bfloat16, [^,]*3, [^>]*1>' \
         'gate_kernel<[^,]*16, [^,]*1, [^,]*Slot.1>'; do
       name=$(echo "$kernel" | tr -c 'a-z0-9\n' '_' | cut -c1-40)
       timeout 90 ncu --set full --clock-control none --cache-control none --kernel-name-base demangled \

@@ -19,8 +19,8 @@ namespace sm90 {
 //    warp would execute before its first weight load (benchmarks/results/README.md, "the
 //    tensor-core kernel's cluster arrive, relaxed"); tests/test_kernel_sass.py keeps barriers
 //    out of that spot.
-//  * A push is st.async: a remote store (16 bytes, one accumulator fragment) that also counts its
-//    bytes on the owner's mbarrier. The owner announces the bytes it expects and waits for phase 0
+//  * A push is st.async: a remote store (4 to 16 bytes: one accumulator fragment, a LoRA CTA's
+//    shrink items) that also counts its bytes on the owner's mbarrier. The owner announces the bytes it expects and waits for phase 0
 //    to complete, which makes all of them visible to it. Senders never wait for the rest of the
 //    cluster, and no CTA reads another's shared memory, so a CTA may exit once its own inbox is
 //    complete.
@@ -62,14 +62,29 @@ __device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
   return remote;
 }
 
-// Pushes one accumulator fragment (4 floats, 16-byte aligned) in one message.
-__device__ __forceinline__ void push_to_rank(uint32_t remote_addr, const float (&v)[4],
+// Pushes N floats (1, 2 or 4; 4N-byte aligned) in one message: an accumulator fragment, or a
+// LoRA CTA's shrink items.
+template <int N>
+__device__ __forceinline__ void push_to_rank(uint32_t remote_addr, const float (&v)[N],
                                              uint32_t remote_bar) {
-  asm volatile(
-      "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
-      ::"r"(remote_addr), "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])),
-      "r"(__float_as_uint(v[2])), "r"(__float_as_uint(v[3])), "r"(remote_bar)
-      : "memory");
+  static_assert(N == 1 || N == 2 || N == 4, "st.async stores 4, 8 or 16 bytes");
+  if constexpr (N == 1) {
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];"
+                 ::"r"(remote_addr), "r"(__float_as_uint(v[0])), "r"(remote_bar)
+                 : "memory");
+  } else if constexpr (N == 2) {
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];"
+        ::"r"(remote_addr), "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])),
+        "r"(remote_bar)
+        : "memory");
+  } else {
+    asm volatile(
+        "st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.b32 [%0], {%1, %2, %3, %4}, [%5];"
+        ::"r"(remote_addr), "r"(__float_as_uint(v[0])), "r"(__float_as_uint(v[1])),
+        "r"(__float_as_uint(v[2])), "r"(__float_as_uint(v[3])), "r"(remote_bar)
+        : "memory");
+  }
 }
 
 __device__ __forceinline__ void mbarrier_expect_bytes(uint32_t bar, uint32_t bytes) {

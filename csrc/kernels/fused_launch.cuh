@@ -61,7 +61,6 @@ struct FusedPart {
   ShrinkPart shrink;
   RouteArgs route;
   LoraAdapters lora;
-  int lora_items = 0;  // Fusion::kLora: shrink values (token, rank row) per CTA of a cluster
 };
 
 }  // namespace sm90

@@ -113,8 +113,8 @@ using sm90::ShrinkPart;  // the second GEMM of a fused launch (expert blocks alo
 // Fusion::kShrink: the grid has ceil(shrink.rows / kExperts) more CTAs along x, for the ShrinkPart.
 // Fusion::kRoute: the last CTA of each row of the grid routes that row's tokens (routing.cuh).
 // Fusion::kLora: clusters of lora_cluster::kCluster CTAs along x (gridDim.x a multiple of it; CTAs
-// past E compute shrink items only), each CTA with lora_items shrink items (lora_cluster.cuh).
-template <int kThreads, int kExperts, int kTokens, typename Out, Fusion kFusion>
+// past E compute shrink items only), each CTA with kLoraItems shrink items (lora_cluster.cuh).
+template <int kThreads, int kExperts, int kTokens, typename Out, Fusion kFusion, int kLoraItems = 0>
 __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtasPerSm
                                             : kThreads == kLongRowThreads
                                                 ? long_row_ctas_per_sm(kExperts * kTokens)
@@ -123,16 +123,18 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
                                const __nv_bfloat16* __restrict__ weight,
                                const __nv_bfloat16* __restrict__ bias, Out* __restrict__ out, int M,
                                int E, int K, bool pdl, ShrinkPart shrink, RouteArgs route,
-                               LoraAdapters lora, int lora_items) {
+                               LoraAdapters lora) {
   constexpr bool kWithShrink = kFusion == Fusion::kShrink;
   constexpr bool kWithLora = kFusion == Fusion::kLora;
   constexpr int kWarps = kThreads / 32;
   constexpr int kOutputs = kExperts * kTokens;
   static_assert(kOutputs <= 32, "one lane per output in the warp reduction");
   static_assert(!kWithLora || kThreads == kShortRowThreads, "the shrink's 256-thread sums");
+  static_assert(kWithLora == (kLoraItems > 0), "shrink items in the LoRA form only");
+  constexpr int kItems = kWithLora ? kLoraItems : 1;  // array sizes of the unused LoRA state
   __shared__ float warp_sums[kWarps][kOutputs];
   sm90::trigger_dependents();  // at entry (grid_dependency.cuh)
-  using LoraShared = lora_cluster::Shared<kWarps, kOutputs>;
+  using LoraShared = lora_cluster::Shared<kWarps>;
   __shared__ __align__(16) unsigned char lora_bytes[kWithLora ? sizeof(LoraShared) : 1];
   auto& lora_shared = *reinterpret_cast<LoraShared*>(lora_bytes);
   if constexpr (kWithLora) lora_cluster::start(lora_shared);
@@ -159,12 +161,16 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
   float acc[kOutputs];  // acc[e * kTokens + m]: expert e0 + e, token m0 + m
 #pragma unroll
   for (int i = 0; i < kOutputs; ++i) acc[i] = 0.f;
-  lora_cluster::Tile<kExperts, kTokens> tile;  // Fusion::kLora only, read after the wait
-  float item_acc[lora_cluster::kMaxItems];
+  lora_cluster::Tile<kExperts, kTokens, kItems> tile;  // Fusion::kLora only, read after the wait
+  float item_acc[kItems];
 #pragma unroll
-  for (int u = 0; u < lora_cluster::kMaxItems; ++u) item_acc[u] = 0.f;
+  for (int u = 0; u < kItems; ++u) item_acc[u] = 0.f;
 
-  for (int pass = 0; pass < num_chunks; pass += kThreads * kChunksPerThread) {
+  // The LoRA form's rows take one pass (its launcher checks K): a loop of one known trip, so that
+  // its pass-0 reads are straight-line code that ptxas schedules with x's loads (inside a
+  // conditional block they sat after it, x's loads behind the slots' arrival).
+  const int passes_end = kWithLora ? 1 : num_chunks;
+  for (int pass = 0; pass < passes_end; pass += kThreads * kChunksPerThread) {
     uint4 w[kChunksPerThread][kExperts];
     uint4 xv[kChunksPerThread][kTokens];
 #pragma unroll
@@ -184,19 +190,20 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
         xv[j][m] = sm90::load_activation_16B(x + static_cast<long long>(m) * K + 8 * chunk,
                             chunk < num_chunks && m < M);
     }
+    if (kWithLora && pass == 0) tile.read_slots(lora, M < kTokens ? M : kTokens, m0);
     if (pass == 0) bias_bits = sm90::load_bias_bits(bias, my_e, stores);  // behind the rows
-    uint4 a[kWithLora ? kChunksPerThread : 1][lora_cluster::kMaxItems];
+    uint4 a[kWithLora ? kChunksPerThread : 1][kItems];
     if constexpr (kWithLora) {
-      if (pass == 0) tile.read_items(lora, lora_items, M < kTokens ? M : kTokens, m0, K);
+      if (pass == 0) tile.find_items(lora, K);
 #pragma unroll
       for (int j = 0; j < kChunksPerThread; ++j) {
         const int chunk = pass + j * kThreads + t;
 #pragma unroll
-        for (int u = 0; u < lora_cluster::kMaxItems; ++u)
+        for (int u = 0; u < kItems; ++u)
           a[j][u] = sm90::load_weight_16B(tile.item_row[u] + 8 * chunk,
-                                          chunk < num_chunks && tile.item_row[u] != nullptr);
+                                          chunk < num_chunks && tile.item_live[u]);
       }
-      if (pass == 0) tile.read_expand(lora, e0, E);
+      if (pass == 0) tile.read_expand(lora, bias, e0, E);
     }
 #pragma unroll
     for (int j = 0; j < kChunksPerThread; ++j)
@@ -208,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
     if constexpr (kWithLora) {
 #pragma unroll
       for (int j = 0; j < kChunksPerThread; ++j)
-        lora_cluster::add_items(a[j], xv[j], tile.item_token, lora_items, item_acc);
+        lora_cluster::add_items(a[j], xv[j], tile.item_token, item_acc);
     }
   }
 
@@ -225,24 +232,35 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
       if (lane == 0) warp_sums[t / 32][i] = v;
     }
   }
-  if constexpr (kWithLora) lora_cluster::reduce_items(item_acc, lora_items, lora_shared);
+  if constexpr (kWithLora) lora_cluster::reduce_items(item_acc, lora_shared);
   __syncthreads();
   if (stores) {
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][t];
+    // An adapted token's outputs are the expand's to store, with their deltas.
+    const bool expanded = kWithLora && lora_cluster::token_entry(tile.slot, my_m) >= 0;
     if (kWithShrink && shrink_cta)
       shrink_out[static_cast<long long>(my_m) * E + my_e] = sum + sm90::bias_value(bias_bits);
-    else if (kWithLora && lora_cluster::token_entry(tile.slot, my_m) >= 0)  // stored with its delta
-      lora_shared.base[t] = to_float(sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits)));
-    else
+    else if (!expanded)
       out[static_cast<long long>(my_m) * E + my_e] =
           sm90::store_cast<Out>(sum + sm90::bias_value(bias_bits));
   }
   if constexpr (kWithLora) {
-    sm90::cta_barrier();  // lora_shared.base complete
-    lora_cluster::exchange(lora_shared, lora_items);
-    lora_cluster::expand<kWarps>(tile, lora_shared, lora_items, lora.rank, out, E, e0);
+    lora_cluster::push_items<kItems>(lora_shared);
+    if (!lora_cluster::has_exchange_role<kOutputs>()) return;
+    // An adapted output's base, summed and rounded as above by the lane that stores it, while the
+    // inbox fills.
+    float base = 0.f;
+    const int o = t / lora_cluster::kLanesPerOutput;
+    if (tile.out_slot >= 0 && t % lora_cluster::kLanesPerOutput == 0) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][o];
+      base = to_float(sm90::store_cast<Out>(sum + sm90::bias_value(tile.bias_bits)));
+    }
+    lora_cluster::wait_inbox(lora_shared);
+    lora_cluster::expand<kWarps>(tile, lora_shared, lora.rank, base, out, E, e0);
   }
   if constexpr (kFusion == Fusion::kRoute) {
     if (routing::last_of_tile(route, blockIdx.y, gridDim.x))
@@ -261,8 +279,7 @@ cudaError_t launch_threads(const RouterGemmArgs& a, dim3 grid, const FusedPart& 
       router_gemm_small_m_kernel<kThreads, kExperts, kTokens, Out, kFusion>, grid,
       dim3(kThreads, 1, 1), a.stream, a.pdl, static_cast<const __nv_bfloat16*>(a.x),
       static_cast<const __nv_bfloat16*>(a.weight), static_cast<const __nv_bfloat16*>(a.bias),
-      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, fused.shrink, fused.route, fused.lora,
-      fused.lora_items);
+      static_cast<Out*>(a.out), a.M, a.E, a.K, a.pdl, fused.shrink, fused.route, fused.lora);
 }
 
 // The launch of one form (kFusion; a shrink: short rows only, 256 threads, its CTAs after the
