@@ -235,7 +235,10 @@ def _chain_job(E: int, M: int, replays: int) -> list[Row]:
             for name, router in chain.items()]
 
 
-def bench_lora(replays, progress) -> list[Row]:
+LORA_M = (1, 8, 32, 128)
+
+
+def bench_lora(replays, progress, m_values=LORA_M) -> list[Row]:
     """Issue-22 rows, gpt-oss-120b's router, cold: the base gate and GateLinearWithLoRA with 4
     adapters of the rank in its slots (max_rank = the rank, as a server sizes them) and the tokens
     spread over them, each with pdl off, then on; the layer's logits through router_gemm_lora (one
@@ -247,7 +250,7 @@ def bench_lora(replays, progress) -> list[Row]:
     from lora import GateLinearWithLoRA, TokenSlots
 
     rows = []
-    jobs = [(M, r) for r in (16, 64) for M in (1, 8, 32, 128)]
+    jobs = [(M, r) for r in (16, 64) for M in m_values]
     for M, rank in progress(jobs, desc="lora"):
         rows += _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots)
     return rows
@@ -532,6 +535,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-route", action="store_true", help="skip the routing rows")
     parser.add_argument("--only", default=None, metavar="REGEX", help="shapes whose name matches")
     parser.add_argument("--m", default=None, help="comma-separated M values (default: the sweep)")
+    parser.add_argument("--lora-m", default=",".join(map(str, LORA_M)),
+                        help="comma-separated M values of the LoRA rows (default: %(default)s)")
     parser.add_argument("--caches", default="hot,cold", help="hot, cold or both (default)")
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -560,7 +565,7 @@ def main(argv=None) -> int:
     if not args.no_chain:
         rows += bench_chain(args.replays, progress)
     if not args.no_lora:
-        rows += bench_lora(args.replays, progress)
+        rows += bench_lora(args.replays, progress, tuple(int(m) for m in args.lora_m.split(",")))
     if not args.no_route:
         rows += bench_route(args.replays, progress)
     gpu = torch.cuda.get_device_name()
