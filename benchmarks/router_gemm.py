@@ -241,8 +241,8 @@ LORA_M = (1, 8, 32, 128)
 def bench_lora(replays, progress, m_values=LORA_M) -> list[Row]:
     """Issue-22 rows, gpt-oss-120b's router, cold: the base gate and GateLinearWithLoRA with 4
     adapters of the rank in its slots (max_rank = the rank, as a server sizes them) and the tokens
-    spread over them, each with pdl off, then on; the layer's logits through router_gemm_lora (one
-    launch where the decode kernel serves and the adapters fit a cluster), pdl off and on; the
+    spread over them, each with pdl off, then on (the layer's op picks one launch or two per call);
+    the same logits as the two ops (router_gemm_with_shrink, lora_expand), pdl off and on; the
     layer in grad mode (parameters requiring grad, no inference_mode, pdl on); and the PEFT-style
     single-adapter computation F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s. Under
     inference_mode but the grad row, as a server runs."""
@@ -293,15 +293,16 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
             return layer(x)
         return step
 
-    def one_op(pdl):  # the layer's logits through router_gemm_lora (one launch where it takes them)
+    def two_launches(pdl):  # the layer's logits as the two ops, whatever the layer's op picks
         slot_ids = slots.for_tokens(M)
 
         def step(i):
             layer = layers[i % len(layers)]
             gate = layer.base_layer
-            return ops.router_gemm_lora_unchecked(
-                x, gate.weight, gate.bias, layer.lora_a_stacked.view(-1, shape.K), layer.lora_b_stacked,
-                layer.scaling, slot_ids, None, pdl, "moegate")
+            logits, xa = ops.router_gemm_with_shrink_unchecked(
+                x, gate.weight, gate.bias, layer.lora_a_stacked.view(-1, shape.K), None, pdl, "moegate")
+            return ops.lora_expand_unchecked(logits, xa, layer.lora_b_stacked, layer.scaling, slot_ids,
+                                             ops.EXPAND_PDL, "moegate")
         return step
 
     def row(provider, fn):
@@ -313,8 +314,8 @@ def _lora_job(M, rank, replays, GateLinear, GateLinearWithLoRA, TokenSlots) -> l
                 row("lora base+pdl", base_gate(True)),
                 row("lora moegate", lora_layer(False)),
                 row("lora moegate+pdl", lora_layer(True)),
-                row("lora one op", one_op(False)),
-                row("lora one op+pdl", one_op(True)),
+                row("lora two launches", two_launches(False)),
+                row("lora two launches+pdl", two_launches(True)),
                 row("lora peft-style", peft_style)]
     for layer in layers:
         layer.base_layer.weight.requires_grad_(True)
@@ -329,7 +330,7 @@ def lora_table(rows: list[Row]) -> str:
     keys = sorted({(r.shape, r.M) for r in rows if r.provider == "lora base"},
                   key=lambda k: (int(k[0].split("r=")[1]), k[1]))
     head = ["rank", "M", "base", "LoRA", "ratio", "base pdl", "LoRA pdl", "ratio", "grad mode, pdl",
-            "+ grad", "router_gemm_lora", "router_gemm_lora pdl", "PEFT-style"]
+            "+ grad", "two launches", "two launches pdl", "PEFT-style"]
     lines = []
     for shape, M in keys:
         get = lambda p, shape=shape, M=M: table.get((shape, M, "cold", p), float("nan"))  # noqa: E731
@@ -337,8 +338,8 @@ def lora_table(rows: list[Row]) -> str:
         lora, pdl, grad = get("lora moegate"), get("lora moegate+pdl"), get("lora moegate+pdl grad")
         lines.append([shape.split("r=")[1], str(M), f"{base:.2f}", f"{lora:.2f}", f"{lora / base:.2f}x",
                       f"{base_pdl:.2f}", f"{pdl:.2f}", f"{pdl / base_pdl:.2f}x", f"{grad:.2f}",
-                      f"{grad - pdl:+.2f}", f"{get('lora one op'):.2f}",
-                      f"{get('lora one op+pdl'):.2f}", f"{get('lora peft-style'):.2f}"])
+                      f"{grad - pdl:+.2f}", f"{get('lora two launches'):.2f}",
+                      f"{get('lora two launches+pdl'):.2f}", f"{get('lora peft-style'):.2f}"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines]) + "\n"
 
@@ -485,7 +486,7 @@ PLOT_PROVIDERS = {
     "routing": ("route logits", "route fused", "route transformers", "route GateGptOssRouter",
                 "route lora logits+pdl", "route lora routed+pdl"),
     "lora": ("lora base", "lora base+pdl", "lora moegate", "lora moegate+pdl", "lora moegate+pdl grad",
-             "lora one op+pdl"),
+             "lora two launches+pdl"),
 }
 
 

@@ -339,9 +339,9 @@ def router_gemm_lora_unchecked(x, weight, bias, lora_a, lora_b, scaling, slot_id
     lora_b: [S, E, R].
 
     On our kernels (``"moegate"``) this is one op, torch.ops.moegate.router_gemm_lora: one launch
-    where the decode kernel serves the base gate and takes the adapters (bf16 slots, rank <= 64 in
-    multiples of 8, token group x rank <= 64 shrink values a cluster), under grad mode too (its
-    gradients are the two ops' bit for bit). Elsewhere, and on other backends, the two ops.
+    where the decode kernel takes the call and was measured faster than the two (a single token,
+    bf16 slots, rank <= 64 in multiples of 8, <= 16 under PDL), under grad mode too (its gradients
+    are the two ops' bit for bit). Elsewhere, and on other backends, the two ops.
     """
     if backend == "moegate" and x.dtype != torch.float64:
         return torch.ops.moegate.router_gemm_lora(

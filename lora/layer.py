@@ -294,10 +294,12 @@ class GateLinearWithLoRA(nn.Module):
                 xa = ops.router_gemm_torch(x_flat, self._lora_a_flat, None, scaled_b.dtype)
                 out = ops.lora_expand_one_slot_torch(out, xa, slot, scaled_b)
         else:
+            # One op: on our kernels it picks one launch or the two (shrink with the base gate, then
+            # the expand) per call, whichever was measured faster for the shape; the same bits.
             buffers = self._buffers
-            logits, xa = self._base_and_shrink(base, x_flat, weight, bias, backend)
-            out = ops.lora_expand_unchecked(logits, xa, buffers["lora_b_stacked"], buffers["scaling"],
-                                            slot_ids, ops.EXPAND_PDL, backend)
+            out = ops.router_gemm_lora_unchecked(
+                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
+                buffers["lora_b_stacked"], buffers["scaling"], slot_ids, base.out_dtype, base.pdl, backend)
         return out if flat else out.view(*x.shape[:-1], base.num_experts)
 
     def _base_and_shrink(self, base, x_flat, weight, bias, backend):

@@ -39,8 +39,8 @@ def made_up_rows(bench):
         for M in (1, 8):
             for provider, us in (("lora base", 2.0), ("lora base+pdl", 1.0), ("lora moegate", 4.0),
                                  ("lora moegate+pdl", 3.0), ("lora peft-style", 20.0),
-                                 ("lora moegate+pdl grad", 3.1), ("lora one op", 5.0),
-                                 ("lora one op+pdl", 4.5)):
+                                 ("lora moegate+pdl grad", 3.1), ("lora two launches", 5.0),
+                                 ("lora two launches+pdl", 4.5)):
                 rows.append(Row(f"gpt-oss-120b lora r={rank}", 2880, 128, M, "bfloat16", "cold",
                                 provider, us))
     return rows

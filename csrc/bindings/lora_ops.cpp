@@ -1,7 +1,8 @@
 // The LoRA ops (kernels/lora_expand.h): lora_expand, the multi-adapter expand that adds each
 // token's low-rank delta to its logits (xa is the fp32 shrink for every slot, from
 // router_gemm_with_shrink), lora_expand_route, the expand and the routing of its output, and
-// router_gemm_lora, a LoRA layer's logits in one op (one launch where the decode kernel serves).
+// router_gemm_lora, a LoRA layer's logits in one op (one launch where the decode kernel takes the
+// call and was measured faster, else two).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>

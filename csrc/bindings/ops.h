@@ -90,8 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_expand_route(
     std::optional<at::ScalarType> ids_dtype, bool pdl);
 
 // A LoRA layer's logits: lora_expand(router_gemm_with_shrink(x, weight, bias, lora_a), lora_b,
-// scaling, slot_ids) bit for bit, in one launch where the decode kernel serves the base gate and
-// takes the adapters (kernels/router_gemm.h, router_gemm_small_m_lora), else in those two.
+// scaling, slot_ids) bit for bit, in one launch where the decode kernel takes the call and was
+// measured faster (kernels/router_gemm.h, router_gemm_small_m_lora), else in those two.
 // lora_a [S * R, K], lora_b [S, E, R].
 at::Tensor router_gemm_lora(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,

@@ -78,9 +78,10 @@ struct LoraAdapters {
 // (router_gemm_small_m.cuh). `out` gets the bits of the two-launch path:
 // launch_router_gemm_small_m_with_shrink, then launch_lora_expand. Null where it takes these
 // arguments: the decode kernel's needs, K <= 4096, 1 <= rank <= 64 in multiples of 8, 16-byte
-// aligned A and B, at most kLoraItemsPerCta shrink values a CTA (token group x rank / 16), and all
-// of the grid's clusters of 16 CTAs resident at once on this GPU (a second wave would cost more
-// than the two launches).
+// aligned A and B, one token (M = 1), rank <= 16 under PDL, and all of the grid's clusters of 16
+// CTAs resident at once on this GPU (a second wave would cost more than the two launches); the
+// reason string says which fails. Where it returns one, the two launches were measured faster or
+// are the only way.
 constexpr int kLoraItemsPerCta = 4;
 const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& args,
                                                  const LoraAdapters& lora);

@@ -59,9 +59,9 @@ constexpr int kShortRowMaxK = kShortRowThreads * kChunksPerThread * 8;
 constexpr int kWaveSms = 132;
 __host__ __device__ constexpr int long_row_ctas_per_sm(int outputs) { return outputs <= 2 ? 2 : 1; }
 // A one-launch LoRA grid runs only where all its clusters of 16 are resident at once
-// (router_gemm_small_m_lora.cu): two CTAs per SM (at most 128 registers a thread; every LoRA tile
-// fits without spilling, tests/test_kernel_sass.py) let the grids of M = 3-8 in, which one CTA per
-// SM sent to the two-launch path.
+// (router_gemm_small_m_lora.cu): two CTAs per SM (at most 128 registers a thread, without
+// spilling: tests/test_kernel_sass.py). One CTA an SM sent the probe design's M = 1 grid into a
+// second wave on an H100 (benchmarks/results/README.md, "One straight path").
 constexpr int kLoraCtasPerSm = 2;
 constexpr int kMaxTokensPerCta = 8;  // the largest token group launch_tokens instantiates
 
