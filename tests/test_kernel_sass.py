@@ -149,11 +149,16 @@ def test_lora_expand_keeps_the_pdl_order(tools, tmp_path):
     assert not broken, broken
 
 
+# Router-GEMM kernels of each unit, at least: the one-launch LoRA unit's 3 item counts x 2 outputs
+# (the other units have more).
+MIN_INSTANTIATIONS = 6
+
+
 @pytest.mark.parametrize("kernel_file", PDL_KERNELS)
 def test_every_instantiation_keeps_the_pdl_order(tools, tmp_path, kernel_file):
     functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", kernel_file), tmp_path)
     kernels = {name: ops for name, ops in functions.items() if "router_gemm" in name}
-    assert len(kernels) >= 12, f"expected every tile instantiation, found {sorted(kernels)}"
+    assert len(kernels) >= MIN_INSTANTIATIONS, f"expected every tile instantiation, found {sorted(kernels)}"
     broken = {name: pdl_violations(ops) for name, ops in kernels.items() if pdl_violations(ops)}
     assert not broken, broken
 
@@ -178,7 +183,7 @@ def waits_before_weights(ops: list[str]) -> list[str]:
 def test_no_memory_barrier_before_the_first_weight_load(tools, tmp_path, kernel_file):
     functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", kernel_file), tmp_path)
     kernels = {name: ops for name, ops in functions.items() if "router_gemm" in name}
-    assert len(kernels) >= 12, f"expected every tile instantiation, found {sorted(kernels)}"
+    assert len(kernels) >= MIN_INSTANTIATIONS, f"expected every tile instantiation, found {sorted(kernels)}"
     stalled = {name: waits_before_weights(ops) for name, ops in kernels.items()
                if waits_before_weights(ops)}
     assert not stalled, stalled
