@@ -167,18 +167,13 @@ __device__ __forceinline__ void reduce_items(float (&acc)[kItems], Shared<kWarps
   }
 }
 
-// Every thread, once its dot products are done and before the CTA barrier behind reduce_items:
-// every mbarrier of the cluster is initialised (start). Each warp waits on its own there, long after
-// the arrivals, instead of the pushing warp after the barrier (the wait and its L1 invalidation
-// were on the path from the barrier to the pushes).
-__device__ __forceinline__ void wait_cluster_started() { sm90::cluster_wait_acquire(); }
-
-// After wait_cluster_started and a CTA barrier behind reduce_items: the CTA's items to every CTA
-// of the cluster (thread t pushes to cluster rank t), and thread 0 announces the inbox's bytes.
+// After a CTA barrier behind reduce_items: the CTA's items to every CTA of the cluster (thread t
+// pushes to cluster rank t), and thread 0 announces the inbox's bytes. Every thread calls it.
 template <int kItems, int kWarps>
 __device__ __forceinline__ void push_items(Shared<kWarps>& sh) {
   const int t = static_cast<int>(threadIdx.x);
   const uint32_t bar = sm90::shared_address(&sh.inbox_full);
+  sm90::cluster_wait_acquire();  // every mbarrier of the cluster is initialised
   if (t < kCluster) {
     float v[kItems];
 #pragma unroll

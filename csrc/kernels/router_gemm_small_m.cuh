@@ -232,10 +232,7 @@ __global__ void __launch_bounds__(kThreads, kFusion == Fusion::kLora ? kLoraCtas
       if (lane == 0) warp_sums[t / 32][i] = v;
     }
   }
-  if constexpr (kWithLora) {
-    lora_cluster::wait_cluster_started();
-    lora_cluster::reduce_items(item_acc, lora_shared);
-  }
+  if constexpr (kWithLora) lora_cluster::reduce_items(item_acc, lora_shared);
   __syncthreads();
   if (stores) {
     float sum = 0.f;
