@@ -20,10 +20,10 @@ namespace sm90 {
 //    tensor-core kernel's cluster arrive, relaxed"); tests/test_kernel_sass.py keeps barriers
 //    out of that spot.
 //  * A push is st.async: a remote store (4 to 16 bytes: one accumulator fragment, a LoRA CTA's
-//    shrink items) that also counts its bytes on the owner's mbarrier. The owner announces the bytes it expects and waits for phase 0
-//    to complete, which makes all of them visible to it. Senders never wait for the rest of the
-//    cluster, and no CTA reads another's shared memory, so a CTA may exit once its own inbox is
-//    complete.
+//    shrink items) that also counts its bytes on the owner's mbarrier. The owner announces the
+//    bytes it expects and waits for phase 0 to complete, which makes all of them visible to it.
+//    Senders never wait for the rest of the cluster, and no CTA reads another's shared memory, so
+//    a CTA may exit once its own inbox is complete.
 __device__ __forceinline__ uint32_t shared_address(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }

@@ -16,9 +16,10 @@
 // the base sum in the storing lane): here the kernel is latency-bound, one or two warps per
 // scheduler, so every instruction on a warp's path costs its latency, and the first form, with
 // items, the inbox index and a second CTA barrier decided at run time, ran 480 instructions a
-// warp against the probe design's 300 (benchmarks/results/README.md, "One straight path"). No CTA waits for a CTA outside its cluster: the
-// handoff between clusters that costs 1.25-1.9 us (benchmarks/results/README.md, "What a handoff
-// between the CTAs of one launch costs") is replaced by recomputing the shrink in every cluster.
+// warp against the probe design's 300 (benchmarks/results/README.md, "One straight path").
+// No CTA waits for a CTA outside its cluster: the handoff between clusters that costs 1.25-1.9 us
+// (benchmarks/results/README.md, "What a handoff between the CTAs of one launch costs") is
+// replaced by recomputing the shrink in every cluster.
 //
 // PDL: the slots, hence which rows of A and B to read, are known only after
 // griddepcontrol.wait, so every LoRA load comes after it; the mbarrier set-up before it touches
@@ -80,10 +81,10 @@ __device__ __forceinline__ bool has_exchange_role() {
 }
 
 // What a thread knows of its CTA's token group after griddepcontrol.wait: the tokens' slots (-1:
-// no adapter) and its items' A rows (read_slots, find_items); then, once those rows' loads are issued, as an
-// expand lane (thread t: output t / 8, lane t % 8), its output's slot, scale, bias and 8 values of
-// B (zeros past the rank; read_expand). The A rows go first: each starts a K-long dot product, the
-// critical path, while B is needed only after the exchange.
+// no adapter) and its items' A rows (read_slots, find_items); then, once those rows' loads are
+// issued, as an expand lane (thread t: output t / 8, lane t % 8), its output's slot, scale, bias
+// and 8 values of B (zeros past the rank; read_expand). The A rows go first: each starts a K-long
+// dot product, the critical path, while B is needed only after the exchange.
 template <int kExperts, int kTokens, int kItems>
 struct Tile {
   static constexpr int kOutputs = kExperts * kTokens;

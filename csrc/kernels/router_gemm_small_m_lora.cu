@@ -12,15 +12,6 @@ namespace {
 
 constexpr int kCluster = lora_cluster::kCluster;
 
-// Shrink items per CTA for these tiles: the token group's (token, rank row) pairs over a cluster,
-// rounded up to 1, 2 or 4 (0: more than a CTA takes).
-int items_per_cta(int tokens_per_cta, int rank) {
-  const int items = sm90::ceil_div(tokens_per_cta * rank, kCluster);
-  for (int allowed = 1; allowed <= kLoraItemsPerCta; allowed *= 2)
-    if (items <= allowed) return allowed;
-  return 0;
-}
-
 // The one launch is taken only where it was measured faster than the two (benchmarks/results/
 // README.md, "One straight path"): single-token groups (M = 1; M = 8 lost by 1 us, the A rows
 // waiting for a slot behind a register-capped schedule), with one shrink item a CTA (rank <= 16)
@@ -28,6 +19,13 @@ int items_per_cta(int tokens_per_cta, int rank) {
 // the base gate's, and rank 64 lost by 0.3 us). M = 1 gets 1 x 1 tiles (resolve_tiles), the only
 // ones instantiated.
 constexpr int kOneLaunchTokens = 1;
+
+// Shrink items per CTA: the token's rank rows over a cluster, rounded up to 1, 2 or 4 (rank <= 64,
+// checked by the caller).
+int items_per_cta(int rank) {
+  const int items = sm90::ceil_div(kOneLaunchTokens * rank, kCluster);
+  return items <= 1 ? 1 : items <= 2 ? 2 : kLoraItemsPerCta;
+}
 
 template <int kItems, typename Out>
 constexpr auto lora_kernel =
@@ -110,8 +108,7 @@ const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& a, const 
   resolve_tiles(a, experts_per_cta, tokens_per_cta);
   if (experts_per_cta != 1 || tokens_per_cta != kOneLaunchTokens)
     return "token groups of more than one token: two launches were measured faster";
-  const int items = items_per_cta(tokens_per_cta, lora.rank);
-  if (items == 0) return "token group x rank exceeds the shrink items a cluster takes";
+  const int items = items_per_cta(lora.rank);
   if (items > 1 && a.pdl) return "ranks above 16 under PDL: two launches were measured faster";
   const bool fit = with_lora_kernel(items, a.out_dtype, false, [&](auto items_per_cta, auto out) {
     const dim3 grid = lora_grid(a);
@@ -125,7 +122,7 @@ const char* router_gemm_small_m_lora_unsupported(const RouterGemmArgs& a, const 
 cudaError_t launch_router_gemm_small_m_lora(const RouterGemmArgs& a, const LoraAdapters& lora) {
   FusedPart fused;
   fused.lora = lora;
-  return with_lora_kernel(items_per_cta(kOneLaunchTokens, lora.rank), a.out_dtype,
+  return with_lora_kernel(items_per_cta(lora.rank), a.out_dtype,
                           cudaErrorInvalidValue, [&](auto items, auto out) {
                             return launch_lora_kernel<decltype(items)::value, decltype(out)>(a, fused);
                           });
