@@ -45,27 +45,20 @@ def peft_mixed(peft_model, run, names, adapter_names=False):
     """
     if adapter_names:
         return run(adapter_names=[name or "__base__" for name in names])
-    out = None
-    for name in dict.fromkeys(names):
+
+    def under(name):
         with peft_adapter(peft_model, name):
-            result = run()
-        out = torch.empty_like(result) if out is None else out
-        rows = [i for i, n in enumerate(names) if n == name]
-        out[rows] = result[rows]
-    return out
+            return run()
+
+    return rows_by_adapter(names, under)
 
 
-def peft_rows_per_model(peft_models, run, names):
-    """``run(model)`` rows with a different adapter per row, each adapter in its own PeftModel.
-
-    For models where PEFT cannot hold the adapters side by side (see the AFMoE test); rows of None
-    run on the first model with its adapter disabled.
-    """
+def rows_by_adapter(names, result_for):
+    """Row i of ``result_for(names[i])`` for every row; ``result_for(name)`` runs the whole batch
+    under that adapter (None: none) once per distinct name and returns a [B, ...] tensor."""
     out = None
     for name in dict.fromkeys(names):
-        model = peft_models[name] if name is not None else next(iter(peft_models.values()))
-        with peft_adapter(model, name):
-            result = run(model)
+        result = result_for(name)
         out = torch.empty_like(result) if out is None else out
         rows = [i for i, n in enumerate(names) if n == name]
         out[rows] = result[rows]
@@ -214,6 +207,12 @@ def test_afmoe_nn_linear_router_gates_match_peft(tmp_path):
     # parameter gate.weight once the first adapter has made that Linear a LoRA layer, and refuses
     # to load the second adapter there; ours holds both, as the mixed rows below check.
     peft_models = {name: load_peft(base, {name: path}) for name, path in dirs.items()}
+
+    def under(name, run):  # rows without an adapter: the first model, its adapter disabled
+        model = peft_models[name] if name is not None else next(iter(peft_models.values()))
+        with peft_adapter(model, name):
+            return run(model)
+
     ours = copy.deepcopy(base)
     manager = AdapterManager(ours, max_loras=2, max_rank=4, target=["router.gate"])
     for name, path in dirs.items():
@@ -222,10 +221,10 @@ def test_afmoe_nn_linear_router_gates_match_peft(tmp_path):
     tokens = prompts(len(names), seed=3)
     manager.activate(names, tokens.shape[1])
     with torch.no_grad():
-        expected = peft_rows_per_model(peft_models, lambda model: model(tokens).logits, names)
+        expected = rows_by_adapter(names, lambda name: under(name, lambda model: model(tokens).logits))
         torch.testing.assert_close(ours(tokens).logits, expected, rtol=0, atol=ATOL)
-    want = peft_rows_per_model(peft_models, lambda model: model.generate(
-        input_ids=tokens, max_new_tokens=6, do_sample=False), names)
+    want = rows_by_adapter(names, lambda name: under(name, lambda model: model.generate(
+        input_ids=tokens, max_new_tokens=6, do_sample=False)))
     with manager.generating(names):
         assert torch.equal(ours.generate(tokens, max_new_tokens=6, do_sample=False), want)
 
