@@ -152,9 +152,10 @@ class GateLinearWithLoRA(nn.Module):
             self.token_slots.limit_slots(max_loras)
 
     def _make_slot_views(self) -> None:
-        # For the PyTorch backend's one-slot forward: every slot's A as one [S*R, K] matrix, and per
-        # slot B scaled (B^T [1, R, E] in the compute dtype, as ops.lora_expand_torch scales it),
-        # rewritten when a slot is written, not per forward.
+        # Every slot's A as one [S*R, K] matrix (the shrink's operand, a view made once, not per
+        # forward), and for the PyTorch backend's one-slot forward, per slot B scaled (B^T [1, R, E]
+        # in the compute dtype, as ops.lora_expand_torch scales it), rewritten when a slot is
+        # written.
         compute = torch.promote_types(self.lora_b_stacked.dtype, torch.float32)
         self._scaled_b = torch.empty(self.lora_b_stacked.shape, dtype=compute,
                                      device=self.lora_b_stacked.device)
@@ -298,16 +299,15 @@ class GateLinearWithLoRA(nn.Module):
             # the expand) per call, whichever was measured faster for the shape; the same bits.
             buffers = self._buffers
             out = ops.router_gemm_lora_unchecked(
-                x_flat, weight, bias, buffers["lora_a_stacked"].view(-1, base.in_features),
-                buffers["lora_b_stacked"], buffers["scaling"], slot_ids, base.out_dtype, base.pdl, backend)
+                x_flat, weight, bias, self._lora_a_flat, buffers["lora_b_stacked"], buffers["scaling"],
+                slot_ids, base.out_dtype, base.pdl, backend)
         return out if flat else out.view(*x.shape[:-1], base.num_experts)
 
     def _base_and_shrink(self, base, x_flat, weight, bias, backend):
         """The base gate's logits and every slot's shrink x A^T in one op: one launch where our
         Hopper kernels serve the base gate, with the base gate's logits bit for bit."""
-        lora_a = self._buffers["lora_a_stacked"].view(-1, base.in_features)
-        return ops.router_gemm_with_shrink_unchecked(x_flat, weight, bias, lora_a, base.out_dtype,
-                                                     base.pdl, backend)
+        return ops.router_gemm_with_shrink_unchecked(x_flat, weight, bias, self._lora_a_flat,
+                                                     base.out_dtype, base.pdl, backend)
 
     # The routing options mirror gate.ops.route_logits's (names, order, defaults), deliberately.
     def route(
