@@ -10,8 +10,6 @@
 #   tests (no slow), memcheck and synccheck (the whole workload, its one-launch part, the rest)
 #   probes: the lora_cluster, x_multicast and route_cluster probes (benchmarks/probes; no build of
 #   the package)
-#   lora-gap: the one-launch LoRA tests and rows, Nsight Compute on router_gemm_lora and on the
-#   lora_cluster probe at M = 1, and synccheck on the probe (its clusters of 16)
 #   lora-all: lora's LoRA tests and rows, the rest of the GPU tests (no slow), Nsight Compute on
 #   router_gemm(_lora) at M = 1, the lora_cluster probe, synccheck on the one-launch part, memcheck
 #   (one call's worth)
@@ -174,9 +172,9 @@ case "$mode" in
     sanitize_parts=lora_one_launch sanitize 60 synccheck
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
-  lora-all)  # lora and lora-gap in one call, by priority (a call cut off at the device's limit
-    # keeps what ran): correctness of the LoRA kernels, their rows, the rest of the suite, then why
-    # the one launch is slower than the probe, then the sanitizers
+  lora-all)  # lora and the one launch against the probe in one call, by priority (a call cut off
+    # at the device's limit keeps what ran): correctness of the LoRA kernels, their rows, the rest
+    # of the suite, then why the one launch is slower than the probe, then the sanitizers
     lora_then_rest 200
     for lora in 0 16; do
       timeout 60 python3 benchmarks/probes/ncu_router.py --e 128 --m 1 --lora "$lora" --out "$out/ncu" \
@@ -198,27 +196,6 @@ case "$mode" in
       rm -f "$out/$probe"
       tail -25 "$out/probe_$probe.txt"
     done
-    ;;
-  lora-gap)  # why router_gemm_lora's one launch is slower than the lora_cluster probe's design
-    one_launch_tests 90
-    lora_rows
-    for lora in 0 16 64; do  # Nsight Compute: the base gate, and the one launch at ranks 16 and 64
-      timeout 60 python3 benchmarks/probes/ncu_router.py --e 128 --m 1 --lora "$lora" --out "$out/ncu" \
-        >>"$out/ncu.txt" 2>&1
-      record "ncu router_gemm(_lora) M=1 rank $lora: exit $?"
-    done
-    compile_probe lora_cluster
-    # the probe's rank-16 kernel with its slot read from memory, as the library reads it (its
-    # check launch; ncu flushes the caches before it, so x and the slot are cold too)
-    timeout 60 ncu --set full --kernel-name-base demangled -k 'regex:gate_kernel<[^,]*16, [^,]*1, [^,]*Slot.1>' \
-      --launch-count 1 "$out/lora_cluster" --check-only >"$out/ncu_probe.txt" 2>&1
-    record "ncu lora_cluster probe: exit $?"
-    # the probe's clusters of 16 exchange as the library's kernel does: does synccheck stop it too?
-    timeout 90 compute-sanitizer --tool synccheck --error-exitcode 9 "$out/lora_cluster" --check-only \
-      >"$out/synccheck_probe.txt" 2>&1
-    record "compute-sanitizer synccheck on the lora_cluster probe: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
-    rm -f "$out/lora_cluster"
-    cat "$out/ncu.txt"; grep -E 'Duration|Elapsed Cycles|Registers Per|Warp Cycles Per Issued' "$out/ncu_probe.txt"
     ;;
   lora-probe)  # the one launch against the probe's design in one process, no package build, by
     # priority (a call cut off keeps what ran): the lora_cluster probe's rows (its last ones the
