@@ -14,7 +14,7 @@
 #   router_gemm(_lora) at M = 1, the lora_cluster probe, synccheck on the one-launch part, memcheck
 #   (one call's worth)
 #   lora-bench: the LoRA GPU tests (slow included) and rows, the gpt-oss rows of the router
-#   benchmark at M = 1-256 (issue 23's table: cuBLAS, PDL off and on), then the other GPU tests
+#   benchmark at M = 1-256 (issue 23's table: cuBLAS, PDL off and on; routed rows), then the other GPU tests
 #   (no slow) and memcheck: a stop's first call, what matters most coming back first
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
 #   the library's and the probe's M = 1 kernels, synccheck on the probe (no package build)
@@ -180,8 +180,8 @@ case "$mode" in
       tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
     record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
     lora_rows
-    timeout 150 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
-      --m 1,8,16,32,64,128,256 --no-chain --no-lora --no-route --out "$out/router" \
+    timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
+      --m 1,8,16,32,64,128,256 --no-chain --no-lora --out "$out/router" \
       2>"$out/bench_router.err" | tee "$out/bench_router.txt"
     record "router rows: see bench_router.txt"
     tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
