@@ -16,6 +16,9 @@
 #   lora-bench: the LoRA GPU tests (slow included) and rows, the gpt-oss rows of the router
 #   benchmark at M = 1-256 (issue 23's table: cuBLAS, PDL off and on; routed rows), then the other GPU tests
 #   (no slow) and memcheck: a stop's first call, what matters most coming back first
+#   tiles: what a change of the router's tile rule needs: GPU tests (no slow), the gpt-oss rows
+#   with every tile configuration beside them and the LoRA rows, the fp32 and other models' rows,
+#   memcheck and synccheck on the router kernels
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
 #   the library's and the probe's M = 1 kernels, synccheck on the probe (no package build)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
@@ -187,6 +190,16 @@ case "$mode" in
     tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
       --ignore=tests/test_lora_gpu.py
     sanitize 60 memcheck
+    ;;
+  tiles)
+    tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu
+    timeout 150 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold --tune \
+      --m 8,16,32,64,128,256 --no-chain --no-route --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    record "gpt-oss rows, tile sweep, LoRA rows: see bench.txt"
+    timeout 120 python3 benchmarks/router_gemm.py --only 'fp32|Qwen3|Llama|Mixtral|MiniMax' --caches cold \
+      --no-chain --no-route --no-lora --out "$out/others" 2>"$out/bench_others.err" | tee "$out/bench_others.txt"
+    record "fp32 and other models' rows: see bench_others.txt"
+    sanitize_parts=router_kernels sanitize 60 memcheck synccheck
     ;;
   lora-all)  # lora and the one launch against the probe in one call, by priority (a call cut off
     # at the device's limit keeps what ran): correctness of the LoRA kernels, their rows, the rest

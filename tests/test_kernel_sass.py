@@ -201,9 +201,9 @@ def ctas_per_sm_by_registers(registers: int, threads: int) -> int:
 # E = 128), and a fused routing launch has the plain call's grid. Such grids fit in one wave only
 # with these residencies (benchmarks/results/README.md, "Current build: independent MMA chains":
 # a 1 x 4 kernel at two CTAs per SM, and the fused 1 x 2 kernel at three, each cost about a
-# microsecond). The rule picks 2 x 1 tiles never and 2 x 4 only for grids past one wave, so those
-# two are free.
-MIN_CTAS_PER_SM = {(1, 1): 4, (1, 2): 4, (1, 4): 3, (2, 2): 3}
+# microsecond). 2 x 1 tiles serve only the plain call under PDL, in place of 1 x 2 (grids of up to
+# 256 CTAs, as 1 x 4), and 2 x 4 only grids past one wave, which leaves 2 x 4 free.
+MIN_CTAS_PER_SM = {(1, 1): 4, (1, 2): 4, (1, 4): 3, (2, 1): 3, (2, 2): 3}
 
 
 def test_tensor_core_kernels_keep_their_ctas_per_sm(tools, tmp_path):

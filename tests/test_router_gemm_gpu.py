@@ -372,6 +372,37 @@ def test_pdl_gives_the_same_bits(E):
             assert torch.equal(ops.router_gemm(x, weight, bias, out_dtype, pdl=True), plain), (M, out_dtype)
 
 
+@pytest.mark.parametrize("E", [32, 128, 256])
+@pytest.mark.parametrize("cluster", [4, 8])
+def test_an_expert_tile_traded_for_a_token_tile_keeps_the_bits(E, cluster):
+    """The plain call under PDL trades 1 x 2 tiles for 2 x 1 and 1 x 4 for 2 x 2
+    (router_gemm_sm90.cu): the same MMA tiles a warp, the same chains and reduction lanes, so
+    each pair must give the same bits, for any batch (padded token tiles included)."""
+    generator = torch.Generator().manual_seed(E + cluster)
+    weight, bias = router_weights(E, 2880, generator)
+    for M in (1, 7, 16, 33, 64, 100, 128, 256):
+        x = realistic_activations(M, 2880, generator)
+        for out_dtype, token_tiles in itertools.product((None, torch.float32), (2, 4)):
+            logits = [call_poisoned(tuning.router_gemm_sm90, (M, E), out_dtype or torch.bfloat16, x,
+                                    weight, bias, out_dtype, pdl, expert_tiles, tokens, cluster)
+                      for expert_tiles, tokens, pdl in ((1, token_tiles, False),
+                                                        (2, token_tiles // 2, True))]
+            assert torch.equal(*logits), (M, token_tiles, out_dtype)
+
+
+@pytest.mark.parametrize("M,pdl,tile", [(32, False, "ILi1ELi2E"), (32, True, "ILi2ELi1E"),
+                                        (128, False, "ILi1ELi4E"), (128, True, "ILi2ELi2E")])
+def test_pdl_takes_the_expert_heavy_tile(M, pdl, tile):
+    """gpt-oss-120b's router under PDL: two expert tiles a warp, whose weight rows load before the
+    dependency wait (benchmarks/results/README.md, "Tiles for PDL")."""
+    generator = torch.Generator().manual_seed(M)
+    weight, bias = router_weights(128, 2880, generator)
+    x = realistic_activations(M, 2880, generator)
+    assert tuning.router_gemm_route(x, weight) == "sm90"
+    launched = kernels_launched(lambda: ops.router_gemm(x, weight, bias, pdl=pdl))
+    assert len(launched) == 1 and tile in launched[0], launched
+
+
 @pytest.mark.parametrize("K,E,rows", [(2880, 32, 256), (2880, 128, 256), (2880, 128, 8),
                                       (2048, 128, 40), (360, 13, 5)])
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
