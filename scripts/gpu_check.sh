@@ -194,7 +194,7 @@ case "$mode" in
   tiles)
     tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu
     timeout 150 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold --tune \
-      --m 8,16,32,64,128,256 --no-chain --no-route --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+      --m 1,8,16,32,64,128,256 --no-chain --no-route --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     record "gpt-oss rows, tile sweep, LoRA rows: see bench.txt"
     timeout 120 python3 benchmarks/router_gemm.py --only 'fp32|Qwen3|Llama|Mixtral|MiniMax' --caches cold \
       --no-chain --no-route --no-lora --out "$out/others" 2>"$out/bench_others.err" | tee "$out/bench_others.txt"
