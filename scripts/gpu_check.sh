@@ -14,8 +14,8 @@
 #   router_gemm(_lora) at M = 1, the lora_cluster probe, synccheck on the one-launch part, memcheck
 #   (one call's worth)
 #   lora-bench: the LoRA GPU tests (slow included) and rows, the gpt-oss rows of the router
-#   benchmark at M = 1-256 (issue 23's table: cuBLAS, PDL off and on; routed rows), then the other GPU tests
-#   (no slow) and memcheck: a stop's first call, what matters most coming back first
+#   benchmark at M = 1-256 (issue 23's table: cuBLAS, PDL off and on; routed rows), then the
+#   other GPU tests (no slow) and memcheck: a stop's first call, what matters most first
 #   tiles: what a change of the router's tile rule needs: GPU tests (no slow), the gpt-oss rows
 #   with every tile configuration beside them and the LoRA rows, the fp32 and other models' rows,
 #   memcheck and synccheck on the router kernels
