@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: build gate._C, run the GPU tests, the sanitizers and the benchmark.
-# Usage (on the GPU machine, repository root): scripts/gpu_check.sh MODE, every mode but probes
+# Usage (on the GPU machine, repository root): scripts/gpu_check.sh MODE, every mode but the probes
 # builds first.
 #   quick: GPU tests (no slow) + quick benchmark     tests: all GPU tests (slow stress tests included)
 #   tune: GPU tests (no slow) + tile sweep           check: all GPU tests + memcheck, racecheck, synccheck
@@ -19,6 +19,8 @@
 #   tiles: what a change of the router's tile rule needs: GPU tests (no slow), the gpt-oss rows
 #   with every tile configuration beside them and the LoRA rows, the fp32 and other models' rows,
 #   memcheck and synccheck on the router kernels
+#   lora-group: the lora_token_group probe (issue 22 at M = 8: one launch for a group of tokens),
+#   then memcheck and synccheck on its --check-only run (no package build)
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
 #   the library's and the probe's M = 1 kernels, synccheck on the probe (no package build)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
@@ -45,7 +47,7 @@ record() {
   tar czf "$final_out/logs.tgz" -C "$out" .
 }
 start=$(date +%s)
-if [ "$mode" != probes ] && [ "$mode" != lora-probe ]; then  # the probes are torch-free: no package build
+if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ]; then  # the probes are torch-free: no package build
   python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
   status=$?
   build_s=$(( $(date +%s) - start ))
@@ -101,10 +103,13 @@ lora_then_rest() {  # $1: seconds for the rest; the LoRA GPU tests (slow include
 }
 
 compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the tensor-core kernel,
-  # lora_cluster the decode kernel's plain and one-launch LoRA forms)
+  # lora_cluster the decode kernel's plain and one-launch LoRA forms, lora_token_group the decode
+  # kernel and the expand)
   local extra=""
   [ "$1" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
   [ "$1" = lora_cluster ] && extra="csrc/kernels/router_gemm_small_m.cu csrc/kernels/router_gemm_small_m_lora.cu"
+  [ "$1" = lora_token_group ] && extra="csrc/kernels/router_gemm_small_m.cu csrc/kernels/lora_expand.cu
+    csrc/kernels/route_logits.cu"
   # shellcheck disable=SC2086  # no extra source is an empty word list
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$1" \
     "benchmarks/probes/$1.cu" $extra >"$out/probe_$1.txt" 2>&1
@@ -225,6 +230,19 @@ case "$mode" in
       rm -f "$out/$probe"
       tail -25 "$out/probe_$probe.txt"
     done
+    ;;
+  lora-group)
+    compile_probe lora_token_group
+    record "compile lora_token_group: exit $?"
+    timeout 120 "$out/lora_token_group" >"$out/probe_lora_token_group.txt" 2>&1
+    record "probe lora_token_group: exit $?"
+    for tool in memcheck synccheck; do
+      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$out/lora_token_group" --check-only \
+        >"$out/${tool}_lora_token_group.txt" 2>&1
+      record "$tool lora_token_group --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/${tool}_lora_token_group.txt" | tail -1))"
+    done
+    rm -f "$out/lora_token_group"
+    cat "$out/probe_lora_token_group.txt"
     ;;
   lora-probe)  # the one launch against the probe's design in one process, no package build, by
     # priority (a call cut off keeps what ran): the lora_cluster probe's rows (its last ones the

@@ -284,15 +284,6 @@ std::string placement(const Buffers& p) {
   return std::to_string(held[0]) + "/" + std::to_string(held[1]) + "/" + std::to_string(held[2]);
 }
 
-float round_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
-  float r;
-  std::memcpy(&r, &bits, 4);
-  return r;
-}
-
 // After a launch on copy 0: the largest error of its output against the host reference
 // round(round(w_e . x) + kScale * (B_e . (A x))) for `rank` rows of A from `a` and B as [E, rank]
 // from `b` (rank 0: the base gate), in units of the output's bf16 spacing (<= 1 expected: the sums'
@@ -419,7 +410,7 @@ int main(int argc, char** argv) {
   // --check-only: every variant once on one copy, checked and not timed (for compute-sanitizer)
   const bool check_only = argc > 1 && std::strcmp(argv[1], "--check-only") == 0;
   Buffers p;
-  p.copies = check_only ? 1 : static_cast<int>(kColdBytes / (2LL * E * K)) + 1;
+  p.copies = cold_copies(2LL * E * K, check_only);
   CHECK(cudaMalloc(&p.weights, 2LL * p.copies * E * K));
   CHECK(cudaMalloc(&p.a, 2LL * p.copies * kSlots * 64 * K));
   CHECK(cudaMalloc(&p.b, 2LL * p.copies * kSlots * E * 64));

@@ -1,5 +1,5 @@
 // Data shared by the torch-free probes that check their outputs on the host: a deterministic fill
-// of bf16 buffers on the device, and bf16 bits widened on the host.
+// of bf16 buffers on the device, bf16 bits widened on the host, and a float rounded to bf16 there.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -17,6 +17,12 @@ constexpr int kRowThreads = 256;
 constexpr int kChunksPerThread = 2;
 static_assert(kRowThreads * kChunksPerThread >= kChunks, "a row in one pass");
 constexpr size_t kColdBytes = 96u << 20;
+
+// Copies of a problem of `bytes` (the router's weights) that rotate past the L2: every call cold.
+// One for an untimed check run.
+inline int cold_copies(long long bytes, bool check_only) {
+  return check_only ? 1 : static_cast<int>(kColdBytes / bytes) + 1;
+}
 }  // namespace gpt_oss_router
 
 // p[i] uniform in [-amplitude / 2, amplitude / 2), from a hash of i and seed (no RNG state).
@@ -36,4 +42,14 @@ inline float bf16_to_float(uint16_t h) {
   float f;
   std::memcpy(&f, &bits, 4);
   return f;
+}
+
+// f rounded to the nearest bf16 (ties to even), as a float.
+inline float round_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits = (bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff0000u;
+  float r;
+  std::memcpy(&r, &bits, 4);
+  return r;
 }

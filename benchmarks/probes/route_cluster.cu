@@ -207,7 +207,7 @@ float row(const char* name, const Buffers& p, const std::vector<uint16_t>& w,
 
 int main() {
   Buffers p;
-  p.copies = static_cast<int>(kColdBytes / (2LL * E * K)) + 1;
+  p.copies = cold_copies(2LL * E * K, false);
   CHECK(cudaMalloc(&p.weights, 2LL * p.copies * E * K));
   CHECK(cudaMalloc(&p.x, 2LL * K));
   CHECK(cudaMalloc(&p.out, 2LL * E));
