@@ -19,6 +19,10 @@
 #   tiles: what a change of the router's tile rule needs: GPU tests (no slow), the gpt-oss rows
 #   with every tile configuration beside them and the LoRA rows, the fp32 and other models' rows,
 #   memcheck and synccheck on the router kernels
+#   line: where the decode kernel hands E >= 128 over to the tensor-core kernel (M = 5-8): the
+#   router rows of the E = 128 models with every tile configuration, and the LoRA rows, with
+#   router_gemm_small_m_preferred as it is and then with every E >= 128 call above M = 4 moved to
+#   the tensor-core kernel (an incremental rebuild; the fused shrink follows the router's kernel)
 #   lora-group: the lora_token_group probe (issue 22 at M = 8: one launch for a group of tokens),
 #   then memcheck and synccheck on its --check-only run (no package build)
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
@@ -30,7 +34,7 @@
 #   stop: what a stop's closing run needs in about four minutes: GPU tests (no slow), the routing
 #   and LoRA stress tests, the gpt-oss rows of the benchmark (router, LoRA, routing) at M = 1-256,
 #   the GPU eager host time, memcheck and synccheck (60 s each at most)
-# Logs and results go to $OUT (or ./gpu_out), packed into $OUT/logs.tgz at the end (the device
+# Logs and results go to $OUT (or ./gpu_out), packed into $OUT/logs_MODE.tgz at the end (the device
 # returns at most 8 files). Prints a short summary last.
 set -uo pipefail
 mode=${1:-quick}
@@ -44,10 +48,11 @@ summary=()
 record() {
   summary+=("$1")
   printf '%s\n' "${summary[@]}" >"$out/summary.txt"
-  tar czf "$final_out/logs.tgz" -C "$out" .
+  tar czf "$final_out/logs_$mode.tgz" -C "$out" .
 }
 start=$(date +%s)
-if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ]; then  # the probes are torch-free: no package build
+# The probes are torch-free (no package build); line builds in place, twice.
+if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ] && [ "$mode" != line ]; then
   python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
   status=$?
   build_s=$(( $(date +%s) - start ))
@@ -274,6 +279,29 @@ case "$mode" in
     rm -f "$out/lora_cluster"
     cat "$out/probe_lora_cluster.txt" "$out/ncu_summary.txt"
     ;;
+  line)
+    preferred=csrc/kernels/router_gemm_small_m.cu
+    cp "$preferred" "$out/preferred.orig"
+    for line in as-is moved; do
+      if [ "$line" = moved ]; then
+        sed -i 's/return logits <= 1024 \&\& (a.K <= 5120 || a.E < 128);/return logits <= 1024 \&\& a.E < 128;/' "$preferred"
+        grep -q 'return logits <= 1024 && a.E < 128;' "$preferred" || { record "line: the rule to move is not there"; break; }
+      fi
+      python3 setup.py build_ext --inplace >"$out/build_$line.log" 2>&1
+      record "build ($line): exit $? in $(( $(date +%s) - start ))s"
+      python3 -c "import torch; from gate import tuning; x = torch.zeros(8, 2880, device='cuda', dtype=torch.bfloat16); print('$line: M = 8, E = 128 goes to', tuning.router_gemm_route(x, torch.zeros(128, 2880, device='cuda', dtype=torch.bfloat16)))" | tee -a "$out/routes.txt"
+      if [ "$line" = as-is ]; then  # the router rows: every tile beside the dispatch's choice
+        timeout 240 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --only '^gpt-oss-120b$|Qwen3|Llama' \
+          --caches cold --m 4,5,6,8 --lora-m 5,6,8 --out "$out/line-$line" 2>"$out/bench_$line.err" \
+          | grep -E "^best|gpt-oss|Qwen|Llama|lora" | tee "$out/line_$line.txt"
+      else
+        timeout 120 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
+          --lora-m 5,6,8 --out "$out/line-$line" 2>"$out/bench_$line.err" | tee "$out/line_$line.txt"
+      fi
+      record "rows ($line): exit ${PIPESTATUS[0]}"
+    done
+    cp "$out/preferred.orig" "$preferred"
+    ;;
   profile)
     for shape in "32 1" "32 32" "32 128" "128 1" "128 8" "128 32" "128 128"; do
       read -r experts tokens <<<"$shape"
@@ -284,4 +312,4 @@ case "$mode" in
 esac
 echo "== summary ($(( $(date +%s) - start ))s)"
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
-tar czf "$final_out/logs.tgz" -C "$out" .
+tar czf "$final_out/logs_$mode.tgz" -C "$out" .
