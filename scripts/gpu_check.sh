@@ -292,7 +292,7 @@ case "$mode" in
       python3 -c "import torch; from gate import tuning; x = torch.zeros(8, 2880, device='cuda', dtype=torch.bfloat16); print('$line: M = 8, E = 128 goes to', tuning.router_gemm_route(x, torch.zeros(128, 2880, device='cuda', dtype=torch.bfloat16)))" | tee -a "$out/routes.txt"
       if [ "$line" = as-is ]; then  # the router rows: every tile beside the dispatch's choice
         timeout 240 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --only '^gpt-oss-120b$|Qwen3|Llama' \
-          --caches cold --m 4,5,6,8 --lora-m 5,6,8 --out "$out/line-$line" 2>"$out/bench_$line.err" \
+          --caches cold --m 5,6,8 --lora-m 5,6,8 --out "$out/line-$line" 2>"$out/bench_$line.err" \
           | grep -E "^best|gpt-oss|Qwen|Llama|lora" | tee "$out/line_$line.txt"
       else
         timeout 120 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
