@@ -19,6 +19,7 @@
 #   tiles: what a change of the router's tile rule needs: GPU tests (no slow), the gpt-oss rows
 #   with every tile configuration beside them and the LoRA rows, the fp32 and other models' rows,
 #   memcheck and synccheck on the router kernels
+#   racecheck: racecheck on its share of the sanitizer workload (no time limit)
 #   line: where the decode kernel hands E >= 128 over to the tensor-core kernel (M = 5-8): the
 #   router rows of the E = 128 models with every tile configuration, and the LoRA rows, with
 #   router_gemm_small_m_preferred as it is and then with every E >= 128 call above M = 4 moved to
@@ -84,6 +85,13 @@ sanitize() {  # $1: seconds per tool (0: none), then compute-sanitizer tools; a 
   done
 }
 
+# racecheck's share of the workload: router_tiles in place of router_kernels (each tile
+# configuration once; the whole part did not finish in 120 s under racecheck)
+racecheck_parts="router_tiles simple_kernel lora_expand lora_one_launch routing_kernel"
+racecheck() {  # $1: seconds (0: none)
+  sanitize_parts=$racecheck_parts sanitize "$1" racecheck
+}
+
 one_launch_tests() {  # $1: seconds; the one-launch LoRA tests (not slow), on their own clock: a
   # hang in the cluster exchange must not take the device time of the whole check
   timeout "$1" python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_lora_one_launch_gpu.py \
@@ -135,7 +143,8 @@ case "$mode" in
     ;;
   check)
     run_tests "gpu or kernel" gpu_all
-    sanitize 0 memcheck racecheck synccheck
+    sanitize 0 memcheck synccheck
+    racecheck 0
     ;;
   bench)
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
@@ -149,7 +158,8 @@ case "$mode" in
     ;;
   full)
     run_tests "gpu or kernel" gpu_all
-    sanitize 0 memcheck racecheck synccheck
+    sanitize 0 memcheck synccheck
+    racecheck 0
     python3 benchmarks/router_gemm.py --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
     ;;
   route)
@@ -161,7 +171,8 @@ case "$mode" in
     run_tests "(gpu or kernel) and not slow" gpu
     python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py >"$out/pytest_route_slow.log" 2>&1
     record "pytest routing stress: exit $?: $(tail -1 "$out/pytest_route_slow.log")"
-    sanitize 90 memcheck racecheck synccheck
+    sanitize 90 memcheck synccheck
+    racecheck 90
     python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
     record "host time, cuda: $(tail -3 "$out/host_cuda.txt" | tr '\n' ' ')"
     python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold --out "$out" \
@@ -278,6 +289,9 @@ case "$mode" in
     record "synccheck lora_cluster --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/synccheck_probe.txt" | tail -1))"
     rm -f "$out/lora_cluster"
     cat "$out/probe_lora_cluster.txt" "$out/ncu_summary.txt"
+    ;;
+  racecheck)
+    racecheck 0
     ;;
   line)
     preferred=csrc/kernels/router_gemm_small_m.cu

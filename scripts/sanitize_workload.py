@@ -33,22 +33,41 @@ def check_routing(weights, ids, logits, top_k, scoring="softmax_topk", renormali
         sys.exit(f"wrong routing weights for E={logits.shape[1]}, top_k={top_k}")
 
 
+SM90_TILES = list(itertools.product((1, 2), (1, 2, 4), (4, 8)))  # expert tiles, token tiles, cluster
+SMALL_M_TILES = ((1, 0, False), (2, 1, True), (2, 2, True), (2, 4, False), (4, 8, False), (0, 0, True))
+
+
+def router_data(generator, M, K, E):
+    x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16)
+    w = (torch.randn(E, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
+    b = torch.randn(E, generator=generator).to("cuda", torch.bfloat16)
+    return x, w, b
+
+
+def each_tile(x, w, b):
+    """Both router kernels in each of their tile configurations (the decode kernel where M allows),
+    PDL off with bias and bf16 logits, PDL on without bias and fp32 logits."""
+    for et, tt, cluster in SM90_TILES:
+        for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
+            check(tuning.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
+    if x.shape[0] <= tuning.SMALL_M_MAX_M:
+        for experts_per_cta, tokens_per_cta, pdl in SMALL_M_TILES:
+            check(tuning.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta), x, w, b)
+
+
+def router_tiles(generator):
+    """Each tile configuration once, at one size with partial tiles (M = 9, E = 24): racecheck's
+    share, since its clock cannot take router_kernels' every configuration at every size."""
+    each_tile(*router_data(generator, 9, 2880, 24))
+
+
 def router_kernels(generator):
     """The router kernels in every tile configuration, each fused with a LoRA shrink and routing."""
     shapes = [(1, 2880, 32), (5, 7168, 256), (9, 360, 24), (33, 2880, 32), (129, 2880, 128),
               (256, 7168, 256)]
     for M, K, E in shapes:
-        x = torch.randn(M, K, generator=generator).to("cuda", torch.bfloat16)
-        w = (torch.randn(E, K, generator=generator) / K**0.5).to("cuda", torch.bfloat16)
-        b = torch.randn(E, generator=generator).to("cuda", torch.bfloat16)
-        for et, tt, cluster in itertools.product((1, 2), (1, 2, 4), (4, 8)):
-            for pdl, out_dtype, bias in ((False, None, b), (True, torch.float32, None)):
-                check(tuning.router_gemm_sm90(x, w, bias, out_dtype, pdl, et, tt, cluster), x, w, bias)
-        if M <= tuning.SMALL_M_MAX_M:
-            for experts_per_cta, tokens_per_cta, pdl in ((1, 0, False), (2, 1, True), (2, 2, True),
-                                                         (2, 4, False), (4, 8, False), (0, 0, True)):
-                check(tuning.router_gemm_small_m(x, w, b, None, pdl, experts_per_cta, tokens_per_cta),
-                      x, w, b)
+        x, w, b = router_data(generator, M, K, E)
+        each_tile(x, w, b)
         if tuning.router_gemm_route(x, w) != "cublas":  # cuBLAS's kernels are not ours to check
             check(ops.router_gemm(x, w, b), x, w, b)
         if tuning.router_gemm_route(x, w) in ("small_m", "sm90"):  # the base gate + a LoRA shrink
@@ -118,15 +137,17 @@ def routing_kernel(generator):
         check_routing(weights, ids, logits, 4, "softmax")
 
 
-PARTS = {part.__name__: part for part in (router_kernels, simple_kernel, lora_expand, lora_one_launch,
-                                           routing_kernel)}
+PARTS = {part.__name__: part for part in (router_kernels, router_tiles, simple_kernel, lora_expand,
+                                           lora_one_launch, routing_kernel)}
+DEFAULT_PARTS = [part for part in PARTS if part != "router_tiles"]  # router_kernels covers it
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", metavar="PART",
-                        help=f"the parts to run, in this order (default: all): {', '.join(PARTS)}")
-    parts = parser.parse_args().parts or list(PARTS)
+                        help=f"the parts to run, in this order: {', '.join(PARTS)} (default: all but "
+                             "router_tiles)")
+    parts = parser.parse_args().parts or DEFAULT_PARTS
     unknown = [part for part in parts if part not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; the parts are {', '.join(PARTS)}")
