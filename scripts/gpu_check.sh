@@ -301,8 +301,10 @@ case "$mode" in
         sed -i 's/return logits <= 1024 \&\& (a.K <= 5120 || a.E < 128);/return logits <= 1024 \&\& a.E < 128;/' "$preferred"
         grep -q 'return logits <= 1024 && a.E < 128;' "$preferred" || { record "line: the rule to move is not there"; break; }
       fi
-      python3 setup.py build_ext --inplace >"$out/build_$line.log" 2>&1
-      record "build ($line): exit $? in $(( $(date +%s) - start ))s"
+      MOEGATE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build_$line.log" 2>&1
+      status=$?
+      record "build ($line): exit $status in $(( $(date +%s) - start ))s"
+      [ $status -ne 0 ] && { tail -40 "$out/build_$line.log"; break; }
       python3 -c "import torch; from gate import tuning; x = torch.zeros(8, 2880, device='cuda', dtype=torch.bfloat16); print('$line: M = 8, E = 128 goes to', tuning.router_gemm_route(x, torch.zeros(128, 2880, device='cuda', dtype=torch.bfloat16)))" | tee -a "$out/routes.txt"
       if [ "$line" = as-is ]; then  # the router rows: every tile beside the dispatch's choice
         timeout 240 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --only '^gpt-oss-120b$|Qwen3|Llama' \
