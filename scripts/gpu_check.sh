@@ -20,6 +20,10 @@
 #   with every tile configuration beside them and the LoRA rows, the fp32 and other models' rows,
 #   memcheck and synccheck on the router kernels
 #   racecheck: racecheck on its share of the sanitizer workload (no time limit)
+#   ab: a kernel change against what it replaces, in one call: builds in place, the LoRA GPU tests
+#   (slow included), the LoRA rows; then the files under ab_other/ (repository paths; an untracked
+#   folder the caller fills, e.g. from git show) put in place, an incremental rebuild, the LoRA rows
+#   again; every file restored at the end
 #   line: where the decode kernel hands E >= 128 over to the tensor-core kernel (M = 5-8): the
 #   router rows of the E = 128 models with every tile configuration, and the LoRA rows, with
 #   router_gemm_small_m_preferred as it is and then with every E >= 128 call above M = 4 moved to
@@ -53,7 +57,8 @@ record() {
 }
 start=$(date +%s)
 # The probes are torch-free (no package build); line builds in place, twice.
-if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ] && [ "$mode" != line ]; then
+if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ] && [ "$mode" != line ] &&
+    [ "$mode" != ab ]; then
   python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
   status=$?
   build_s=$(( $(date +%s) - start ))
@@ -292,6 +297,32 @@ case "$mode" in
     ;;
   racecheck)
     racecheck 0
+    ;;
+  ab)
+    [ -d ab_other ] || { record "ab: no ab_other/ folder"; exit 1; }
+    mapfile -t other < <(cd ab_other && find . -type f | sed 's|^\./||')
+    for side in this other; do
+      if [ "$side" = other ]; then
+        for file in "${other[@]}"; do
+          mkdir -p "$out/ab_this/$(dirname "$file")" && cp "$file" "$out/ab_this/$file" && cp "ab_other/$file" "$file"
+        done
+      fi
+      MOEGATE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build_$side.log" 2>&1
+      status=$?
+      record "build ($side): exit $status in $(( $(date +%s) - start ))s"
+      [ $status -ne 0 ] && { tail -40 "$out/build_$side.log"; break; }
+      if [ "$side" = this ]; then
+        timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
+          tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
+        record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
+      fi
+      timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
+        --out "$out/ab-$side" 2>"$out/bench_$side.err" | tee "$out/ab_$side.txt"
+      record "LoRA rows ($side): exit ${PIPESTATUS[0]}"
+    done
+    for file in "${other[@]}"; do
+      [ -f "$out/ab_this/$file" ] && cp "$out/ab_this/$file" "$file"
+    done
     ;;
   line)
     preferred=csrc/kernels/router_gemm_small_m.cu
