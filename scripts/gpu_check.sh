@@ -110,11 +110,23 @@ lora_rows() {  # the benchmark's LoRA rows (issue 22's protocol), cold
   record "LoRA rows: see bench.txt"
 }
 
-lora_then_rest() {  # $1: seconds for the rest; the LoRA GPU tests (slow included), the LoRA rows,
-  # then the other GPU tests (no slow): what a LoRA change needs comes back first
+lora_tests() {  # the LoRA GPU tests, slow included (the one launch bit for bit against the two)
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
     tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
   record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
+}
+
+build_in_place() {  # $1: a label; an incremental in-place build (no pip), recorded; fails loudly
+  MOEGATE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build_$1.log" 2>&1
+  local status=$?
+  record "build ($1): exit $status in $(( $(date +%s) - start ))s"
+  [ $status -eq 0 ] || tail -40 "$out/build_$1.log"
+  return $status
+}
+
+lora_then_rest() {  # $1: seconds for the rest; the LoRA GPU tests (slow included), the LoRA rows,
+  # then the other GPU tests (no slow): what a LoRA change needs comes back first
+  lora_tests
   lora_rows
   tests_timeout=$1 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
     --ignore=tests/test_lora_gpu.py
@@ -205,9 +217,7 @@ case "$mode" in
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
   lora-bench)
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
-      tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
-    record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
+    lora_tests
     lora_rows
     timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,8,16,32,64,128,256 --no-chain --no-lora --out "$out/router" \
@@ -307,15 +317,8 @@ case "$mode" in
           mkdir -p "$out/ab_this/$(dirname "$file")" && cp "$file" "$out/ab_this/$file" && cp "ab_other/$file" "$file"
         done
       fi
-      MOEGATE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build_$side.log" 2>&1
-      status=$?
-      record "build ($side): exit $status in $(( $(date +%s) - start ))s"
-      [ $status -ne 0 ] && { tail -40 "$out/build_$side.log"; break; }
-      if [ "$side" = this ]; then
-        timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_lora_one_launch_gpu.py \
-          tests/test_lora_gpu.py >"$out/pytest_lora.log" 2>&1
-        record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
-      fi
+      build_in_place "$side" || break
+      [ "$side" = this ] && lora_tests
       timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
         --out "$out/ab-$side" 2>"$out/bench_$side.err" | tee "$out/ab_$side.txt"
       record "LoRA rows ($side): exit ${PIPESTATUS[0]}"
@@ -332,10 +335,7 @@ case "$mode" in
         sed -i 's/return logits <= 1024 \&\& (a.K <= 5120 || a.E < 128);/return logits <= 1024 \&\& a.E < 128;/' "$preferred"
         grep -q 'return logits <= 1024 && a.E < 128;' "$preferred" || { record "line: the rule to move is not there"; break; }
       fi
-      MOEGATE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build_$line.log" 2>&1
-      status=$?
-      record "build ($line): exit $status in $(( $(date +%s) - start ))s"
-      [ $status -ne 0 ] && { tail -40 "$out/build_$line.log"; break; }
+      build_in_place "$line" || break
       python3 -c "import torch; from gate import tuning; x = torch.zeros(8, 2880, device='cuda', dtype=torch.bfloat16); print('$line: M = 8, E = 128 goes to', tuning.router_gemm_route(x, torch.zeros(128, 2880, device='cuda', dtype=torch.bfloat16)))" | tee -a "$out/routes.txt"
       if [ "$line" = as-is ]; then  # the router rows: every tile beside the dispatch's choice
         timeout 240 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --only '^gpt-oss-120b$|Qwen3|Llama' \
