@@ -24,6 +24,11 @@
 #   (slow included), the LoRA rows; then the files under ab_other/ (repository paths; an untracked
 #   folder the caller fills, e.g. from git show) put in place, an incremental rebuild, the LoRA rows
 #   again; every file restored at the end
+#   ab-probe: a change of the decode kernel's one launch against what it replaces, on the lora_cluster
+#   probe's clock (its --library rows, M = 1, ranks 16 and 64, checked against a host reference):
+#   this tree's probe and one built from a copy with ab_other/'s files in place, compiled side by
+#   side and timed in turn, twice; then the package build and the LoRA GPU tests (slow included)
+#   on this tree. Minutes where ab takes ten
 #   line: where the decode kernel hands E >= 128 over to the tensor-core kernel (M = 5-8): the
 #   router rows of the E = 128 models with every tile configuration, and the LoRA rows, with
 #   router_gemm_small_m_preferred as it is and then with every E >= 128 call above M = 4 moved to
@@ -58,7 +63,7 @@ record() {
 start=$(date +%s)
 # The probes are torch-free (no package build); line builds in place, twice.
 if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ] && [ "$mode" != line ] &&
-    [ "$mode" != ab ]; then
+    [ "$mode" != ab ] && [ "$mode" != ab-probe ]; then
   python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
   status=$?
   build_s=$(( $(date +%s) - start ))
@@ -326,6 +331,27 @@ case "$mode" in
     for file in "${other[@]}"; do
       [ -f "$out/ab_this/$file" ] && cp "$out/ab_this/$file" "$file"
     done
+    ;;
+  ab-probe)
+    [ -d ab_other ] || { record "ab-probe: no ab_other/ folder"; exit 1; }
+    other_tree=$(mktemp -d)
+    cp -r csrc benchmarks "$other_tree"/ && cp -r ab_other/. "$other_tree"/
+    mkdir -p "$out/other"
+    compile_probe lora_cluster &
+    (cd "$other_tree" && out="$out/other" compile_probe lora_cluster) &
+    wait
+    record "compile lora_cluster (this, other): $(ls "$out/lora_cluster" "$out/other/lora_cluster" 2>&1 | wc -l) of 2 built"
+    for turn in 1 2; do
+      for side in this other; do
+        binary="$out/lora_cluster"; [ "$side" = other ] && binary="$out/other/lora_cluster"
+        timeout 60 "$binary" --library >"$out/ab_probe_${side}_$turn.txt" 2>&1
+        record "probe $side, turn $turn: exit $?: $(grep -E 'library' "$out/ab_probe_${side}_$turn.txt" |
+          cut -d'|' -f4,5,7 | tr '\n' ';')"
+      done
+    done
+    python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
+    record "build: exit $? in $(( $(date +%s) - start ))s"
+    lora_tests
     ;;
   line)
     preferred=csrc/kernels/router_gemm_small_m.cu

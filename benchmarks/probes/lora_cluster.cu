@@ -34,7 +34,8 @@
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o /tmp/lora_cluster \
 //     benchmarks/probes/lora_cluster.cu csrc/kernels/router_gemm_small_m.cu \
 //     csrc/kernels/router_gemm_small_m_lora.cu && /tmp/lora_cluster [--check-only]
-// --check-only runs every variant once and checks it, untimed (for compute-sanitizer).
+// --check-only runs every variant once and checks it, untimed (for compute-sanitizer); --library
+// times and checks only the base row and the library's kernels (an A/B of a library change).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -404,11 +405,20 @@ void library_row(const char* name, int rank, const Buffers& p, const std::vector
   print_row(name, rank > 0 ? 16 : 1, rank, us, base_us, worst, "-");
 }
 
+void library_rows(const Buffers& p, const std::vector<uint16_t>& w, const std::vector<uint16_t>& all_a,
+                  const std::vector<uint16_t>& all_b, const std::vector<uint16_t>& x, float base_us) {
+  library_row("library base gate", 0, p, w, all_a, all_b, x, base_us);
+  library_row("library one launch", 16, p, w, all_a, all_b, x, base_us);
+  library_row("library one launch", 64, p, w, all_a, all_b, x, base_us);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --check-only: every variant once on one copy, checked and not timed (for compute-sanitizer)
+  // --check-only: every variant once on one copy, checked and not timed (for compute-sanitizer);
+  // --library: the base row and the library's rows alone
   const bool check_only = argc > 1 && std::strcmp(argv[1], "--check-only") == 0;
+  const bool library_only = argc > 1 && std::strcmp(argv[1], "--library") == 0;
   Buffers p;
   p.copies = cold_copies(2LL * E * K, check_only);
   CHECK(cudaMalloc(&p.weights, 2LL * p.copies * E * K));
@@ -447,6 +457,10 @@ int main(int argc, char** argv) {
               "|---|---|---|---|---|---|---|\n",
               K, E);
   row<1, 0>("base", p, w, a, b, x, base);
+  if (library_only) {
+    library_rows(p, w, a, b, x, base);
+    return 0;
+  }
   row<8, 0>("clusters", p, w, a, b, x, base);
   row<8, 2>("LoRA", p, w, a, b, x, base);
   row<8, 8>("LoRA", p, w, a, b, x, base);
@@ -459,9 +473,7 @@ int main(int argc, char** argv) {
   row<16, 1, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
   row<16, 4, Slot::kReadPrefetched>("LoRA, slot read, prefetched", p, w, a, b, x, base);
   row<16, 1, Slot::kReadLate>("LoRA, slot read late", p, w, a, b, x, base);
-  library_row("library base gate", 0, p, w, a, b, x, base);
-  library_row("library one launch", 16, p, w, a, b, x, base);
-  library_row("library one launch", 64, p, w, a, b, x, base);
+  library_rows(p, w, a, b, x, base);
   // Shared memory per SM is 228 KB on H100 and H200: 90 KB a CTA leaves room for two, 120 KB one.
   // Last: a cap that leaves clusters of 16 no room must not cost the rows above.
   row<16, 1, Slot::kRead>("LoRA, slot read, <= 2 an SM", p, w, a, b, x, base, 90 << 10);
