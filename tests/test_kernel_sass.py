@@ -249,6 +249,28 @@ def test_one_launch_lora_kernels_hold_two_ctas_per_sm_without_spilling(tools, tm
     assert not broken, broken
 
 
+def loads_after_first_fma(ops: list[str]) -> list[str]:
+    """The global loads that ptxas placed after the first FFMA: the FFMAs wait for x and the rows,
+    so each such load goes to memory only once they have arrived, a second trip."""
+    first_fma = next((i for i, op in enumerate(ops) if op.startswith("FFMA")), len(ops))
+    return [op for op in ops[first_fma:] if op.startswith("LDG")]
+
+
+def test_one_launch_lora_reads_memory_in_one_trip(tools, tmp_path):
+    """The one launch at rank <= 16 (one shrink item a CTA; the form taken under PDL): the slots,
+    the weight, x and A rows, and the expand's B row, scale and bias are all issued before the
+    first FFMA. With B read in a branch, ptxas placed its load after the base gate's FFMAs, a
+    second memory latency on the one launch's critical path (lora_cluster.cuh, read_expand). The
+    forms with 2 and 4 items a CTA (rank 32 and 64, without PDL only) still read the expand's
+    operands after it."""
+    source = os.path.join(ROOT, "csrc", "kernels", "router_gemm_small_m_lora.cu")
+    functions = compiled_functions(tools, source, tmp_path)
+    single_item = {name: ops for name, ops in functions.items() if re.search(r"FusionE3ELi1EEE", name)}
+    assert len(single_item) == 2, f"expected bf16 and fp32 logits, found {list(single_item)}"
+    late = {name: loads_after_first_fma(ops) for name, ops in single_item.items()}
+    assert not any(late.values()), late
+
+
 BROKEN_KERNELS = r"""
 #include <cuda_bf16.h>
 __device__ float weight_load(const float* p) {  // as the kernels load weights: LDG.E.NA
@@ -318,3 +340,6 @@ def test_the_check_catches_what_it_is_for(tools, tmp_path):
                                                  "no L2 prefetch (CCTL.PF) before the wait"]
     prefetch_only = next(ops for name, ops in functions.items() if "prefetch_then_wait" in name)
     assert lora_expand_pdl_violations(prefetch_only) == []
+    # One trip to memory: a load behind the first FFMA is found, loads before it are not.
+    assert loads_after_first_fma(third) == []
+    assert loads_after_first_fma(["LDG.E.NA.128", "FFMA", "LDG.E.128", "FFMA"]) == ["LDG.E.128"]

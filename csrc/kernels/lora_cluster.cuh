@@ -126,22 +126,23 @@ struct Tile {
     }
   }
 
-  // e0: the CTA's first expert.
+  // e0: the CTA's first expert. Predicated loads in one straight-line block, no branch: in a
+  // branch ptxas placed B's load after the base gate's FMAs, which wait for x and A, so B took
+  // a second trip to memory after the first (SASS); here it is issued with the A rows.
   __device__ __forceinline__ void read_expand(const LoraAdapters& lora,
                                               const __nv_bfloat16* bias, int e0, int E) {
     const int t = static_cast<int>(threadIdx.x);
     const int o = t / kLanesPerOutput, lane = t % kLanesPerOutput;
     const int e = e0 + o / kTokens;
-    if (o < kOutputs && e < E) {
-      out_slot = token_entry(slot, o % kTokens);
-      if (out_slot >= 0) {
-        scale = lora.scaling[out_slot];
-        bias_bits = sm90::load_bias_bits(bias, e, lane == 0);
-        const auto* row = static_cast<const __nv_bfloat16*>(lora.lora_b) +
-                          (static_cast<long long>(out_slot) * E + e) * lora.rank;
-        b = sm90::load_activation_16B(row + kValuesPerLane * lane, kValuesPerLane * lane < lora.rank);
-      }
-    }
+    out_slot = o < kOutputs && e < E ? token_entry(slot, o % kTokens) : -1;
+    const bool live = out_slot >= 0;
+    const int s = live ? out_slot : 0, e_read = live ? e : 0;  // addresses in bounds when !live
+    scale = sm90::load_activation_f32(lora.scaling + s, live);
+    bias_bits = sm90::load_bias_bits(bias, e_read, live && lane == 0);
+    const auto* row = static_cast<const __nv_bfloat16*>(lora.lora_b) +
+                      (static_cast<long long>(s) * E + e_read) * lora.rank;
+    b = sm90::load_activation_16B(row + kValuesPerLane * lane,
+                                  live && kValuesPerLane * lane < lora.rank);
   }
 };
 

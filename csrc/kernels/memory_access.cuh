@@ -49,6 +49,18 @@ __device__ __forceinline__ uint4 load_activation_16B(const __nv_bfloat16* ptr, b
   return v;
 }
 
+// The same for one float (zero when !valid).
+__device__ __forceinline__ float load_activation_f32(const float* ptr, bool valid) {
+  float v;
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0f00000000;\n"
+      " @p ld.global.f32 %0, [%1];\n}\n"
+      : "=f"(v)
+      : "l"(ptr), "r"(static_cast<int>(valid))
+      : "memory");
+  return v;
+}
+
 template <typename Out>
 __device__ __forceinline__ Out store_cast(float v);
 template <>
