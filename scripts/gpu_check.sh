@@ -33,6 +33,8 @@
 #   router rows of the E = 128 models with every tile configuration, and the LoRA rows, with
 #   router_gemm_small_m_preferred as it is and then with every E >= 128 call above M = 4 moved to
 #   the tensor-core kernel (an incremental rebuild; the fused shrink follows the router's kernel)
+#   dispatch: a change of the decode / tensor-core line: the E = 128 models' rows with every tile
+#   configuration at M = 4-8, the GPU tests (no slow), the LoRA rows, then the routing rows
 #   lora-group: the lora_token_group probe (issue 22 at M = 8: one launch for a group of tokens),
 #   then memcheck and synccheck on its --check-only run (no package build)
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
@@ -220,6 +222,17 @@ case "$mode" in
     # that part alone, then the rest without it
     sanitize_parts=lora_one_launch sanitize 60 synccheck
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
+    ;;
+  dispatch)
+    timeout 120 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --no-lora \
+      --only '^gpt-oss-120b$|Qwen3|Llama' --caches cold --m 4,5,6,8 --out "$out/line" \
+      2>"$out/bench_line.err" | grep -E "^ *(gpt-oss|Qwen|Llama)" | tee "$out/line.txt"
+    record "line rows (every tile, M = 4-8): exit ${PIPESTATUS[0]}"
+    tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu
+    lora_rows
+    timeout 90 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold \
+      --out "$out/route" 2>"$out/bench_route.err" | tee "$out/route.txt"
+    record "routing rows: exit ${PIPESTATUS[0]}"
     ;;
   lora-bench)
     lora_tests
