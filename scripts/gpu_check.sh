@@ -123,6 +123,14 @@ lora_tests() {  # the LoRA GPU tests, slow included (the one launch bit for bit 
   record "pytest LoRA (slow included): exit $?: $(tail -1 "$out/pytest_lora.log")"
 }
 
+wide_router_rows() {  # $1: a label, then router_gemm.py's arguments (M values, --lora-m or
+  # --no-lora): the E = 128 models' router rows with every tile configuration beside the dispatch's
+  timeout 240 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --only '^gpt-oss-120b$|Qwen3|Llama' \
+    --caches cold --out "$out/line-$1" "${@:2}" 2>"$out/bench_$1.err" \
+    | grep -E "^best|gpt-oss|Qwen|Llama|lora" | tee "$out/line_$1.txt"
+  record "rows ($1): exit ${PIPESTATUS[0]}"
+}
+
 build_in_place() {  # $1: a label; an incremental in-place build (no pip), recorded; fails loudly
   MOEGATE_BUILD_CUDA=1 python3 setup.py build_ext --inplace >"$out/build_$1.log" 2>&1
   local status=$?
@@ -224,10 +232,7 @@ case "$mode" in
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
   dispatch)
-    timeout 120 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --no-lora \
-      --only '^gpt-oss-120b$|Qwen3|Llama' --caches cold --m 4,5,6,8 --out "$out/line" \
-      2>"$out/bench_line.err" | grep -E "^ *(gpt-oss|Qwen|Llama)" | tee "$out/line.txt"
-    record "line rows (every tile, M = 4-8): exit ${PIPESTATUS[0]}"
+    wide_router_rows dispatch --m 4,5,6,8 --no-lora
     tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu
     lora_rows
     timeout 90 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold \
@@ -377,15 +382,13 @@ case "$mode" in
       fi
       build_in_place "$line" || break
       python3 -c "import torch; from gate import tuning; x = torch.zeros(8, 2880, device='cuda', dtype=torch.bfloat16); print('$line: M = 8, E = 128 goes to', tuning.router_gemm_route(x, torch.zeros(128, 2880, device='cuda', dtype=torch.bfloat16)))" | tee -a "$out/routes.txt"
-      if [ "$line" = as-is ]; then  # the router rows: every tile beside the dispatch's choice
-        timeout 240 python3 benchmarks/router_gemm.py --tune --no-chain --no-route --only '^gpt-oss-120b$|Qwen3|Llama' \
-          --caches cold --m 5,6,8 --lora-m 5,6,8 --out "$out/line-$line" 2>"$out/bench_$line.err" \
-          | grep -E "^best|gpt-oss|Qwen|Llama|lora" | tee "$out/line_$line.txt"
+      if [ "$line" = as-is ]; then
+        wide_router_rows "$line" --m 5,6,8 --lora-m 5,6,8
       else
         timeout 120 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
           --lora-m 5,6,8 --out "$out/line-$line" 2>"$out/bench_$line.err" | tee "$out/line_$line.txt"
+        record "rows ($line): exit ${PIPESTATUS[0]}"
       fi
-      record "rows ($line): exit ${PIPESTATUS[0]}"
     done
     cp "$out/preferred.orig" "$preferred"
     ;;
