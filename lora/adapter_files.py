@@ -14,8 +14,10 @@ reader sees no adapter or the whole adapter. An existing directory gets each fil
 rename, weights first. A reader can fall between the two renames without either file changing
 during its read, so the weights carry the SHA-256 of the config bytes written with them in their
 safetensors metadata (``CONFIG_DIGEST``): a read whose two files disagree is read again after a
-pause. A disagreement that lasts is not a writer at work but a config edited by hand (PEFT users
-edit ``base_model_name_or_path``), and is accepted. Files written by PEFT carry no digest.
+pause. A disagreement that lasts, the same two files (identity as above) on two reads a pause apart,
+is not a writer at work but a config edited by hand (PEFT users edit ``base_model_name_or_path``),
+and is accepted; one that changes from read to read is a writer that keeps saving, and is retried.
+Files written by PEFT carry no digest.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ def _identity(path: str) -> tuple[int, int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def read_snapshot(directory: str, wanted: Callable[[str], bool]) -> tuple[bytes, dict, list[str], bool]:
-    """``(config bytes, {key: tensor or header entry}, problems, config matches)`` of one version.
+def read_snapshot(directory: str, wanted: Callable[[str], bool]) -> tuple[bytes, dict, list[str], bool, tuple]:
+    """``(config bytes, {key: tensor or header entry}, problems, config matches, version)`` of one
+    version of the directory.
 
     ``config matches`` is False when the weights name a config digest the config bytes do not have.
+    ``version`` is both files' identity: equal versions are the same two files, unchanged.
 
     ``wanted(key)`` says which tensors to read (LoRA factors); the others are returned as their
     header entry ``{"dtype", "shape", ...}``, unread, as are wanted tensors of a non-float dtype.
@@ -71,7 +75,7 @@ def read_snapshot(directory: str, wanted: Callable[[str], bool]) -> tuple[bytes,
     if (_identity(config_path), _identity(weights_path)) != before:
         raise TornRead(f"{ADAPTER_CONFIG} or {ADAPTER_WEIGHTS} changed while it was read")
     digest = metadata.get(CONFIG_DIGEST) if isinstance(metadata, dict) else None
-    return config_bytes, entries, problems, digest in (None, config_digest(config_bytes))
+    return config_bytes, entries, problems, digest in (None, config_digest(config_bytes)), before
 
 
 def config_digest(config_bytes: bytes) -> str:

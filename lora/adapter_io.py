@@ -400,20 +400,24 @@ def _read_files(path: str) -> tuple[bytes, dict]:
     """The config bytes and the weights of one version of the directory, or AdapterError.
 
     A read that a writer tore (the files changed meanwhile, or the weights' config digest does not
-    match, see ``lora.adapter_files``) is read again after a short pause, a few times.
+    match, see ``lora.adapter_files``) is read again after a short pause, a few times. A digest
+    mismatch is accepted only when the read before it saw the same two files: a hand edit.
     """
+    mismatched = None  # the version of the last read whose config digest did not match
     for attempt in range(_READ_ATTEMPTS):
         if attempt:
             time.sleep(_RETRY_PAUSE_S * 2 ** attempt)
         try:
-            config_bytes, tensors, problems, config_matches = read_snapshot(
+            config_bytes, tensors, problems, config_matches, version = read_snapshot(
                 path, lambda key: peft_keys.parse_lora_key(key) is not None)
         except TornRead:
+            mismatched = None
             continue
         except OSError as error:
             raise AdapterError(path, [f"the adapter files cannot be read: {error}"]) from error
-        if not config_matches and attempt < _READ_ATTEMPTS - 1:
-            continue  # most likely a writer between its two renames; a lasting mismatch is a hand edit
+        if not config_matches and version != mismatched:
+            mismatched = version  # a writer between its two renames, or a hand edit: read again
+            continue
         if problems:
             raise AdapterError(path, problems)
         return config_bytes, tensors

@@ -325,4 +325,25 @@ def test_a_config_edited_by_hand_is_read_after_the_pauses(good, tmp_path, monkey
     monkeypatch.setattr(adapter_io.time, "sleep", pauses.append)
     edited = with_config(good, tmp_path, base_model_name_or_path="my/base", lora_alpha=16)
     assert read_adapter(edited).modules[ROUTERS[0]].scaling == 16 / 4
-    assert len(pauses) == 2  # read three times: a writer would have finished by then
+    assert len(pauses) == 1  # the same two files on two reads a pause apart: not a writer
+
+
+def test_a_mismatch_that_changes_between_reads_is_a_writer_never_a_hand_edit(good, tmp_path, monkeypatch):
+    """A writer that keeps saving can leave each read between its two renames, each time with other
+    files: that is never accepted as a hand-edited config (the reader gives up instead)."""
+    from lora import adapter_io
+
+    edited = with_config(good, tmp_path, base_model_name_or_path="my/base", lora_alpha=16)
+    config = edited / "adapter_config.json"
+    pauses = []
+
+    def another_save_meanwhile(seconds):  # new config bytes, a new file: the weights' digest never matches
+        pauses.append(seconds)
+        staged = edited / "staged.json"
+        staged.write_bytes(config.read_bytes() + b" " * len(pauses))
+        os.replace(staged, config)
+
+    monkeypatch.setattr(adapter_io.time, "sleep", another_save_meanwhile)
+    with pytest.raises(AdapterError, match="kept changing while they were read"):
+        read_adapter(edited)
+    assert len(pauses) == 2
