@@ -33,8 +33,8 @@
 #   router rows of the E = 128 models with every tile configuration, and the LoRA rows, with
 #   router_gemm_small_m_preferred as it is and then with every E >= 128 call above M = 4 moved to
 #   the tensor-core kernel (an incremental rebuild; the fused shrink follows the router's kernel)
-#   dispatch: a change of the decode / tensor-core line: the E = 128 models' rows with every tile
-#   configuration at M = 4-8, the GPU tests (no slow), the LoRA rows, then the routing rows
+#   dispatch: a change of the decode / tensor-core line: the GPU tests (no slow), the routing rows,
+#   the LoRA rows, then the E = 128 models' rows with every tile configuration at M = 4-8
 #   lora-group: the lora_token_group probe (issue 22 at M = 8: one launch for a group of tokens),
 #   then memcheck and synccheck on its --check-only run (no package build)
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
@@ -231,13 +231,13 @@ case "$mode" in
     sanitize_parts=lora_one_launch sanitize 60 synccheck
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
-  dispatch)
-    wide_router_rows dispatch --m 4,5,6,8 --no-lora
+  dispatch)  # by priority (a call cut off keeps what ran): whether to keep it, then its rows
     tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu
-    lora_rows
     timeout 90 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold \
       --out "$out/route" 2>"$out/bench_route.err" | tee "$out/route.txt"
     record "routing rows: exit ${PIPESTATUS[0]}"
+    lora_rows
+    wide_router_rows dispatch --m 4,5,6,8 --no-lora
     ;;
   lora-bench)
     lora_tests
