@@ -331,12 +331,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
 @pytest.mark.parametrize("M,K,E,dtype,out_dtype,route", [
     (1, 2880, 128, BF16, None, "small_m"),
     (8, 2880, 32, BF16, FP32, "small_m"),
-    (4, 2880, 128, BF16, None, "small_m"),
-    (5, 2880, 128, BF16, None, "sm90"),  # wide router past M = 4: pdl 1.40 vs 1.52 us
-    (8, 2880, 128, BF16, None, "sm90"),  # 1024 logits: 2.41 vs 2.48 us, pdl 1.44 vs 1.69
-    (8, 2048, 128, BF16, None, "sm90"),  # Qwen3-MoE: pdl 1.38 vs 1.66 us
-    (8, 4096, 128, BF16, None, "sm90"),
-    (8, 4104, 128, BF16, None, "small_m"),
+    (8, 2880, 128, BF16, None, "small_m"),  # 1024 logits: 2.62 vs 2.83 us
     (9, 2880, 128, BF16, None, "sm90"),
     (4, 7168, 256, BF16, FP32, "small_m"),  # 3.44 vs 3.92 us
     (8, 7168, 256, BF16, FP32, "sm90"),  # wide and long: 3.98 vs 4.17 us
@@ -444,12 +439,11 @@ def test_router_gemm_with_shrink(K, E, rows, out_dtype):
 def test_router_gemm_with_shrink_poisoned_outputs():
     """The fused launches write every element of both outputs (NaN-filled blocks handed to them)."""
     generator = torch.Generator().manual_seed(5)
+    weight, bias = router_weights(128, 2880, generator)
     lora_a = (torch.randn(256, 2880, generator=generator) / 54).to("cuda", torch.bfloat16)
-    # The decode kernel (M = 1; 2 x 2 tiles at 512 logits, 2 x 4 at 1024), then the tensor-core kernel.
-    for E, M in ((128, 1), (128, 4), (32, 32), (128, 7), (128, 8), (128, 16), (128, 128)):
-        weight, bias = router_weights(E, 2880, generator)
+    for M in (1, 7, 8, 16, 128):  # the decode kernel, then the tensor-core kernel
         x = realistic_activations(M, 2880, generator)
-        poison = [torch.full((M, E), float("nan"), device="cuda", dtype=torch.bfloat16),
+        poison = [torch.full((M, 128), float("nan"), device="cuda", dtype=torch.bfloat16),
                   torch.full((M, 256), float("nan"), device="cuda")]
         pointers = [t.data_ptr() for t in poison]
         del poison

@@ -37,13 +37,11 @@ cudaError_t launch_router_gemm_simple(const RouterGemmArgs& args);
 // 1 <= M <= kSmallMaxM, any E, K a multiple of 8, 16-byte aligned x and weight. Needs sm_90 for PDL.
 constexpr int kSmallMaxM = 64;
 // Whether the dispatching op should give a call the decode kernel rather than the tensor-core
-// kernel: always for M <= 4, and up to 1024 logits (M x E) for narrow routers (E < 128). A wide
-// router (E >= 128, so M = 5-8) takes the tensor-core kernel, as fast without PDL and faster with
-// it, except at rows of 4097-5120 elements, where the decode kernel stays ahead without PDL. Past
-// the line the tensor-core kernel's cluster handoff costs less than the decode kernel's re-reads
-// of x and weights and its CUDA-core FMAs. The choice does not depend on PDL, so pdl=True and
-// pdl=False give the same bits. The line comes from tile sweeps of both kernels
-// (benchmarks/results/README.md, the `_tune-dispatch-coherent` and `_line-as-is` files).
+// kernel: always for M <= 4, and up to 1024 logits (M x E) unless the router is both wide and long
+// (E >= 128 and K > 5120). Past that the tensor-core kernel's cluster handoff costs less than the
+// decode kernel's re-reads of x and weights and its CUDA-core FMAs. The choice does not depend on
+// PDL, so pdl=True and pdl=False give the same bits. The line comes from tile sweeps of both
+// kernels (benchmarks/results/README.md, the `_tune-dispatch-coherent` files).
 bool router_gemm_small_m_preferred(const RouterGemmArgs& args);
 const char* router_gemm_small_m_unsupported(const RouterGemmArgs& args);
 

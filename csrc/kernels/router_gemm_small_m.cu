@@ -21,9 +21,7 @@ bool router_gemm_small_m_preferred(const RouterGemmArgs& a) {
   if (a.M > kSmallMaxM) return false;
   const long long logits = static_cast<long long>(a.M) * a.E;
   if (a.M <= 4) return true;
-  if (logits > 1024) return false;
-  // E >= 128 (M = 5-8): the tensor-core kernel, except at rows of 4097-5120 (Llama-4).
-  return a.E < 128 || (a.K > 4096 && a.K <= 5120);
+  return logits <= 1024 && (a.K <= 5120 || a.E < 128);
 }
 
 cudaError_t launch_router_gemm_small_m(const RouterGemmArgs& a, int experts_per_cta,
