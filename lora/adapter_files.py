@@ -54,7 +54,8 @@ def _identity(path: str) -> tuple[int, int, int, int]:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def read_snapshot(directory: str, wanted: Callable[[str], bool]) -> tuple[bytes, dict, list[str], bool, tuple]:
+def read_snapshot(directory: str,
+                  wanted: Callable[[str], bool]) -> tuple[bytes, dict, list[str], bool, tuple]:
     """``(config bytes, {key: tensor or header entry}, problems, config matches, version)`` of one
     version of the directory.
 

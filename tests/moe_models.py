@@ -204,3 +204,19 @@ def tiny_moe(model_type: str, seed: int = 0, dtype=torch.float32):
             if type(module).__name__.endswith("Router"):
                 module.weight.normal_(0.0, 0.5)
     return model.to(dtype)
+
+
+def assert_router_logits(logits, x, router, adapter, module: str, requests, tokens_per_request: int):
+    """A LoRA router's logits for tokens x: its base gate's, bit for bit, where ``requests`` maps no
+    adapter, and base + ``adapter``'s delta for ``module`` (a float64 reference) where it maps one:
+    an independent check of what the router served, not a comparison with itself."""
+    from lora.layer import GateLinearWithLoRA
+
+    gate = next(m for m in router.modules() if isinstance(m, GateLinearWithLoRA)).base_layer
+    weights = adapter.modules[module]
+    with torch.no_grad():
+        base = gate(x)
+        delta = weights.scaling * (x.double() @ weights.lora_a.double().T) @ weights.lora_b.double().T
+    mapped = torch.tensor([name is not None for name in requests]).repeat_interleave(tokens_per_request)
+    assert torch.equal(logits[~mapped], base[~mapped])
+    torch.testing.assert_close(logits[mapped].double(), (base.double() + delta)[mapped], rtol=1e-5, atol=1e-5)

@@ -66,17 +66,18 @@ class Failure(Exception):
     pass
 
 
-def fail_in(layer, after_writing: bool, error=Failure):
-    """Makes the next ``layer.set_lora`` raise ``error``; with ``after_writing``, after it wrote the
-    slot (a failure past the point of no return, e.g. a device error on the last copy)."""
+def fail_in(layer, after_writing: bool, error=Failure, on_call: int = 1, calls=None):
+    """Makes call number ``on_call`` of ``layer.set_lora`` raise ``error`` (the others write as
+    usual); with ``after_writing``, after it wrote the slot (a failure past the point of no return,
+    e.g. a device error on the last copy). ``calls`` collects the slot of every call."""
     real = layer.set_lora
-    calls = []
+    calls = [] if calls is None else calls
 
     def failing(slot, lora_a, lora_b, scaling):
         calls.append(slot)
-        if after_writing or len(calls) > 1:
+        if after_writing or len(calls) != on_call:
             real(slot, lora_a, lora_b, scaling)
-        if len(calls) == 1:
+        if len(calls) == on_call:
             raise error("injected")
 
     layer.set_lora = failing
@@ -132,12 +133,16 @@ def test_activate_failing_part_way_restores_slots_mapping_and_books(model):
     served = run(model, manager, ["a", "b"], tokens)
     manager.remove("b")  # its slot is stale: emptied by the next activate, before the writes
     before = state(model, manager)
-    # Loading c then d: c lands in b's emptied slot, d must evict a, and fails in the last layer.
+    # Loading c then d: c lands in b's emptied slot, d must evict a, and d's write fails in the
+    # last layer, after c's went through there.
     manager.add("d", adapter(20))
-    restore = fail_in(lora_layers(model)[ROUTERS[-1] + ".linear"], after_writing=True)
+    calls = []
+    restore = fail_in(lora_layers(model)[ROUTERS[-1] + ".linear"], after_writing=True, on_call=2,
+                      calls=calls)
     with pytest.raises(Failure):
         manager.activate(["c", "d"], 5)
     restore()
+    assert calls[:2] == [1, 0]  # c into slot 1, then d into a's slot 0, which failed
     after = state(model, manager)
     assert_unchanged(before, after)
     assert manager.resident == {0: "a", 1: "b"}  # as before the call (b is emptied at the next one)

@@ -15,8 +15,10 @@ def make_inputs(M, E, S, R, logits_dtype, b_dtype, device, seed):
     lora_b = (torch.randn(S, E, R, generator=generator) / R**0.5).to(device, b_dtype)
     scaling = (0.5 + torch.rand(S, generator=generator)).to(device)
     # Every slot, "no adapter" (-1) and ids outside [0, S) that must also mean "no adapter".
-    slot_ids = torch.randint(-2, S + 2, (M,), generator=generator).to(device)
-    return logits, xa, lora_b, scaling, slot_ids
+    slot_ids = torch.randint(-2, S + 2, (M,), generator=generator)
+    slot_ids[:min(M, S)] = torch.arange(min(M, S))  # and at least one adapted token, at every M
+    return logits, xa, lora_b, scaling, slot_ids.to(device)
+
 
 
 def reference(logits, xa, lora_b, scaling, slot_ids):
@@ -33,6 +35,7 @@ def check(out, logits, xa, lora_b, scaling, slot_ids):
     ref = reference(logits, xa, lora_b, scaling, slot_ids)
     S = lora_b.shape[0]
     no_adapter = (slot_ids < 0) | (slot_ids >= S)
+    assert len(slot_ids) == 0 or not no_adapter.all(), "nothing to expand: the test checks nothing"
     assert out.dtype == logits.dtype and out.shape == logits.shape
     assert torch.equal(out[no_adapter].view(torch.uint8), logits[no_adapter].view(torch.uint8)), \
         "no-adapter tokens changed"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from gate import GateLinear, ops
 from lora import GateLinearWithLoRA, TokenSlots
+from lora.layer import add_lora_delta
 
 _SAME_SIZE_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
                   torch.float32: torch.int32, torch.float64: torch.int64}
@@ -396,12 +397,23 @@ def test_router_gemm_lora_off_the_kernels_is_the_layers_two_ops(dtype):
     generator = torch.Generator().manual_seed(5)
     K, E, M = 360, 32, 9
     layer = GateLinearWithLoRA(random_gate(K, E, dtype, generator), 4, 16, TokenSlots(M))
-    for slot, rank in ((0, 16), (1, 5), (3, 9)):
-        layer.set_lora(slot, *random_adapter(rank, K, E, dtype, generator))
-    layer.token_slots.set(torch.tensor([0, 1, -1, 3, 2, 0, 7, 1, 3]), validate=False)
+    adapters = {slot: random_adapter(rank, K, E, dtype, generator)
+                for slot, rank in ((0, 16), (1, 5), (3, 9))}
+    for slot, adapter in adapters.items():
+        layer.set_lora(slot, *adapter)
+    slot_ids = torch.tensor([0, 1, -1, 3, 2, 0, 7, 1, 3])
+    layer.token_slots.set(slot_ids, validate=False)
     x = torch.randn(M, K, generator=generator).to(dtype)
     base = layer.base_layer
     out = ops.router_gemm_lora_unchecked(
         x, base.weight, base.bias, layer.lora_a_stacked.view(-1, K), layer.lora_b_stacked,
         layer.scaling, layer.token_slots.for_tokens(M), None, False, "torch")
+    # the two ops it stands for, called on their own: the base gate, then the delta
+    two_ops = add_lora_delta(ops.router_gemm(x, base.weight, base.bias, backend="torch"), x,
+                             layer.lora_a_stacked, layer.lora_b_stacked, layer.scaling, slot_ids,
+                             backend="torch")
+    assert torch.equal(bits(out), bits(two_ops))
     assert torch.equal(bits(out), bits(layer(x)))
+    assert_matches_reference(out, x, base, adapters, slot_ids)
+    adapted = torch.tensor([s in adapters for s in slot_ids.tolist()])
+    assert not torch.equal(out[adapted], base(x)[adapted])  # the deltas are there

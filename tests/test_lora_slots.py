@@ -12,7 +12,8 @@ def test_set_writes_in_place_and_pads_with_minus_one():
     slots.set([0, 3, -1, 2, 1])
     assert slots.num_tokens == 5
     assert slots.slot_ids.tolist() == [0, 3, -1, 2, 1, -1, -1, -1]
-    slots.set(torch.tensor([2, 2], dtype=torch.int32))
+    slots.set(torch.tensor([2, 2], dtype=torch.int32))  # widened into the int64 buffer
+    assert slots.num_tokens == 2 and slots.slot_ids.tolist() == [2, 2] + [-1] * 6
     slots.set((1, -1, 3))
     assert slots.slot_ids.tolist() == [1, -1, 3, -1, -1, -1, -1, -1]
     assert slots.slot_ids is buffer and slots.slot_ids.data_ptr() == pointer

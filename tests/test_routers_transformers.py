@@ -8,7 +8,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from moe_models import VOCAB, load_peft, needs_target_parameters, tiny_moe  # noqa: E402
+from moe_models import VOCAB, assert_router_logits, load_peft, needs_target_parameters, tiny_moe  # noqa: E402
 
 from gate import GateLinear  # noqa: E402
 from lora.adapter_io import RouterAdapter, save_adapter  # noqa: E402
@@ -223,15 +223,19 @@ def test_compiled_generic_router_with_lora_follows_swaps_without_recompiling():
                                                   torch.randn(8, 4, generator=generator)) for name in names},
                                           lora_alpha=8)
 
-    manager.add("a", adapter())
+    current = adapter()
+    manager.add("a", current)
     router = model.get_submodule(names[0])
     compiled = torch.compile(router, fullgraph=True)
     x = torch.randn(6, 64, generator=generator)
     for step, requests in enumerate((["a", None, "a"], [None, "a", "a"])):
         if step:
-            manager.swap("a", adapter())
+            current = adapter()
+            manager.swap("a", current)
         manager.activate(requests, 2)
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=step > 0):
             got, want = compiled(x), router(x)
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])  # logits, expert ids
         torch.testing.assert_close(got[1], want[1])  # inductor fuses the softmax: not bit-exact
+        # this step's mapping and adapter, not the first step's
+        assert_router_logits(got[0], x, router, current, names[0], requests, 2)

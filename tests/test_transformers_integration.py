@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
-from moe_models import VOCAB, gpt_oss  # noqa: E402
+from moe_models import VOCAB, assert_router_logits, gpt_oss  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter  # noqa: E402
 
 from gate import GateLinear  # noqa: E402
@@ -202,15 +202,19 @@ def test_compiled_router_follows_adapter_swaps_without_recompiling():
                                                torch.randn(8, 4, generator=generator)) for i in range(2)},
             lora_alpha=8)
 
-    manager.add("a", adapter())
+    current = adapter()
+    manager.add("a", current)
     router = model.model.layers[0].mlp.router
     compiled = torch.compile(router, fullgraph=True)
     x = torch.randn(6, 64, generator=generator)
     for step, names in enumerate((["a", None, "a"], [None, "a", "a"], ["a", "a", None])):
         if step:
-            manager.swap("a", adapter())
+            current = adapter()
+            manager.swap("a", current)
         manager.activate(names, 2)
         with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=step > 0):
             got, want = compiled(x), router(x)
         assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])  # logits, expert ids
         torch.testing.assert_close(got[1], want[1])  # inductor fuses the softmax: not bit-exact
+        # this step's mapping and adapter, not the first step's
+        assert_router_logits(got[0], x, router, current, "model.layers.0.mlp.router", names, 2)
