@@ -14,9 +14,10 @@ reader sees no adapter or the whole adapter. An existing directory gets each fil
 rename, weights first. A reader can fall between the two renames without either file changing
 during its read, so the weights carry the SHA-256 of the config bytes written with them in their
 safetensors metadata (``CONFIG_DIGEST``): a read whose two files disagree is read again after a
-pause. A disagreement that lasts, the same two files (identity as above) on two reads a pause apart,
-is not a writer at work but a config edited by hand (PEFT users edit ``base_model_name_or_path``),
-and is accepted; one that changes from read to read is a writer that keeps saving, and is retried.
+pause. A disagreement that lasts through every read, the same two files (identity as above) on the
+last two, is not a writer at work but a config edited by hand (PEFT users edit
+``base_model_name_or_path``), and is accepted; one that changes from read to read is a writer that
+keeps saving, and the read gives up.
 Files written by PEFT carry no digest.
 """
 

@@ -401,7 +401,9 @@ def _read_files(path: str) -> tuple[bytes, dict]:
 
     A read that a writer tore (the files changed meanwhile, or the weights' config digest does not
     match, see ``lora.adapter_files``) is read again after a short pause, a few times. A digest
-    mismatch is accepted only when the read before it saw the same two files: a hand edit.
+    mismatch is accepted as a hand edit only on the last read, and only when the read before it
+    saw the same two files: a writer stalled between its renames for less than the pauses, or one
+    that keeps saving, is not taken for one.
     """
     mismatched = None  # the version of the last read whose config digest did not match
     for attempt in range(_READ_ATTEMPTS):
@@ -415,7 +417,7 @@ def _read_files(path: str) -> tuple[bytes, dict]:
             continue
         except OSError as error:
             raise AdapterError(path, [f"the adapter files cannot be read: {error}"]) from error
-        if not config_matches and version != mismatched:
+        if not config_matches and (attempt < _READ_ATTEMPTS - 1 or version != mismatched):
             mismatched = version  # a writer between its two renames, or a hand edit: read again
             continue
         if problems:
