@@ -203,6 +203,7 @@ def test_cuda_graph_replay_follows_slot_and_mapping_changes(M):
     model, slots = _wrapped_model(generator, E)
     adapters = _swap(model, generator, E, first=True)
     mapping = torch.tensor([0, 2, -1])[torch.randint(0, 3, (M,), generator=generator)]
+    mapping[0] = 0  # an adapted token at every M, M = 1 included
     slots.set(mapping)
     x = torch.randn(M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
     static_x = x.clone()
@@ -222,6 +223,7 @@ def test_cuda_graph_replay_follows_slot_and_mapping_changes(M):
     # Swap slot contents, the mapping and the input, then replay the same graph.
     adapters = _swap(model, generator, E, first=False)
     mapping = torch.tensor([3, 2, -1, 0])[torch.randint(0, 4, (M,), generator=generator)]
+    mapping[0] = 3  # the new contents of a slot reach the replay at every M
     slots.set(mapping)
     x = torch.randn(M, K, generator=generator).to(device="cuda", dtype=torch.bfloat16)
     static_x.copy_(x)
