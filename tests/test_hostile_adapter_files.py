@@ -255,13 +255,20 @@ def test_save_adapter_is_atomic_for_concurrent_readers(tmp_path):
                 for seed, rank in ((11, 2), (12, 4))]
     path = tmp_path / "adapter"
     save_adapter(versions[0], path)
-    stop, seen, errors = threading.Event(), set(), []
+    # Over an existing adapter, each file is replaced by a new one (a rename), never rewritten in place.
+    inodes = [os.stat(path / name).st_ino for name in ("adapter_config.json", "adapter_model.safetensors")]
+    save_adapter(versions[1], path)
+    assert all(os.stat(path / name).st_ino != inode
+               for name, inode in zip(("adapter_config.json", "adapter_model.safetensors"), inodes))
+    stop, seen, errors, saves, writer_errors = threading.Event(), set(), [], [], []
 
     def keep_saving():
-        i = 0
-        while not stop.is_set():
-            save_adapter(versions[i % 2], path)
-            i += 1
+        try:
+            while not stop.is_set():
+                save_adapter(versions[len(saves) % 2], path)
+                saves.append(1)
+        except BaseException as error:  # noqa: BLE001 - reported on the test's thread below
+            writer_errors.append(error)
 
     writer = threading.Thread(target=keep_saving)
     writer.start()
@@ -281,7 +288,8 @@ def test_save_adapter_is_atomic_for_concurrent_readers(tmp_path):
     finally:
         stop.set()
         writer.join()
-    assert seen and len(errors) < 60
+    assert not writer_errors, f"the writer raised: {writer_errors[0]!r}"
+    assert len(saves) > 1 and seen and len(errors) < 60
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging directory left
 
 

@@ -104,13 +104,24 @@ def pdl_violations(ops: list[str]) -> list[str]:
         problems.append("a first-chunk weight load after the wait")
     if not any(i < wait for i in weight_loads):
         problems.append("no weight load (LDG.E.NA) before the wait")
+    # Before the wait the parameters only: weight rows (.NA) and the bias (16 bits, read-only path).
+    # x through the read-only path would be a non-coherent load, which the rule above does not see.
+    early_nc = [op for op in ops[:wait] if op.startswith("LDG") and ".CONSTANT" in op
+                and op != "LDG.E.U16.CONSTANT"]
+    if early_nc:
+        problems.append(f"a non-coherent load before the wait that is not the bias: {early_nc}")
     return problems + store_and_trigger_violations(ops, wait)
 
 
+# Global writes: stores, generic stores and global atomics / reductions (REDUX is a warp reduction).
+GLOBAL_WRITES = ("STG", "ST.E", "ATOMG", "ATOM.E", "REDG", "RED.")
+
+
 def store_and_trigger_violations(ops: list[str], wait: int) -> list[str]:
-    """Global stores only after the wait (index `wait`); launch_dependents at entry, before it."""
+    """Global stores (and atomics) only after the wait (index `wait`); launch_dependents at entry,
+    before it."""
     problems = []
-    stores = [i for i, op in enumerate(ops) if op.startswith("STG")]
+    stores = [i for i, op in enumerate(ops) if op.startswith(GLOBAL_WRITES)]
     if not stores:
         problems.append("no global store")
     elif any(i < wait for i in stores):
@@ -123,10 +134,11 @@ def store_and_trigger_violations(ops: list[str], wait: int) -> list[str]:
     return problems
 
 
-def lora_expand_pdl_violations(ops: list[str]) -> list[str]:
+def lora_expand_pdl_violations(ops: list[str], prefetch: bool = True) -> list[str]:
     """The expand kernel's PDL order: before the wait it only prefetches B into L2 (CCTL...PF, no
     load at all: which slot a token uses is read after the wait), then the router kernels' rules
-    for stores and the trigger."""
+    for stores and the trigger. prefetch=False: the routing kernel's order, no load before the wait
+    and nothing to prefetch (all it reads is the logits)."""
     waits = [i for i, op in enumerate(ops) if op == "ACQBULK"]
     if not waits:
         return ["no griddepcontrol.wait (ACQBULK)"]
@@ -134,7 +146,7 @@ def lora_expand_pdl_violations(ops: list[str]) -> list[str]:
     problems = []
     if any(op.startswith(("LDG", "LD.", "LDS")) for op in ops[:wait]):
         problems.append("a load before the wait")
-    if not any(op.startswith("CCTL") and ".PF" in op for op in ops[:wait]):
+    if prefetch and not any(op.startswith("CCTL") and ".PF" in op for op in ops[:wait]):
         problems.append("no L2 prefetch (CCTL.PF) before the wait")
     return problems + store_and_trigger_violations(ops, wait)
 
@@ -146,6 +158,16 @@ def test_lora_expand_keeps_the_pdl_order(tools, tmp_path):
                                 f"routed), found {sorted(kernels)}")
     broken = {name: lora_expand_pdl_violations(ops) for name, ops in kernels.items()
               if lora_expand_pdl_violations(ops)}
+    assert not broken, broken
+
+
+def test_route_logits_keeps_the_pdl_order(tools, tmp_path):
+    """The routing kernel runs as a programmatic dependent of the router GEMM (gate.ops.route)."""
+    functions = compiled_functions(tools, os.path.join(ROOT, "csrc", "kernels", "route_logits.cu"), tmp_path)
+    kernels = {name: ops for name, ops in functions.items() if "route" in name}
+    assert len(kernels) == 3, f"expected one kernel per logits dtype, found {sorted(kernels)}"
+    broken = {name: lora_expand_pdl_violations(ops, prefetch=False) for name, ops in kernels.items()
+              if lora_expand_pdl_violations(ops, prefetch=False)}
     assert not broken, broken
 
 
@@ -306,6 +328,22 @@ __global__ void prefetch_then_wait(const float* w, const float* x, float* out) {
   asm volatile("griddepcontrol.wait;" ::: "memory");
   out[threadIdx.x] = w[threadIdx.x] * x[threadIdx.x];
 }
+__global__ void nc_activation_before_wait(const float* w, const float* x, float* out) {
+  __shared__ float staged[32];
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const float a = weight_load(w + threadIdx.x);
+  staged[threadIdx.x % 32] = __ldg(x + threadIdx.x);  // x through the read-only path, used
+  __syncthreads();                                      // before the wait
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = a * staged[(threadIdx.x + 1) % 32] * x[threadIdx.x + 32];
+}
+__global__ void atomic_before_wait(const float* w, const float* x, float* out) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const float a = weight_load(w + threadIdx.x);
+  atomicAdd(out + 64, 1.f);  // a global write before the wait
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  out[threadIdx.x] = a * x[threadIdx.x];
+}
 __global__ void weight_load_after_wait(const float* w, const float* x, float* out) {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const float a = weight_load(w + threadIdx.x);
@@ -332,6 +370,10 @@ def test_the_check_catches_what_it_is_for(tools, tmp_path):
     no_weights_first = [op for op in third if ".NA" not in op]
     assert pdl_violations(no_weights_first) == ["no weight load (LDG.E.NA) before the wait"]
     assert waits_before_weights(third) == []
+    nc_early = pdl_violations(next(ops for name, ops in functions.items() if "nc_activation" in name))
+    assert len(nc_early) == 1 and nc_early[0].startswith("a non-coherent load before the wait"), nc_early
+    atomic = pdl_violations(next(ops for name, ops in functions.items() if "atomic_before" in name))
+    assert atomic == ["a global store before the wait"], atomic
     fourth = next(ops for name, ops in functions.items() if "release_arrive" in name)
     assert pdl_violations(fourth) == []
     assert "MEMBAR.ALL.GPU" in waits_before_weights(fourth)

@@ -130,6 +130,8 @@ def test_serving_never_reallocates(model):
 def test_bad_requests_are_refused_and_change_nothing(model):
     manager = AdapterManager(model, max_loras=2, max_rank=4)
     manager.add("a", random_adapter(1))
+    tokens = ids(batch=1)
+    served = run(model, manager, ["a"], tokens)
     with pytest.raises(ValueError, match="registered already"):
         manager.add("a", random_adapter(2))
     with pytest.raises(KeyError, match="to swap"):
@@ -138,9 +140,8 @@ def test_bad_requests_are_refused_and_change_nothing(model):
         manager.swap("a", random_adapter(2, rank=8))
     with pytest.raises(AdapterError, match="no LoRA gate layer"):
         manager.swap("a", random_adapter(2, names=["model.layers.7.mlp.router"]))
-    tokens = ids(batch=1)
-    assert torch.equal(run(model, manager, ["a"], tokens), run(model, manager, ["a"], tokens))
-    assert manager.stats["slot_loads"] == 1  # the failed swaps left version 0 in place
+    assert torch.equal(run(model, manager, ["a"], tokens), served)  # the failed swaps changed nothing
+    assert manager.stats["slot_loads"] == 1  # and left version 0 in its slot: nothing was reloaded
     with pytest.raises(ValueError, match="2 token counts for 3 sequences"):
         manager.activate(["a", None, None], [1, 2])
     with pytest.raises(ValueError, match="fewer than"):
@@ -178,14 +179,18 @@ def test_a_swap_during_a_forward_lands_after_it(model):
 
 @contextlib.contextmanager
 def swapping_in_background(manager, name, versions):
-    """Another thread swaps adapter ``name`` between ``versions`` for as long as the block runs."""
+    """Another thread swaps adapter ``name`` between ``versions`` for as long as the block runs; a
+    swap that raised, or fewer than two swaps, fails the test (the block then checked nothing)."""
     stop = threading.Event()
+    swaps, errors = [], []
 
     def keep_swapping():
-        i = 0
-        while not stop.is_set():
-            manager.swap(name, versions[i % len(versions)])
-            i += 1
+        try:
+            while not stop.is_set():
+                manager.swap(name, versions[len(swaps) % len(versions)])
+                swaps.append(1)
+        except BaseException as error:  # noqa: BLE001 - reported on the test's thread below
+            errors.append(error)
 
     worker = threading.Thread(target=keep_swapping)
     worker.start()
@@ -194,6 +199,8 @@ def swapping_in_background(manager, name, versions):
     finally:
         stop.set()
         worker.join()
+    assert not errors, f"a swap in the background raised: {errors[0]!r}"
+    assert len(swaps) >= 2, f"only {len(swaps)} swaps ran while the block ran"
 
 
 def test_steps_see_whole_adapters_under_concurrent_swaps(model):
