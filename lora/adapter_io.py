@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -43,7 +44,7 @@ from lora.adapter_files import (
     read_snapshot,
     write_directory,
 )
-from lora.casts import cast_problem
+from lora.casts import cast_problem, scaling_problem
 from lora.peft_keys import MODULE, PARAMETER
 from lora.registry import lora_layers
 from lora.slots import SlotWrites
@@ -130,6 +131,10 @@ class RouterAdapter:
 
         if targeted not in (PARAMETER, MODULE):
             raise ValueError(f"targeted must be {PARAMETER!r} or {MODULE!r}, got {targeted!r}")
+        # What PEFT reads back: a real number (the config file's check, peft_keys.config_problems).
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
+                or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if not weights:
             raise ValueError("an adapter needs at least one module")
         ranks = {module: a.shape[0] for module, (a, _) in weights.items()}
@@ -264,8 +269,9 @@ def _fit_to_layer(module: str, weights: LoraWeights, layer: nn.Module):
                         f"E={num_experts} experts")
     if weights.rank > max_rank:
         problems.append(f"{module}: rank {weights.rank} exceeds the layer's max_rank {max_rank}")
-    if not math.isfinite(weights.scaling):
-        problems.append(f"{module}: scaling {weights.scaling} is not finite")
+    problem = scaling_problem(f"{module}: scaling", weights.scaling)
+    if problem is not None:
+        problems.append(problem)
     lora_a = weights.lora_a.to(dtype)
     lora_b = weights.lora_b.to(dtype)
     for factor, original, cast in (("lora_A", weights.lora_a, lora_a), ("lora_B", weights.lora_b, lora_b)):
@@ -355,8 +361,9 @@ def _check_modules(config: LoraConfig, raw: dict[str, dict[str, torch.Tensor]],
             problems.append(f"{module}: rank {rank} in the file but the config gives r={config_rank}")
             continue
         scaling = peft_keys.lora_scaling(rank, alpha, config.use_rslora)
-        if not math.isfinite(scaling):
-            problems.append(f"{module}: scaling {scaling} (lora_alpha={alpha}, r={rank}) is not finite")
+        problem = scaling_problem(f"{module}: scaling", scaling, f" (lora_alpha={alpha}, r={rank})")
+        if problem is not None:
+            problems.append(problem)
             continue
         modules[module] = LoraWeights(lora_a, lora_b, scaling, targeted)
     return modules, problems + _config_problems(config, sorted(raw))

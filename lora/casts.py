@@ -2,10 +2,13 @@
 base weight's dtype (bf16, fp16). A cast is accepted unless it changes what the adapter computes
 beyond rounding: a finite value that becomes inf (overflow), or a factor whose non-zero values all
 round to zero (underflow: the adapter would silently compute nothing). Single values that round to
-zero among larger ones are rounding, as in any cast.
+zero among larger ones are rounding, as in any cast. The same two rules hold an adapter's
+scaling to the float32 its slot keeps it in.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -36,3 +39,19 @@ def cast_factor(name: str, factor: torch.Tensor, dtype: torch.dtype) -> torch.Te
     if problem is not None:
         raise ValueError(problem)
     return cast
+
+
+def scaling_problem(name: str, scaling: float, context: str = "") -> str | None:
+    """Why ``scaling`` cannot be a slot's float32 scaling (not finite, or lost in the cast), or None.
+    ``context`` follows the value in the message (where it came from)."""
+    if not math.isfinite(scaling):
+        return f"{name} {scaling}{context} is not finite"
+    kept = torch.tensor(scaling, dtype=torch.float32).item()
+    if not math.isfinite(kept):
+        return (f"{name} {scaling:.3g}{context} overflows float32, the dtype slots keep scalings in "
+                f"(largest {torch.finfo(torch.float32).max:.3g}); rescale the factors (scaling * B @ A "
+                "is what counts)")
+    if scaling != 0 and kept == 0:
+        return (f"{name} {scaling:.3g}{context} underflows float32 to zero, the adapter would compute "
+                "nothing; rescale the factors (scaling * B @ A is what counts)")
+    return None

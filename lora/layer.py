@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 
 from gate import ops
 from gate.layer import GateLinear
-from lora.casts import cast_factor
+from lora.casts import cast_factor, scaling_problem
 from lora.slots import TokenSlots, _as_int
 
 
@@ -136,6 +135,8 @@ class GateLinearWithLoRA(nn.Module):
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
         if self.merged_slot is not None:
             raise RuntimeError("cannot re-create the slots while an adapter is merged; unmerge() first")
+        if self.token_slots is not None:  # before anything is replaced: a refusal changes nothing
+            self.token_slots.check_limit(max_loras)
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.max_loras = max_loras
@@ -426,6 +427,7 @@ def _check_scaling(scaling) -> float:
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     scaling = float(scaling)
-    if not math.isfinite(scaling):
-        raise ValueError(f"scaling must be finite, got {scaling}")
+    problem = scaling_problem("scaling", scaling)
+    if problem is not None:
+        raise ValueError(problem)
     return scaling

@@ -42,7 +42,7 @@ from torch import nn
 
 from lora.adapter_io import AdapterError, BoundAdapter, RouterAdapter, read_adapter
 from lora.registry import get_token_slots, lora_layers, replace_modules
-from lora.slots import NO_ADAPTER, SlotWrites
+from lora.slots import NO_ADAPTER, SlotWrites, _as_int
 
 
 @dataclass
@@ -71,8 +71,11 @@ class AdapterManager:
 
     def __init__(self, model: nn.Module, max_loras: int, max_rank: int, *, target=None,
                  max_cpu_adapters: int | None = None) -> None:
+        max_loras, max_rank = _as_int(max_loras, "max_loras"), _as_int(max_rank, "max_rank")
         if max_loras < 1 or max_rank < 1:
             raise ValueError(f"max_loras and max_rank must be >= 1, got {max_loras} and {max_rank}")
+        if max_cpu_adapters is not None:
+            max_cpu_adapters = _as_int(max_cpu_adapters, "max_cpu_adapters")
         if max_cpu_adapters is not None and max_cpu_adapters < 1:
             raise ValueError(f"max_cpu_adapters must be >= 1 or None, got {max_cpu_adapters}")
         if not lora_layers(model) and not replace_modules(model, max_loras, max_rank, target=target):
@@ -234,11 +237,11 @@ class AdapterManager:
             if len(wanted) > self.max_loras:
                 raise ValueError(f"the batch uses {len(wanted)} adapters but only {self.max_loras} "
                                  "slots exist; split it or raise max_loras")
-            # Read (or re-read) everything that must be written before writing anything.
-            loads = {name: self._cached(name, registry[name]) for name, version in wanted.items()
-                     if (name, version) not in self._slot_contents}
             saved = (list(self._slot_contents), list(self._slot_last_step), self._step, dict(self.stats))
             try:
+                # Read (or re-read) everything that must be written before writing anything.
+                loads = {name: self._cached(name, registry[name]) for name, version in wanted.items()
+                         if (name, version) not in self._slot_contents}
                 with SlotWrites() as writes:
                     mapping = self._load_and_map(names, counts, registry, wanted, loads, writes)
             except BaseException:
@@ -326,7 +329,8 @@ class AdapterManager:
 
     @staticmethod
     def _token_counts(num_sequences: int, tokens_per_sequence) -> list[int]:
-        if isinstance(tokens_per_sequence, (list, tuple, torch.Tensor)):
+        if isinstance(tokens_per_sequence, (list, tuple)) or (
+                isinstance(tokens_per_sequence, torch.Tensor) and tokens_per_sequence.dim() > 0):
             counts = [_count(c) for c in tokens_per_sequence]
             if len(counts) != num_sequences:
                 raise ValueError(f"{len(counts)} token counts for {num_sequences} sequences")

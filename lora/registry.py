@@ -149,9 +149,15 @@ def replace_modules(
     if token_slots is None:
         token_slots = _default_token_slots(model, [module for _, module, _, _ in plan], max_loras,
                                            max_tokens)
-    # Build every wrapper before installing any, so an error in one leaves the model unchanged.
-    wrappers = [lora_cls.from_module(module, max_loras, max_rank, token_slots)
-                for _, module, lora_cls, _ in plan]
+    # Build every wrapper before installing any, so an error in one leaves the model unchanged, and
+    # the shared mapping too: a wrapper built before the failing one may have lowered its bound.
+    bound = token_slots.num_slots
+    try:
+        wrappers = [lora_cls.from_module(module, max_loras, max_rank, token_slots)
+                    for _, module, lora_cls, _ in plan]
+    except BaseException:
+        token_slots.num_slots = bound
+        raise
     for (_, _, _, places), wrapper in zip(plan, wrappers):
         for parent, child_name in places:
             setattr(parent, child_name, wrapper)

@@ -130,17 +130,23 @@ class TokenSlots:
 
         Raises, leaving the bound as it was, when the current mapping holds an id >= num_slots.
         """
+        num_slots = self.check_limit(num_slots)
+        if self.num_slots is None or self.num_slots > num_slots:
+            self.num_slots = num_slots
+
+    def check_limit(self, num_slots: int) -> int:
+        """Raises what limit_slots(num_slots) would raise, changing nothing; returns num_slots."""
         num_slots = _as_int(num_slots, "num_slots")
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if self.num_slots is not None and self.num_slots <= num_slots:
-            return
+            return num_slots
         if self.num_tokens:
             highest = int(self.slot_ids[:self.num_tokens].max())
             if highest >= num_slots:
                 raise ValueError(f"the current mapping uses slot {highest}, which a layer with "
                                  f"{num_slots} slots does not have")
-        self.num_slots = num_slots
+        return num_slots
 
     def to(self, device) -> TokenSlots:
         """Moves the buffer to ``device`` (in place on this object, which every layer shares).

@@ -218,8 +218,11 @@ def test_slots_recreated_since_binding_are_refused_before_any_write(model):
 
 def test_adapters_with_non_finite_scaling_are_refused_at_add(model):
     manager = AdapterManager(model, max_loras=1, max_rank=4)
-    with pytest.raises(AdapterError, match=r"scaling nan \(lora_alpha=nan, r=4\) is not finite"):
-        manager.add("a", adapter(44, alpha=float("nan")))
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number, got nan"):
+        adapter(44, alpha=float("nan"))
+    # finite, but a scaling the slots' float32 cannot hold
+    with pytest.raises(AdapterError, match=r"scaling 4e\+40 \(lora_alpha=1.6e\+41, r=4\) overflows float32"):
+        adapter(44, alpha=1.6e41)
     forged = adapter(45)
     name = ROUTERS[0]
     weights = forged.modules[name]

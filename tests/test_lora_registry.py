@@ -241,3 +241,13 @@ def test_target_follows_peft_target_modules():
     assert replace_modules(Model(), 2, 2, target=["gate"]) == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
     with pytest.raises(ValueError, match="not a valid regular expression"):
         replace_modules(Model(), 2, 2, target="mlp.(gate")
+
+
+def test_a_refused_replacement_leaves_the_shared_token_slots_bound_as_it_was():
+    model = Model()
+    model.layers[1].mlp.router = GateLinear(K, E, device="meta")  # its wrapper refuses the cpu slots
+    slots = TokenSlots(16)
+    with pytest.raises(ValueError, match="token_slots is on cpu"):
+        replace_modules(model, 2, 2, token_slots=slots)
+    assert slots.num_slots is None and isinstance(model.layers[0].mlp.router, GateLinear)
+    slots.set([5])  # still any id: no layer limits it

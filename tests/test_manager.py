@@ -84,6 +84,35 @@ def test_lru_eviction_and_cpu_cache_reads_from_disk(model, tmp_path):
         manager.activate(["a", "b", "c"])
 
 
+def test_a_refused_activate_leaves_the_books_as_they_were(model, tmp_path):
+    """An adapter fallen out of the CPU cache whose directory went bad: each refused activate
+    counts no disk read (the books are part of what activate restores)."""
+    import shutil
+
+    for seed, name in enumerate("ab"):
+        save_adapter(random_adapter(seed), tmp_path / name)
+    manager = AdapterManager(model, max_loras=2, max_rank=4, max_cpu_adapters=1)
+    manager.add("a", tmp_path / "a")
+    manager.add("b", tmp_path / "b")  # a drops out of the one-entry CPU cache
+    shutil.rmtree(tmp_path / "a")
+    stats = dict(manager.stats)
+    for _ in range(3):
+        with pytest.raises(AdapterError, match="cannot be"):
+            manager.activate(["a"])
+    assert manager.stats == stats
+
+
+def test_manager_sizes_must_be_ints(model):
+    for kwargs, match in (({"max_loras": 2.0}, "max_loras must be an int"),
+                          ({"max_rank": "8"}, "max_rank must be an int"),
+                          ({"max_cpu_adapters": 1.5}, "max_cpu_adapters must be an int")):
+        with pytest.raises(TypeError, match=match):
+            AdapterManager(model, **{"max_loras": 2, "max_rank": 4, **kwargs})
+    manager = AdapterManager(model, max_loras=2, max_rank=4)
+    manager.add("a", random_adapter(3))
+    assert manager.activate(["a"], torch.tensor(3)).shape == (3,)  # a 0-d tensor: one count for all
+
+
 def test_swap_and_remove_land_at_the_next_activate(model):
     manager = AdapterManager(model, max_loras=2, max_rank=4)
     manager.add("a", random_adapter(5))
