@@ -50,6 +50,7 @@ class GateLinear(nn.Module):
             raise ValueError(f"in_features must be >= 1, got {in_features}")
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        ops.check_float_dtype("out_dtype", out_dtype)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.num_experts = num_experts
@@ -80,8 +81,9 @@ class GateLinear(nn.Module):
     def from_parameters(cls, weight: torch.Tensor, bias: torch.Tensor | None,
                         out_dtype: torch.dtype | None = None, pdl: bool = False) -> GateLinear:
         """A GateLinear holding these parameters ([E, K] and [E] or None) without copying them."""
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D [E, K], got shape {tuple(weight.shape)}")
+        if weight.dim() != 2 or 0 in weight.shape:
+            raise ValueError(f"weight must be 2-D [E, K] with E, K >= 1, got shape {tuple(weight.shape)}")
+        ops.check_float_dtype("out_dtype", out_dtype)
         if bias is not None and bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         if bias is not None and (bias.dtype != weight.dtype or bias.device != weight.device):

@@ -114,13 +114,22 @@ def router_gemm_torch(
 
     When ``out_dtype`` is x's dtype this is exactly ``F.linear(x, weight, bias)``, so routers on the
     CPU give bit-identical logits to an unpatched ``nn.Linear`` / transformers router. A wider
-    ``out_dtype`` upcasts the operands first, so the logits are not rounded to x's dtype on the way.
+    ``out_dtype`` upcasts the operands first, so the logits are not rounded to x's dtype on the way;
+    a narrower one rounds x's-dtype logits once (the operands are never cast down).
     """
     out_dtype = out_dtype or x.dtype
     if out_dtype == x.dtype:
         return F.linear(x, weight, bias)
+    if torch.promote_types(x.dtype, out_dtype) == x.dtype:
+        return F.linear(x, weight, bias).to(out_dtype)
     bias_wide = None if bias is None else bias.to(out_dtype)
     return F.linear(x.to(out_dtype), weight.to(out_dtype), bias_wide)
+
+
+def check_float_dtype(name: str, dtype: torch.dtype | None) -> None:
+    """Raises unless ``dtype`` is None or a floating-point dtype (logits and routing weights are)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{name} must be a floating-point torch.dtype (or None), got {dtype!r}")
 
 
 def router_gemm_cublas(
@@ -159,6 +168,7 @@ def router_gemm(
     ``backend`` forces one of ``BACKENDS``; None picks the best for the weight's device and dtype.
     """
     check_router_inputs(x, weight, bias)
+    check_float_dtype("out_dtype", out_dtype)
     return router_gemm_unchecked(x, weight, bias, out_dtype, pdl,
                                  backend or backend_for(weight.device, weight.dtype))
 
@@ -359,7 +369,8 @@ ROUTE_COUNTERS = 64
 
 
 def _check_route_options(num_experts: int, top_k: int, scoring: str, renormalize: bool,
-                         ids_dtype: torch.dtype) -> None:
+                         ids_dtype: torch.dtype, weights_dtype: torch.dtype | None) -> None:
+    check_float_dtype("weights_dtype", weights_dtype)
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
@@ -454,7 +465,7 @@ def route_logits(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [M, E], got shape {tuple(logits.shape)}")
-    _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype)
+    _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype, weights_dtype)
     if backend is None:
         backend = backend_for(logits.device, logits.dtype)
     if backend == "moegate" and logits.dtype in _KERNEL_DTYPES and not _needs_grad(logits):
@@ -494,6 +505,7 @@ def route(
     Where a gradient is needed: router_gemm (differentiable) then ``route_torch``.
     """
     check_router_inputs(x, weight, bias)
+    check_float_dtype("out_dtype", out_dtype)
     return route_unchecked(x, weight, bias, top_k, scoring, renormalize, out_dtype, weights_dtype,
                            ids_dtype, pdl, backend or backend_for(weight.device, weight.dtype), counters)
 
@@ -502,7 +514,7 @@ def route_unchecked(x, weight, bias, top_k, scoring, renormalize, out_dtype, wei
                     pdl, backend: str, counters) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``route`` for a caller that has checked x, weight and bias (see ``router_gemm_unchecked``);
     the routing options, which may change per call, are checked here."""
-    _check_route_options(weight.shape[0], top_k, scoring, renormalize, ids_dtype)
+    _check_route_options(weight.shape[0], top_k, scoring, renormalize, ids_dtype, weights_dtype)
     if backend == "moegate" and not _needs_grad(x, weight, bias):
         if counters is None:
             counters = torch.zeros(ROUTE_COUNTERS, dtype=torch.int32, device=x.device)
@@ -536,7 +548,7 @@ def lora_expand_route(
     first warp routes them. Elsewhere, and where a gradient is needed, the two calls.
     """
     _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids)
-    _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype)
+    _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype, weights_dtype)
     backend = backend or backend_for(logits.device, lora_b.dtype)
     if (backend == "moegate" and xa.dtype == torch.float32 and logits.dtype in _KERNEL_DTYPES
             and not _needs_grad(logits, xa, lora_b, scaling)):

@@ -35,3 +35,11 @@ def wrap_gates_with_lora(model: nn.Module, router_classes: tuple[type, ...], max
     if plain:
         replace_modules(model, max_loras, max_rank, target=[f"{name}.linear" for name in plain],
                         token_slots=token_slots)
+
+
+def put_back(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
+    """Sets each qualified name of ``originals`` back to its module: a replacement that failed part
+    way (wrapping the new gates for LoRA) leaves the model as it was."""
+    for name, module in originals:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)

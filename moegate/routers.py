@@ -38,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gate.layer import GateLinear
-from moegate.router_gate import HoldsGate, wrap_gates_with_lora
+from moegate.router_gate import HoldsGate, put_back, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 # Router classes: defined by transformers, named ...Router (TopKRouter, TopkRouter, Router) and
@@ -195,6 +195,8 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
     for name, router in found:
         _check_replaceable(model, name, router)
     replaced = []
+    originals = [(name, m) for name, m in modules if isinstance(m, GptOssTopKRouter)
+                 and not isinstance(m, GateGptOssRouter)] + found
     if gpt_oss:
         replaced += replace_gpt_oss_routers(model, out_dtype=out_dtype, pdl=pdl)
     gates = [(name, make_gate_router(router, out_dtype=out_dtype, pdl=pdl)) for name, router in found]
@@ -203,7 +205,12 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
         setattr(model.get_submodule(parent), child, gate)
         replaced.append(name)
     if max_loras > 0:
-        wrap_gates_with_lora(model, (_GateRouterMixin, GateGptOssRouter), max_loras, max_rank, token_slots)
+        try:
+            wrap_gates_with_lora(model, (_GateRouterMixin, GateGptOssRouter), max_loras, max_rank,
+                                 token_slots)
+        except BaseException:
+            put_back(model, originals)  # refused LoRA options: the model as it was
+            raise
     return sorted(replaced, key=[name for name, _ in modules].index)
 
 

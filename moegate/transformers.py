@@ -37,7 +37,7 @@ except ImportError as error:
         f"{error}") from error
 
 from gate.layer import GateLinear
-from moegate.router_gate import HoldsGate, wrap_gates_with_lora
+from moegate.router_gate import HoldsGate, put_back, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 
@@ -177,7 +177,11 @@ def replace_gpt_oss_routers(
                 GateGptOssRouter(linear, router.top_k, returns_logits[type(router)]))
         replaced.append(name)
     if max_loras > 0:
-        wrap_gates_with_lora(model, (GateGptOssRouter,), max_loras, max_rank, token_slots)
+        try:
+            wrap_gates_with_lora(model, (GateGptOssRouter,), max_loras, max_rank, token_slots)
+        except BaseException:
+            put_back(model, found)  # refused LoRA options: the model as it was
+            raise
     return replaced
 
 

@@ -250,3 +250,33 @@ def test_extension_status_is_reported():
     if not ops.extension_available():
         assert ops.extension_error()
     assert gate.__version__
+
+
+def test_a_narrower_out_dtype_rounds_the_logits_once():
+    """fp32 x with bf16 logits: fp32 products and sums, one rounding at the end (the operands are
+    not cast down first, which changed half the logits and some top-4 choices)."""
+    generator = torch.Generator().manual_seed(17)
+    x, weight, bias = (torch.randn(64, 256, generator=generator), torch.randn(32, 256, generator=generator),
+                       torch.randn(32, generator=generator))
+    out = ops.router_gemm(x, weight, bias, out_dtype=torch.bfloat16)
+    once = torch.nn.functional.linear(x, weight, bias).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, once)
+    layer = GateLinear.from_parameters(weight, bias, out_dtype=torch.bfloat16)
+    assert torch.equal(layer(x), once)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GateLinear(8, 4, out_dtype=torch.int64),
+    lambda: GateLinear.from_parameters(torch.randn(4, 8), None, out_dtype=torch.int32),
+    lambda: ops.router_gemm(torch.randn(2, 8), torch.randn(4, 8), out_dtype=torch.int32),
+    lambda: ops.route_logits(torch.randn(2, 8), 2, weights_dtype=torch.int32),
+])
+def test_integer_logit_and_weight_dtypes_are_refused(make):
+    with pytest.raises(ValueError, match="must be a floating-point torch.dtype"):
+        make()
+
+
+def test_from_parameters_refuses_an_empty_weight():
+    for shape in ((0, 16), (4, 0)):
+        with pytest.raises(ValueError, match=r"weight must be 2-D \[E, K\] with E, K >= 1"):
+            GateLinear.from_parameters(torch.randn(*shape), None)

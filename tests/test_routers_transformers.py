@@ -239,3 +239,20 @@ def test_compiled_generic_router_with_lora_follows_swaps_without_recompiling():
         torch.testing.assert_close(got[1], want[1])  # inductor fuses the softmax: not bit-exact
         # this step's mapping and adapter, not the first step's
         assert_router_logits(got[0], x, router, current, names[0], requests, 2)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral"])
+def test_refused_lora_options_leave_the_model_as_it_was(model_type):
+    """The LoRA wrap comes after the routers are swapped: when it refuses its options, every router
+    swapped so far is put back."""
+    model = tiny_moe(model_type, seed=3)
+    before = [(name, module) for name, module in model.named_modules()]
+    with pytest.raises(ValueError, match="max_rank must be >= 1"):
+        replace_routers(model, max_loras=2, max_rank=0)
+    after = list(model.named_modules())
+    assert [name for name, _ in after] == [name for name, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))
+    if model_type == "gpt_oss":
+        with pytest.raises(ValueError, match="max_rank must be >= 1"):
+            replace_gpt_oss_routers(model, max_loras=2, max_rank=0)
+        assert all(a is b for (_, a), (_, b) in zip(model.named_modules(), before))
