@@ -43,3 +43,17 @@ def put_back(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
     for name, module in originals:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, module)
+
+
+# nn.Module's forward hook tables: shared (the same dicts) between a router and its replacement.
+_FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                       "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def share_module_state(old: nn.Module, new: nn.Module) -> None:
+    """What a router and its replacement (either way) share beyond parameters: the train / eval mode
+    of the module itself, and its forward hooks (the same tables, so the user's handles still
+    remove them)."""
+    new.training = old.training
+    for hooks in _FORWARD_HOOK_DICTS:
+        setattr(new, hooks, getattr(old, hooks))

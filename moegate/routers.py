@@ -38,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gate.layer import GateLinear
-from moegate.router_gate import HoldsGate, put_back, wrap_gates_with_lora
+from moegate.router_gate import HoldsGate, put_back, share_module_state, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 # Router classes: defined by transformers, named ...Router (TopKRouter, TopkRouter, Router) and
@@ -148,6 +148,7 @@ def make_gate_router(router: nn.Module, *, out_dtype=None, pdl: bool = False) ->
     gate._buffers.update(router._buffers)
     gate._modules.update(router._modules)
     gate._parameters.update({k: p for k, p in router._parameters.items() if k not in _PUBLIC_PARAMETERS})
+    share_module_state(router, gate)  # the user's forward hooks keep firing, their handles work
     gate.linear = GateLinear.from_parameters(weight, bias, out_dtype=out_dtype, pdl=pdl)
     from moegate.transformers import _load_from_transformers_layout, _save_in_transformers_layout
 
@@ -165,6 +166,7 @@ def restore_router(gate: nn.Module) -> nn.Module:
     router._buffers.update(gate._buffers)
     router._modules.update({k: m for k, m in gate._modules.items() if k != "linear"})
     router._parameters.update(gate._parameters)
+    share_module_state(gate, router)
     router.weight = gate.weight
     if gate.bias is not None:
         router.bias = gate.bias

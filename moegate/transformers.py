@@ -37,7 +37,7 @@ except ImportError as error:
         f"{error}") from error
 
 from gate.layer import GateLinear
-from moegate.router_gate import HoldsGate, put_back, wrap_gates_with_lora
+from moegate.router_gate import HoldsGate, put_back, share_module_state, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 
@@ -131,6 +131,12 @@ def _check_replaceable(model: nn.Module, name: str, router: nn.Module) -> None:
     if hasattr(router, "parametrizations"):
         raise ValueError(f"{name} has parametrized parameters (a PEFT adapter is active on it); "
                          "replace the routers of the base model before wrapping it with PEFT")
+    if "forward" in router.__dict__:
+        raise ValueError(f"{name}'s forward was replaced on the instance (accelerate's hooks do "
+                         "this, e.g. device_map='auto' offloading); its replacement would run that "
+                         "forward and bypass moegate's gate: remove the hooks first "
+                         "(accelerate.hooks.remove_hook_from_module) or replace the routers before "
+                         "dispatching the model")
     parent = model.get_submodule(name.rpartition(".")[0])
     if getattr(parent, "base_layer", None) is router:
         raise ValueError(f"{name} is wrapped by {type(parent).__name__} (PEFT?); replace the routers "
@@ -172,9 +178,10 @@ def replace_gpt_oss_routers(
         if type(router) not in returns_logits:
             returns_logits[type(router)] = router_returns_logits(router)
         linear = GateLinear.from_parameters(router.weight, router.bias, out_dtype=out_dtype, pdl=pdl)
+        gate = GateGptOssRouter(linear, router.top_k, returns_logits[type(router)])
+        share_module_state(router, gate)
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name,
-                GateGptOssRouter(linear, router.top_k, returns_logits[type(router)]))
+        setattr(model.get_submodule(parent_name), child_name, gate)
         replaced.append(name)
     if max_loras > 0:
         try:
@@ -202,6 +209,7 @@ def restore_gpt_oss_routers(model: nn.Module) -> list[str]:
         router.hidden_dim = module.hidden_dim
         router.weight = module.weight
         router.bias = module.bias
+        share_module_state(module, router)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, router)
         restored.append(name)

@@ -256,3 +256,32 @@ def test_refused_lora_options_leave_the_model_as_it_was(model_type):
         with pytest.raises(ValueError, match="max_rank must be >= 1"):
             replace_gpt_oss_routers(model, max_loras=2, max_rank=0)
         assert all(a is b for (_, a), (_, b) in zip(model.named_modules(), before))
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral"])
+def test_forward_hooks_and_eval_mode_carry_over_and_hooked_forwards_are_refused(model_type):
+    model = tiny_moe(model_type, seed=4).eval()
+    name = next(n for n, m in model.named_modules() if type(m).__name__.endswith("Router"))
+    calls = []
+    handle = model.get_submodule(name).register_forward_hook(lambda module, args, out: calls.append(1))
+    ids = tokens(batch=1, seq=4, seed=2)
+    replace_routers(model)
+    router = model.get_submodule(name)
+    assert not router.training
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 1  # the hook fired on the replacement
+    handle.remove()  # and its handle still removes it
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 1
+    restore_routers(model)
+    assert not model.get_submodule(name).training
+
+    hooked = tiny_moe(model_type, seed=4)
+    original = hooked.get_submodule(name)
+    forward = original.forward
+    original.forward = lambda *args, **kwargs: forward(*args, **kwargs)  # as accelerate's hooks do
+    with pytest.raises(ValueError, match="forward was replaced on the instance"):
+        replace_routers(hooked)
+    assert hooked.get_submodule(name) is original
