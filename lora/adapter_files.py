@@ -94,7 +94,7 @@ def _read_safetensors(handle, wanted: Callable[[str], bool]) -> tuple[dict, dict
         return {}, {}, [f"{ADAPTER_WEIGHTS} is not a safetensors file: a header of {header_size} bytes"]
     header_bytes = handle.read(header_size)
     try:
-        header = json.loads(header_bytes)
+        header = json.loads(header_bytes, object_pairs_hook=_refuse_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as error:
         return {}, {}, [f"{ADAPTER_WEIGHTS} has an unreadable safetensors header: {error}"]
     if len(header_bytes) != header_size or not isinstance(header, dict):
@@ -102,12 +102,19 @@ def _read_safetensors(handle, wanted: Callable[[str], bool]) -> tuple[dict, dict
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + header_size
     data_size = os.fstat(handle.fileno()).st_size - data_start
-    entries, problems = {}, []
+    valid, problems = {}, []
     for key, entry in header.items():
         problem = _entry_problem(key, entry, data_size)
         if problem is not None:
             problems.append(problem)
-            continue
+        else:
+            valid[key] = entry
+    if not problems:
+        problem = _tiling_problem({key: entry["data_offsets"] for key, entry in valid.items()}, data_size)
+        if problem is not None:
+            return {}, metadata, [problem]
+    entries = {}
+    for key, entry in valid.items():
         dtype = _FLOAT_DTYPES.get(entry["dtype"])
         if not wanted(key) or dtype is None:
             entries[key] = entry
@@ -121,6 +128,31 @@ def _read_safetensors(handle, wanted: Callable[[str], bool]) -> tuple[dict, dict
         tensor = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         entries[key] = tensor.reshape(entry["shape"])
     return entries, metadata, problems
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, or ValueError when a key repeats: json keeps the last copy silently, and
+    safetensors (so PEFT) refuses such a file."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears twice")
+        seen[key] = value
+    return seen
+
+
+def _tiling_problem(entries: dict[str, list[int]], data_size: int) -> str | None:
+    """safetensors' rule for the tensors' byte ranges: in order of offset they tile the data
+    section exactly, no gap, no overlap (its loader, hence PEFT's, refuses anything else)."""
+    end = 0
+    for key, (begin, stop) in sorted(entries.items(), key=lambda item: tuple(item[1])):
+        if begin != end:
+            return (f"{ADAPTER_WEIGHTS}: {key}'s bytes start at {begin}, not where the tensor before "
+                    f"ends ({end})")
+        end = stop
+    if end != data_size:
+        return f"{ADAPTER_WEIGHTS}: the tensors end at byte {end} of a {data_size}-byte data section"
+    return None
 
 
 def _entry_problem(key: str, entry, data_size: int) -> str | None:

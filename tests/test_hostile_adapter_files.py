@@ -159,6 +159,12 @@ def header_blob(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
+def duplicated_key_blob() -> bytes:
+    entry = json.dumps({"dtype": "F32", "shape": [1], "data_offsets": [0, 4]})
+    raw = f'{{"{KEY_A}": {entry}, "{KEY_A}": {entry}}}'.encode()
+    return struct.pack("<Q", len(raw)) + raw + b"\0" * 4
+
+
 @pytest.mark.parametrize("blob, expected", [
     (b"", "not a safetensors file: 0 bytes"),
     (b"\xff" * 64, "not a safetensors file: a header of 18446744073709551615 bytes"),
@@ -171,6 +177,14 @@ def header_blob(header: dict, data: bytes = b"") -> bytes:
     (header_blob({KEY_A: {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}), "malformed"),
     (header_blob({KEY_A: "x"}), "malformed header entry"),
     (header_blob([1, 2]), "truncated or malformed"),
+    # json keeps the last of two equal keys; safetensors (so PEFT) refuses the file
+    (duplicated_key_blob(), "appears twice"),
+    # byte ranges that overlap, or leave a gap: not a tiling of the data section
+    (header_blob({KEY_A: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                  KEY_B: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4),
+     "not where the tensor before ends"),
+    (header_blob({KEY_A: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8),
+     "the tensors end at byte 4 of a 8-byte data section"),
 ])
 def test_forged_safetensors_files(good, served, tmp_path, blob, expected):
     refused(forged(good, tmp_path, blob=blob), served, expected)
