@@ -11,6 +11,7 @@ Exit status: 0 fine, 1 the adapter failed inspection or verification, 2 usage or
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,19 +73,41 @@ def bench_command(extra: list[str]) -> int:
     return subprocess.call([sys.executable, str(BENCHMARK), *extra])
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _device(value: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for, but this torch sees no CUDA device")
+    return value
+
+
 def verify_command(args) -> int:
     import torch
 
     from lora.adapter_io import AdapterError
     from moegate.verify import NEAR_TIE_ULPS, build_model, verify_adapter
 
+    if not os.path.isdir(args.adapter_dir):  # before building a model for nothing
+        print(f"moegate verify: {args.adapter_dir} is not a directory", file=sys.stderr)
+        return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     try:
         model = build_model(args.config, random_weights=args.random_weights, num_layers=args.num_layers,
                             device=device, dtype=dtype, seed=args.seed)
-    except (OSError, ValueError) as error:
-        print(f"moegate verify: cannot build the model: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - any config transformers refuses (its own error types)
+        print(f"moegate verify: cannot build the model: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     print(f"model     {type(model).__name__}, {model.config.num_hidden_layers} layers, {device} "
           f"{str(dtype).replace('torch.', '')}")
@@ -145,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="a transformers config.json (random weights), or a local model directory")
     verify.add_argument("--random-weights", action="store_true",
                         help="random weights even when the directory holds a checkpoint")
-    verify.add_argument("--num-layers", type=int, default=None,
+    verify.add_argument("--num-layers", type=_positive_int, default=None,
                         help="build only the first N layers (adapter modules beyond are skipped)")
-    verify.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    verify.add_argument("--device", type=_device, default=None, help="default: cuda when available, else cpu")
     verify.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on cuda, float32 on cpu")
-    verify.add_argument("--batch", type=int, default=4)
-    verify.add_argument("--seq", type=int, default=32)
+    verify.add_argument("--batch", type=_positive_int, default=4)
+    verify.add_argument("--seq", type=_positive_int, default=32)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--min-agreement", type=float, default=0.99,
                         help="in float32: the lowest end-to-end top-k agreement of any layer that passes "

@@ -125,6 +125,23 @@ def test_verify_fails_below_the_agreement_threshold_and_on_bad_adapters(workspac
     assert cli.main(["verify", str(wide), "--config", str(tmp_path / "missing")]) == 2
 
 
+def test_verify_usage_errors_exit_2_with_a_message_before_any_model_is_built(workspace, tmp_path, capsys):
+    args = ["verify", str(workspace / "adapter"), "--config", str(workspace / "model")]
+    for extra in (["--batch", "0"], ["--seq", "-1"], ["--num-layers", "0"], ["--device", "foo"]):
+        with pytest.raises(SystemExit) as caught:
+            cli.main([*args, *extra])
+        assert caught.value.code == 2, extra
+        assert extra[0] in capsys.readouterr().err
+    assert cli.main(["verify", str(tmp_path / "nowhere"), "--config", str(tmp_path / "no-config")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text((workspace / "model" / "config.json").read_text().replace(
+        '"hidden_size": 64', '"hidden_size": "abc"'))
+    assert '"abc"' in bad_config.read_text()
+    assert cli.main(["verify", str(workspace / "adapter"), "--config", str(bad_config), "--seq", "4"]) == 2
+    assert "cannot build the model" in capsys.readouterr().err
+
+
 def test_bench_runs_the_benchmark_with_its_arguments(capfd, monkeypatch, tmp_path):
     if not cli.BENCHMARK.is_file():
         pytest.skip("benchmarks/router_gemm.py is not in this checkout")
