@@ -253,7 +253,7 @@ def lora_expand_torch(
     compute = torch.promote_types(xa.dtype, lora_b.dtype)
     # Per slot, scaling folded into B: [S, M, R] @ [S, R, E] -> [S, M, E]; cheaper than gathering a
     # [M, E, R] B per token for S <= 8, R <= 64.
-    lora_b_scaled = lora_b.to(compute) * scaling.view(num_slots, 1, 1)
+    lora_b_scaled = lora_b.to(compute) * scaling.to(compute).view(num_slots, 1, 1)
     per_slot = torch.bmm(xa.view(num_tokens, num_slots, rank).transpose(0, 1).to(compute),
                          lora_b_scaled.transpose(1, 2))
     # Out-of-range ids (-1 = no adapter) clamp to a real slot for the gather, then fail the
@@ -283,8 +283,10 @@ def lora_expand_one_slot_torch(logits: torch.Tensor, xa: torch.Tensor, slot: int
 
 
 def _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids) -> None:
+    if lora_b.dim() != 3:
+        raise ValueError(f"lora_b must be 3-D [S, E, R] (every slot's B), got shape {tuple(lora_b.shape)}")
     num_slots, num_experts, rank = lora_b.shape
-    num_tokens = logits.shape[0]
+    num_tokens = logits.shape[0] if logits.dim() else 0
     if logits.dim() != 2 or logits.shape[1] != num_experts:
         raise ValueError(f"logits must be [M, {num_experts}], got {tuple(logits.shape)}")
     if xa.shape != (num_tokens, num_slots * rank) or xa.dtype not in (torch.float32, torch.float64):

@@ -9,7 +9,7 @@ from torch import nn
 
 from gate import ops
 from gate.layer import GateLinear
-from lora.casts import cast_factor, scaling_problem
+from lora.casts import cast_factor, cast_problem, scaling_problem
 from lora.slots import TokenSlots, _as_int
 
 
@@ -367,6 +367,15 @@ class GateLinearWithLoRA(nn.Module):
     def _apply(self, fn, recurse=True):
         # .half() / .to(dtype) must not round the fp32 scaling: it follows the device only. The
         # shared TokenSlots follows the layer's device too (it moves once; the others see it moved).
+        # Loaded slots take set_lora's cast rules: a conversion that would turn an adapter into inf
+        # or zeros is refused before anything is converted.
+        for name in ("lora_a_stacked", "lora_b_stacked"):
+            slots = self._buffers[name]
+            if fn(slots.new_empty(0)).dtype == slots.dtype:  # a move: nothing to check, nothing copied
+                continue
+            problem = cast_problem(f"{name} (the loaded adapters)", slots, fn(slots))
+            if problem is not None:
+                raise ValueError(f"converting this layer would change its adapters: {problem}")
         scaling = self._buffers.pop("scaling")
         try:
             result = super()._apply(fn, recurse)

@@ -60,6 +60,15 @@ def test_bad_shapes_are_value_errors():
         ops.lora_expand(logits[:, :7], xa, lora_b, scaling, slot_ids)
     with pytest.raises(ValueError, match="slot_ids"):
         ops.lora_expand(logits, xa, lora_b, scaling, slot_ids[:3])
+    with pytest.raises(ValueError, match=r"lora_b must be 3-D \[S, E, R\]"):
+        ops.lora_expand(logits, xa, lora_b[0], scaling, slot_ids)
+
+
+def test_float64_scaling_is_read_as_the_kernel_reads_it():
+    """The kernel takes scaling.float(); the PyTorch path did float64 * float32 and failed in bmm."""
+    logits, xa, lora_b, scaling, slot_ids = make_inputs(5, 8, 2, 4, torch.bfloat16, torch.bfloat16, "cpu", 6)
+    out = ops.lora_expand(logits, xa, lora_b, scaling.double(), slot_ids, backend="torch")
+    assert torch.equal(out, ops.lora_expand(logits, xa, lora_b, scaling, slot_ids, backend="torch"))
 
 
 @pytest.mark.kernel

@@ -449,3 +449,17 @@ def test_create_lora_weights_refused_by_the_mapping_changes_nothing():
         layer.create_lora_weights(2, 4)
     assert (layer.max_loras, layer.max_rank, layer.slot_ranks[5]) == (8, 4, 2)
     assert torch.equal(layer(x), before)
+
+
+def test_a_conversion_that_would_overflow_the_loaded_adapters_is_refused():
+    """.half() follows set_lora's cast rules: adapters that fp16 cannot hold are not turned into inf."""
+    generator = torch.Generator().manual_seed(23)
+    layer = GateLinearWithLoRA(random_gate(16, 4, torch.float32, generator), 2, 4, TokenSlots(2))
+    lora_a, lora_b, scaling = random_adapter(2, 16, 4, torch.float32, generator)
+    layer.set_lora(0, lora_a * 1e6, lora_b, scaling)
+    with pytest.raises(ValueError, match="would change its adapters: lora_a_stacked .* overflows"):
+        layer.half()
+    assert layer.weight.dtype == layer.lora_a_stacked.dtype == torch.float32  # nothing converted
+    layer.set_lora(0, lora_a, lora_b, scaling)
+    layer.half()
+    assert layer.lora_a_stacked.dtype == torch.float16 and torch.isfinite(layer.lora_a_stacked).all()
