@@ -62,6 +62,11 @@ class _GateRouterMixin:
         with _GateLinearMode(self):
             return self._router_class.forward(self, *args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        # Gate<RouterClass> is made at run time (gate_router_class): pickled by its router class,
+        # so that torch.save / pickle of a patched model loads in a fresh process too.
+        return _new_gate_router, (self._router_class,), self.__getstate__()
+
     def gate_parameter_keys(self) -> dict[str, str]:
         """``{"weight": key[, "bias": key]}``: where the gate's parameters sit under ``linear.``."""
         owner = {id(p): name for name, p in self.linear.named_parameters(remove_duplicate=False)}
@@ -110,6 +115,12 @@ def gate_router_class(router_class: type) -> type:
         _gate_classes[router_class] = type(f"Gate{router_class.__name__}", (_GateRouterMixin, router_class),
                                            {"_router_class": router_class, "__module__": __name__})
     return _gate_classes[router_class]
+
+
+def _new_gate_router(router_class: type) -> nn.Module:
+    """An empty ``Gate<router_class>``, for pickle to fill with its state."""
+    cls = gate_router_class(router_class)
+    return cls.__new__(cls)
 
 
 def is_router(module: nn.Module) -> bool:

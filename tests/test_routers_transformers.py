@@ -2,6 +2,7 @@
 the CPU, the same checkpoints, and adapters that route as PEFT routes them (mixed batches too)."""
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -285,3 +286,25 @@ def test_forward_hooks_and_eval_mode_carry_over_and_hooked_forwards_are_refused(
     with pytest.raises(ValueError, match="forward was replaced on the instance"):
         replace_routers(hooked)
     assert hooked.get_submodule(name) is original
+
+
+def test_a_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) of a model with Gate<RouterClass> routers (classes made at run time)."""
+    import subprocess
+    import sys
+
+    model = tiny_moe("mixtral", seed=5)
+    replace_routers(model)
+    ids = tokens(batch=1, seq=5, seed=3)
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"model": model, "ids": ids, "expected": expected}, tmp_path / "patched.pt")
+    code = ("import sys, torch\n"
+            f"saved = torch.load({str(tmp_path / 'patched.pt')!r}, weights_only=False)\n"
+            "with torch.no_grad():\n"
+            "    out = saved['model'](saved['ids']).logits\n"
+            "assert type(saved['model'].model.layers[0].mlp.gate).__name__ == 'GateMixtralTopKRouter'\n"
+            "assert torch.equal(out, saved['expected'])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
