@@ -62,6 +62,16 @@ class _GateRouterMixin:
         with _GateLinearMode(self):
             return self._router_class.forward(self, *args, **kwargs)
 
+    def _apply(self, fn, recurse=True):
+        # A router that computes in float32 from its weight keeps its gate in float32 through
+        # .to(dtype) / .half(): values rounded as the router's own weight would be, computed in
+        # float32 as its forward does (exact), and the dtype its weight would have, for restore_router.
+        result = super()._apply(fn, recurse)
+        if self._weight_dtype is not None:
+            self._weight_dtype = fn(torch.empty(0, dtype=self._weight_dtype)).dtype
+            self.linear.float()
+        return result
+
     def __reduce_ex__(self, protocol):
         # Gate<RouterClass> is made at run time (gate_router_class): pickled by its router class,
         # so that torch.save / pickle of a patched model loads in a fresh process too.
@@ -146,7 +156,8 @@ def make_gate_router(router: nn.Module, *, out_dtype=None, pdl: bool = False) ->
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"{type(router).__name__}.bias has shape {tuple(bias.shape)}, not "
                          f"({weight.shape[0]},): not a router gate")
-    if weight.dtype != torch.float32 and _computes_in_float32(type(router)):
+    weight_dtype = weight.dtype if _computes_in_float32(type(router)) else None
+    if weight_dtype is not None and weight_dtype != torch.float32:
         with torch.no_grad():  # exact: the forward computes with weight.float() anyway
             weight.data = weight.data.float()
             if bias is not None:
@@ -154,6 +165,7 @@ def make_gate_router(router: nn.Module, *, out_dtype=None, pdl: bool = False) ->
     cls = gate_router_class(type(router))
     gate = cls.__new__(cls)
     nn.Module.__init__(gate)
+    gate._weight_dtype = weight_dtype  # the router's own weight dtype, where the gate keeps float32
     state = {key: value for key, value in router.__dict__.items() if not key.startswith("_")}
     gate.__dict__.update(state)
     gate._buffers.update(router._buffers)
@@ -181,6 +193,11 @@ def restore_router(gate: nn.Module) -> nn.Module:
     router.weight = gate.weight
     if gate.bias is not None:
         router.bias = gate.bias
+    if gate._weight_dtype is not None:  # the dtype the router's weight had (or was converted to)
+        with torch.no_grad():
+            for parameter in router.parameters(recurse=False):  # weight, and bias where it has one
+                if parameter is gate.weight or parameter is gate.bias:
+                    parameter.data = parameter.data.to(gate._weight_dtype)
     return router
 
 

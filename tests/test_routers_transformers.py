@@ -308,3 +308,25 @@ def test_a_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model_type", FLOAT32_ROUTERS)
+@pytest.mark.parametrize("max_loras", [0, 2])
+def test_float32_routers_follow_a_dtype_conversion_after_replacement_and_restore_to_it(model_type, max_loras):
+    """A patched float32 model converted to bfloat16: the gate stays float32 holding the rounded
+    values (the router computes in float32), the logits stay the unpatched model's, and
+    restore_routers gives the weight the dtype the router's own would have."""
+    supported(model_type)
+    reference = tiny_moe(model_type, seed=2)
+    patched = copy.deepcopy(reference)
+    names = replace_routers(patched, max_loras=max_loras, max_rank=4)
+    reference, patched = reference.to(torch.bfloat16), patched.to(torch.bfloat16)
+    assert all(router.weight.dtype == torch.float32 for router in routers_of(patched, names))
+    ids = tokens()
+    if max_loras:
+        get_token_slots(patched).fill(ids.numel(), -1)
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, reference(ids).logits)
+    restore_routers(patched)
+    assert {n: t.dtype for n, t in patched.state_dict().items()} == \
+        {n: t.dtype for n, t in reference.state_dict().items()}
