@@ -419,15 +419,21 @@ def test_router_gemm_lora_off_the_kernels_is_the_layers_two_ops(dtype):
     assert not torch.equal(out[adapted], base(x)[adapted])  # the deltas are there
 
 
+def served_layer(seed, max_loras, slot):
+    """A float32 layer (K = 32, E = 4, max rank 4) with a rank-2 adapter in ``slot`` and two tokens,
+    one mapped to it and one to none: (layer, x, the layer's logits for x, the generator)."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = GateLinearWithLoRA(random_gate(32, 4, torch.float32, generator), max_loras, 4, TokenSlots(2))
+    layer.set_lora(slot, *random_adapter(2, 32, 4, torch.float32, generator))
+    layer.token_slots.set([slot, -1])
+    x = torch.randn(2, 32, generator=generator)
+    return layer, x, layer(x), generator
+
+
 def test_a_scaling_float32_cannot_hold_is_refused_before_anything_is_written():
     """The slots keep scalings in float32: one that overflows it, or rounds to zero there, is
     refused with the slot as it was (it used to write A and B, then fail on the scaling)."""
-    generator = torch.Generator().manual_seed(21)
-    layer = GateLinearWithLoRA(random_gate(32, 4, torch.float32, generator), 2, 4, TokenSlots(2))
-    layer.set_lora(0, *random_adapter(2, 32, 4, torch.float32, generator))
-    layer.token_slots.set([0, -1])
-    x = torch.randn(2, 32, generator=generator)
-    before = layer(x)
+    layer, x, before, generator = served_layer(21, max_loras=2, slot=0)
     slots = (layer.lora_a_stacked.clone(), layer.lora_b_stacked.clone(), layer.scaling.clone())
     lora_a, lora_b, _ = random_adapter(3, 32, 4, torch.float32, generator)
     for scaling, match in ((1e39, "overflows float32"), (1e-50, "underflows float32 to zero")):
@@ -439,12 +445,7 @@ def test_a_scaling_float32_cannot_hold_is_refused_before_anything_is_written():
 
 
 def test_create_lora_weights_refused_by_the_mapping_changes_nothing():
-    generator = torch.Generator().manual_seed(22)
-    layer = GateLinearWithLoRA(random_gate(32, 4, torch.float32, generator), 8, 4, TokenSlots(2))
-    layer.set_lora(5, *random_adapter(2, 32, 4, torch.float32, generator))
-    layer.token_slots.set([5, -1])
-    x = torch.randn(2, 32, generator=generator)
-    before = layer(x)
+    layer, x, before, _ = served_layer(22, max_loras=8, slot=5)
     with pytest.raises(ValueError, match="the current mapping uses slot 5"):
         layer.create_lora_weights(2, 4)
     assert (layer.max_loras, layer.max_rank, layer.slot_ranks[5]) == (8, 4, 2)
