@@ -286,9 +286,9 @@ def _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids) -> None:
     if lora_b.dim() != 3:
         raise ValueError(f"lora_b must be 3-D [S, E, R] (every slot's B), got shape {tuple(lora_b.shape)}")
     num_slots, num_experts, rank = lora_b.shape
-    num_tokens = logits.shape[0] if logits.dim() else 0
     if logits.dim() != 2 or logits.shape[1] != num_experts:
         raise ValueError(f"logits must be [M, {num_experts}], got {tuple(logits.shape)}")
+    num_tokens = logits.shape[0]
     if xa.shape != (num_tokens, num_slots * rank) or xa.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"xa must be float32 (or float64) [{num_tokens}, {num_slots * rank}], got "
                          f"{xa.dtype} {tuple(xa.shape)}")

@@ -20,8 +20,6 @@ The files are read as one consistent version (``lora.adapter_files``), and saved
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import re
 import time
@@ -131,9 +129,7 @@ class RouterAdapter:
 
         if targeted not in (PARAMETER, MODULE):
             raise ValueError(f"targeted must be {PARAMETER!r} or {MODULE!r}, got {targeted!r}")
-        # What PEFT reads back: a real number (the config file's check, peft_keys.config_problems).
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) \
-                or not math.isfinite(lora_alpha):
+        if not peft_keys.is_finite_real(lora_alpha):  # the config file's own check: what PEFT reads back
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if not weights:
             raise ValueError("an adapter needs at least one module")

@@ -186,7 +186,7 @@ def config_problems(raw: dict, known_options: Iterable[str]) -> list[str]:
     r = raw.get("r", 8)
     if not _is_int(r) or r < 1:
         problems.append(f"r must be an integer >= 1, got {r!r}")
-    if not _is_finite_real(raw.get("lora_alpha", 8)):
+    if not is_finite_real(raw.get("lora_alpha", 8)):
         problems.append(f"lora_alpha must be a finite number, got {raw.get('lora_alpha')!r}")
     for option in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(raw.get(option, False), bool):
@@ -196,7 +196,7 @@ def config_problems(raw: dict, known_options: Iterable[str]) -> list[str]:
         if not isinstance(patterns, dict):
             problems.append(f"{option} must be an object {{regex: value}}, got {patterns!r}")
             continue
-        valid = _is_rank if option == "rank_pattern" else _is_finite_real
+        valid = _is_rank if option == "rank_pattern" else is_finite_real
         for pattern, value in patterns.items():
             problems += _regex_problems(f"{option} key", pattern)
             if not valid(value):
@@ -240,7 +240,7 @@ def _is_rank(value) -> bool:
     return _is_int(value) and value >= 1
 
 
-def _is_finite_real(value) -> bool:
+def is_finite_real(value) -> bool:
     return (isinstance(value, numbers.Real) and not isinstance(value, bool)
             and math.isfinite(float(value)))
 
