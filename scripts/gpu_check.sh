@@ -37,6 +37,8 @@
 #   the LoRA rows, then the E = 128 models' rows with every tile configuration at M = 4-8
 #   lora-group: the lora_token_group probe (issue 22 at M = 8: one launch for a group of tokens),
 #   then memcheck and synccheck on its --check-only run (no package build)
+#   lora-split-k: the lora_split_k probe (issue 22 at M = 8-32: the whole delta inside the
+#   tensor-core kernel's launch), then memcheck and synccheck on its --check-only run (no build)
 #   lora-probe: the lora_cluster probe with the library's kernels on its clock, Nsight Compute on
 #   the library's and the probe's M = 1 kernels, synccheck on the probe (no package build)
 #   profile: Nsight Compute's view of one call per gpt-oss shape (benchmarks/probes/ncu_router.py)
@@ -64,7 +66,8 @@ record() {
 }
 start=$(date +%s)
 # The probes are torch-free (no package build); line builds in place, twice.
-if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ] && [ "$mode" != line ] &&
+if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group ] &&
+    [ "$mode" != lora-split-k ] && [ "$mode" != line ] &&
     [ "$mode" != ab ] && [ "$mode" != ab-probe ]; then
   python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1
   status=$?
@@ -149,12 +152,14 @@ lora_then_rest() {  # $1: seconds for the rest; the LoRA GPU tests (slow include
 
 compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the tensor-core kernel,
   # lora_cluster the decode kernel's plain and one-launch LoRA forms, lora_token_group the decode
-  # kernel and the expand)
+  # kernel and the expand, lora_split_k both kernels and the expand)
   local extra=""
   [ "$1" = x_multicast ] && extra=csrc/kernels/router_gemm_sm90.cu
   [ "$1" = lora_cluster ] && extra="csrc/kernels/router_gemm_small_m.cu csrc/kernels/router_gemm_small_m_lora.cu"
   [ "$1" = lora_token_group ] && extra="csrc/kernels/router_gemm_small_m.cu csrc/kernels/lora_expand.cu
     csrc/kernels/route_logits.cu"
+  [ "$1" = lora_split_k ] && extra="csrc/kernels/router_gemm_sm90.cu csrc/kernels/router_gemm_small_m.cu
+    csrc/kernels/lora_expand.cu csrc/kernels/route_logits.cu"
   # shellcheck disable=SC2086  # no extra source is an empty word list
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc -o "$out/$1" \
     "benchmarks/probes/$1.cu" $extra >"$out/probe_$1.txt" 2>&1
@@ -297,6 +302,19 @@ case "$mode" in
     done
     rm -f "$out/lora_token_group"
     cat "$out/probe_lora_token_group.txt"
+    ;;
+  lora-split-k)
+    compile_probe lora_split_k
+    record "compile lora_split_k: exit $?"
+    timeout 180 "$out/lora_split_k" >"$out/probe_lora_split_k.txt" 2>&1
+    record "probe lora_split_k: exit $?"
+    for tool in memcheck synccheck; do
+      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$out/lora_split_k" --check-only \
+        >"$out/${tool}_lora_split_k.txt" 2>&1
+      record "$tool lora_split_k --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/${tool}_lora_split_k.txt" | tail -1))"
+    done
+    rm -f "$out/lora_split_k"
+    cat "$out/probe_lora_split_k.txt"
     ;;
   lora-probe)  # the one launch against the probe's design in one process, no package build, by
     # priority (a call cut off keeps what ran): the lora_cluster probe's rows (its last ones the
