@@ -377,20 +377,44 @@ struct Buffers {
 
 bool g_failed = false;
 
+// The kernel's launch configuration; clusters of 16 are a non-portable size, allowed once per
+// kernel before its first launch (never inside a graph capture).
 template <int kTokenTiles, int kRank, int kCluster>
-void launch_one(const Buffers& p, long long c, int M, bool pdl, cudaStream_t stream) {
-  auto kernel = split_k_lora_kernel<kTokenTiles, kRank, kCluster>;
-  if constexpr (kCluster > 8) {  // non-portable: allowed once, before the first launch (not in a capture)
-    static const bool allowed = [&] {
-      CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+cudaLaunchConfig_t one_launch_config(int M, bool pdl, cudaStream_t stream,
+                                     cudaLaunchAttribute (&attributes)[2]) {
+  if constexpr (kCluster > 8) {
+    static const bool allowed = [] {
+      CHECK(cudaFuncSetAttribute(split_k_lora_kernel<kTokenTiles, kRank, kCluster>,
+                                 cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
       return true;
     }();
     (void)allowed;
   }
+  return sm90::cluster_launch_config(dim3(kCluster, E / 16, sm90::ceil_div(M, 8 * kTokenTiles)),
+                                     dim3(kThreads), stream, kCluster, pdl, attributes);
+}
+
+// Whether one cluster of the kernel fits on this GPU at all (a non-portable size may not).
+template <int kTokenTiles, int kRank, int kCluster>
+bool cluster_fits() {
   cudaLaunchAttribute attributes[2];
-  cudaLaunchConfig_t config = sm90::cluster_launch_config(
-      dim3(kCluster, E / 16, sm90::ceil_div(M, 8 * kTokenTiles)), dim3(kThreads), stream, kCluster,
-      pdl, attributes);
+  const cudaLaunchConfig_t config =
+      one_launch_config<kTokenTiles, kRank, kCluster>(8 * kTokenTiles, false, nullptr, attributes);
+  int clusters = 0;
+  if (cudaOccupancyMaxActiveClusters(&clusters, split_k_lora_kernel<kTokenTiles, kRank, kCluster>,
+                                     &config) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return clusters > 0;
+}
+
+template <int kTokenTiles, int kRank, int kCluster>
+void launch_one(const Buffers& p, long long c, int M, bool pdl, cudaStream_t stream) {
+  auto kernel = split_k_lora_kernel<kTokenTiles, kRank, kCluster>;
+  cudaLaunchAttribute attributes[2];
+  const cudaLaunchConfig_t config =
+      one_launch_config<kTokenTiles, kRank, kCluster>(M, pdl, stream, attributes);
   CHECK(cudaLaunchKernelEx(&config, kernel, static_cast<const bf16*>(p.x),
                            static_cast<const bf16*>(p.weights + c * kWeightElems),
                            static_cast<const bf16*>(p.bias + c * E),
@@ -609,6 +633,12 @@ Timing library_row(const Buffers& p, const Reference& ref, int M, int rank, Libr
 template <int kTokenTiles, int kRank, int kCluster>
 void one_launch_row(const Buffers& p, const Reference& ref, int M, bool timed, const Timing& base) {
   if (M < 8 * kTokenTiles) return;
+  char name[64];
+  std::snprintf(name, sizeof(name), "one launch 1 x %d, c%d", kTokenTiles, kCluster);
+  if (!cluster_fits<kTokenTiles, kRank, kCluster>()) {
+    std::printf("| %d | %d | %s: not launched, no cluster fits this GPU | | | | | | |\n", M, kRank, name);
+    return;
+  }
   float error;
   bool bits;
   const Timing t = check_and_time(
@@ -617,8 +647,6 @@ void one_launch_row(const Buffers& p, const Reference& ref, int M, bool timed, c
         launch_one<kTokenTiles, kRank, kCluster>(p, c, M, pdl, s);
       },
       error, bits, kCluster == 8 ? kTokenTiles : 0);
-  char name[64];
-  std::snprintf(name, sizeof(name), "one launch 1 x %d, c%d", kTokenTiles, kCluster);
   print_row(M, kRank, name, t, base, error, kCluster == 8 ? (bits ? "yes" : "NO, FAIL") : "-");
 }
 
