@@ -113,17 +113,19 @@ def router_gemm_torch(
     """The PyTorch path (CPU, or any device): the same semantics as ``router_gemm``.
 
     When ``out_dtype`` is x's dtype this is exactly ``F.linear(x, weight, bias)``, so routers on the
-    CPU give bit-identical logits to an unpatched ``nn.Linear`` / transformers router. A wider
-    ``out_dtype`` upcasts the operands first, so the logits are not rounded to x's dtype on the way;
-    a narrower one rounds x's-dtype logits once (the operands are never cast down).
+    CPU give bit-identical logits to an unpatched ``nn.Linear`` / transformers router. Otherwise the
+    product is computed in the wider of the two dtypes (float32 for bfloat16 x and float16 logits,
+    or the reverse) and rounded once to ``out_dtype``: the operands are never cast down, so the
+    logits are neither rounded to x's dtype on the way nor computed from operands that overflow.
     """
     out_dtype = out_dtype or x.dtype
     if out_dtype == x.dtype:
         return F.linear(x, weight, bias)
-    if torch.promote_types(x.dtype, out_dtype) == x.dtype:
+    wide = torch.promote_types(x.dtype, out_dtype)
+    if wide == x.dtype:
         return F.linear(x, weight, bias).to(out_dtype)
-    bias_wide = None if bias is None else bias.to(out_dtype)
-    return F.linear(x.to(out_dtype), weight.to(out_dtype), bias_wide)
+    bias_wide = None if bias is None else bias.to(wide)
+    return F.linear(x.to(wide), weight.to(wide), bias_wide).to(out_dtype)
 
 
 def check_float_dtype(name: str, dtype: torch.dtype | None) -> None:

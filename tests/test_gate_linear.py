@@ -74,6 +74,17 @@ def test_bitwise_equal_to_nn_linear_on_cpu():
     assert layer.weight is linear.weight and layer.bias is linear.bias
     x = torch.randn(33, 360).to(torch.bfloat16)
     assert torch.equal(layer(x), linear(x))
+    # Inputs of more dimensions: nn.Linear's bits where it adds the bias inside the product
+    # (contiguous inputs); a non-contiguous one it computes as matmul, then the bias, two roundings
+    # of the logits, where GateLinear keeps its one (its bits are nn.Linear's of x.contiguous()).
+    for dtype in (torch.float32, torch.bfloat16):
+        linear = nn.Linear(2880, 32, dtype=dtype)
+        layer = GateLinear.from_linear(linear)
+        for x in (torch.randn(3, 5, 2880).to(dtype), torch.randn(2, 3, 4, 2880).to(dtype)):
+            assert torch.equal(layer(x), linear(x))
+        for x in (torch.randn(5, 3, 2880).to(dtype).transpose(0, 1),
+                  torch.randn(3, 5, 5760).to(dtype)[..., ::2]):
+            assert torch.equal(layer(x), linear(x.contiguous()))
 
 
 @pytest.mark.parametrize("out_dtype", [None, torch.float32])
@@ -263,6 +274,24 @@ def test_a_narrower_out_dtype_rounds_the_logits_once():
     assert out.dtype == torch.bfloat16 and torch.equal(out, once)
     layer = GateLinear.from_parameters(weight, bias, out_dtype=torch.bfloat16)
     assert torch.equal(layer(x), once)
+
+
+@pytest.mark.parametrize("x_dtype,out_dtype", [(torch.bfloat16, torch.float16),
+                                               (torch.float16, torch.bfloat16)])
+def test_the_other_half_dtype_is_computed_in_float32(x_dtype, out_dtype):
+    """bf16 x with fp16 logits (or the reverse): float32 products and sums, one rounding; the
+    operands cast to the logits' dtype overflowed (a bf16 activation of 1e5 is inf in fp16) or
+    lost bits (fp16 to bf16 changed half the logits)."""
+    generator = torch.Generator().manual_seed(19)
+    x = torch.randn(64, 2880, generator=generator)
+    x[:, 0] = 1e5 if x_dtype == torch.bfloat16 else 1e4
+    weight, bias = torch.randn(32, 2880, generator=generator) / 1000, torch.randn(32, generator=generator)
+    x, weight, bias = x.to(x_dtype), weight.to(x_dtype), bias.to(x_dtype)
+    once = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(out_dtype)
+    assert torch.isfinite(once).all()
+    out = ops.router_gemm(x, weight, bias, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and torch.equal(out, once)
+    assert torch.equal(GateLinear.from_parameters(weight, bias, out_dtype=out_dtype)(x), once)
 
 
 @pytest.mark.parametrize("make", [

@@ -136,6 +136,12 @@ def test_3d_strided_and_empty_inputs():
     out = layer(x)
     assert out.shape == (2, 5, 16)
     assert_matches_reference(out, x, layer, adapters, mapping)
+    unadapted = (mapping == -1).view(2, 5)
+    transposed = torch.randn(5, 2, 96, generator=generator).to(torch.bfloat16).transpose(0, 1)
+    for strided in (x, transposed):  # tokens of no adapter keep the base gate's bits
+        assert torch.equal(bits(layer(strided)[unadapted]), bits(layer.base_layer(strided)[unadapted]))
+    layer.token_slots.fill(10, -1)  # one slot for every token: the uniform path
+    assert torch.equal(bits(layer(transposed)), bits(layer.base_layer(transposed)))
     layer.token_slots.set([])
     empty = layer(torch.empty(0, 96, dtype=torch.bfloat16))
     assert empty.shape == (0, 16)
