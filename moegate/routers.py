@@ -149,7 +149,7 @@ def _computes_in_float32(router_class: type) -> bool:
         return False
 
 
-def make_gate_router(router: nn.Module, *, out_dtype=None, pdl: bool = False) -> nn.Module:
+def make_gate_router(router: nn.Module, *, pdl: bool = False) -> nn.Module:
     """The ``Gate<RouterClass>`` of ``router``: its state (attributes, buffers, children) shared, its
     ``weight`` / ``bias`` moved into a GateLinear ``linear`` (the same Parameter objects)."""
     weight, bias = router._parameters["weight"], router._parameters.get("bias")
@@ -172,7 +172,7 @@ def make_gate_router(router: nn.Module, *, out_dtype=None, pdl: bool = False) ->
     gate._modules.update(router._modules)
     gate._parameters.update({k: p for k, p in router._parameters.items() if k not in _PUBLIC_PARAMETERS})
     share_module_state(router, gate)  # the user's forward hooks keep firing, their handles work
-    gate.linear = GateLinear.from_parameters(weight, bias, out_dtype=out_dtype, pdl=pdl)
+    gate.linear = GateLinear.from_parameters(weight, bias, pdl=pdl)
     from moegate.transformers import _load_from_transformers_layout, _save_in_transformers_layout
 
     gate.register_state_dict_post_hook(_save_in_transformers_layout)
@@ -207,8 +207,11 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
 
     Args as ``replace_gpt_oss_routers``: ``max_loras > 0`` also wraps every gate with
     ``lora.GateLinearWithLoRA`` (``max_loras`` slots of rank up to ``max_rank``), sharing
-    ``token_slots``. Returns the qualified names of the replaced routers. Routers already replaced
-    are left alone; a model with no router raises ValueError naming what was looked for.
+    ``token_slots``. ``out_dtype`` applies to gpt-oss routers only: every other router's own
+    routing code receives the dtype of its own product (Llama-4's multiplies the hidden states by
+    scores in the logits' dtype, and its experts then fail), so a model holding one refuses it.
+    Returns the qualified names of the replaced routers. Routers already replaced are left alone; a
+    model with no router raises ValueError naming what was looked for. A refusal changes nothing.
     """
     from moegate.transformers import GateGptOssRouter, GptOssTopKRouter, replace_gpt_oss_routers
 
@@ -224,23 +227,32 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
 
     for name, router in found:
         _check_replaceable(model, name, router)
+    if out_dtype is not None and found:
+        raise ValueError(f"out_dtype applies to gpt-oss routers only; {found[0][0]} "
+                         f"({type(found[0][1]).__name__}) computes its routing from its own product's "
+                         "dtype: leave out_dtype None for this model")
     replaced = []
     originals = [(name, m) for name, m in modules if isinstance(m, GptOssTopKRouter)
                  and not isinstance(m, GateGptOssRouter)] + found
-    if gpt_oss:
-        replaced += replace_gpt_oss_routers(model, out_dtype=out_dtype, pdl=pdl)
-    gates = [(name, make_gate_router(router, out_dtype=out_dtype, pdl=pdl)) for name, router in found]
-    for name, gate in gates:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, gate)
-        replaced.append(name)
-    if max_loras > 0:
-        try:
+    # make_gate_router may store a router's weight in float32 (the same Parameter objects).
+    dtypes = [(p, p.dtype) for _, router in found for p in router._parameters.values() if p is not None]
+    try:
+        if gpt_oss:
+            replaced += replace_gpt_oss_routers(model, out_dtype=out_dtype, pdl=pdl)
+        gates = [(name, make_gate_router(router, pdl=pdl)) for name, router in found]
+        for name, gate in gates:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, gate)
+            replaced.append(name)
+        if max_loras > 0:
             wrap_gates_with_lora(model, (_GateRouterMixin, GateGptOssRouter), max_loras, max_rank,
                                  token_slots)
-        except BaseException:
-            put_back(model, originals)  # refused LoRA options: the model as it was
-            raise
+    except BaseException:  # refused part way (LoRA options): the model as it was
+        put_back(model, originals)
+        with torch.no_grad():
+            for parameter, dtype in dtypes:
+                parameter.data = parameter.data.to(dtype)
+        raise
     return sorted(replaced, key=[name for name, _ in modules].index)
 
 

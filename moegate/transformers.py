@@ -8,8 +8,10 @@
                                  softmax over the top-k at their experts, 0 elsewhere
 
 The form is detected by running the original router on one token (once per router class), so both
-work. Top-k and softmax are transformers' own ops in the logits' dtype, so with the CPU backend
-(``F.linear``) the patched model's outputs are bit-identical to the unpatched one.
+work. On the CPU, top-k and softmax are transformers' own ops on the gate's logits (``F.linear``
+there), so the patched model's outputs are bit-identical to the unpatched one, ties between equal
+logits included. On a GPU the gate's routing call (``GateLinear.route``) takes the same top-k and
+softmax, ties to the lower expert index, in one launch where our decode kernel serves the call.
 
 Layout. The router holds its gate as the child ``linear`` (a GateLinear, or a GateLinearWithLoRA
 once ``lora.replace_modules`` wrapped it), which is what LoRA wrapping looks for. ``router.weight`` /
@@ -72,9 +74,17 @@ class GateGptOssRouter(HoldsGate, GptOssTopKRouter):
     def forward(self, hidden_states: torch.Tensor):
         if not self.returns_logits:
             hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        # The gate's routing call: our GPU kernels where they serve (one launch at decode sizes);
-        # elsewhere transformers' softmax over the same top-k (ties to the lower expert index).
-        top_scores, router_indices, router_logits = self.linear.route(hidden_states, self.top_k)
+        if hidden_states.device.type == "cpu":
+            # transformers' own top-k and softmax on the gate's logits: torch.topk's choice among
+            # equal logits is not always the lower expert index, and the patched model must give
+            # the unpatched one's bits (bf16 logits tie often enough to change outputs).
+            router_logits = self.linear(hidden_states)
+            top_values, router_indices = torch.topk(router_logits, self.top_k, dim=-1)
+            top_scores = torch.softmax(top_values, dim=1, dtype=top_values.dtype)
+        else:
+            # The gate's routing call: our GPU kernels where they serve (one launch at decode
+            # sizes), gate.ops.route_logits's semantics (ties to the lower expert index).
+            top_scores, router_indices, router_logits = self.linear.route(hidden_states, self.top_k)
         if self.returns_logits:
             return router_logits, top_scores, router_indices
         router_scores = torch.zeros_like(router_logits).scatter_(1, router_indices, top_scores)

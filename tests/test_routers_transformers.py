@@ -123,6 +123,16 @@ def test_gpt_oss_is_one_case_of_replace_routers():
 def test_refusals():
     with pytest.raises(ValueError, match="holds no transformers MoE router"):
         replace_routers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    # out_dtype reaches only gpt-oss's own forward: Llama-4's routing would compute its experts'
+    # input in it (a crash in a bf16 model), so it is refused before anything changes.
+    supported("llama4_text")
+    model = tiny_moe("llama4_text", seed=3, dtype=torch.bfloat16)
+    before = list(model.named_modules())
+    with pytest.raises(ValueError, match="out_dtype applies to gpt-oss routers only.*Llama4Router"):
+        replace_routers(model, out_dtype=torch.float32)
+    assert all(a is b for (_, a), (_, b) in zip(model.named_modules(), before))
+    with torch.no_grad():
+        model(tokens())
     from moe_models import router_config
     from peft import get_peft_model
 
@@ -242,17 +252,21 @@ def test_compiled_generic_router_with_lora_follows_swaps_without_recompiling():
         assert_router_logits(got[0], x, router, current, names[0], requests, 2)
 
 
-@pytest.mark.parametrize("model_type", ["gpt_oss", "mixtral"])
-def test_refused_lora_options_leave_the_model_as_it_was(model_type):
+@pytest.mark.parametrize("model_type,dtype", [("gpt_oss", torch.float32), ("mixtral", torch.float32),
+                                              ("deepseek_v3", torch.bfloat16)])
+def test_refused_lora_options_leave_the_model_as_it_was(model_type, dtype):
     """The LoRA wrap comes after the routers are swapped: when it refuses its options, every router
-    swapped so far is put back."""
-    model = tiny_moe(model_type, seed=3)
+    swapped so far is put back, with its weight's dtype (DeepSeek's gate had stored it in float32)."""
+    supported(model_type)
+    model = tiny_moe(model_type, seed=3, dtype=dtype)
     before = [(name, module) for name, module in model.named_modules()]
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match="max_rank must be >= 1"):
         replace_routers(model, max_loras=2, max_rank=0)
     after = list(model.named_modules())
     assert [name for name, _ in after] == [name for name, _ in before]
     assert all(a is b for (_, a), (_, b) in zip(after, before))
+    assert {name: p.dtype for name, p in model.named_parameters()} == dtypes
     if model_type == "gpt_oss":
         with pytest.raises(ValueError, match="max_rank must be >= 1"):
             replace_gpt_oss_routers(model, max_loras=2, max_rank=0)

@@ -75,6 +75,26 @@ def test_router_outputs_match_both_transformers_forms():
             assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
+def test_equal_logits_pick_the_experts_transformers_picks_on_cpu():
+    """Experts with equal logits: torch.topk's choice between them is not the lower index, and the
+    patched router must make transformers' choice (here every expert has a twin, so every token
+    has ties at its top-k boundary or inside it)."""
+    model = gpt_oss(seed=3).to(torch.bfloat16)
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for router_cls in (GptOssTopKRouter, LegacyGptOssRouter):
+        original = copy.deepcopy(model.model.layers[0].mlp.router)
+        original.__class__ = router_cls
+        with torch.no_grad():
+            original.weight[1::2] = original.weight[0::2]
+            original.bias[1::2] = original.bias[0::2]
+        holder = torch.nn.ModuleDict({"router": copy.deepcopy(original)})
+        replace_gpt_oss_routers(holder)
+        with torch.no_grad():
+            expected, got = original(x), holder["router"](x)
+        for ours, theirs in zip(got, expected):
+            assert torch.equal(ours, theirs)
+
+
 def test_state_dict_keeps_transformers_keys():
     reference = gpt_oss(seed=3)
     original_state = reference.state_dict()
