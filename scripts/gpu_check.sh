@@ -46,7 +46,8 @@
 #   route-final: route + the routing stress tests, the three sanitizers (90 s each at most), and
 #   the GPU eager host time of the layers
 #   stop: what a stop's closing run needs in about four minutes: GPU tests (no slow), the routing
-#   and LoRA stress tests, the gpt-oss rows of the benchmark (router, LoRA, routing) at M = 1-256,
+#   and LoRA stress tests, the router's PDL-chain stress tests, the gpt-oss rows of the benchmark
+#   (router, LoRA, routing) at M = 1-256,
 #   the GPU eager host time, memcheck and synccheck (60 s each at most)
 # Logs and results go to $OUT (or ./gpu_out), packed into $OUT/logs_MODE.tgz at the end (the device
 # returns at most 8 files). Prints a short summary last.
@@ -79,8 +80,9 @@ if [ "$mode" != probes ] && [ "$mode" != lora-probe ] && [ "$mode" != lora-group
   python3 -c "import torch, gate; from gate import ops; print('gpu', torch.cuda.get_device_name(), 'torch', torch.__version__, 'backend', ops.backend_for(torch.device('cuda'), torch.bfloat16))" | tee "$out/env.txt"
 fi
 
-run_tests() {  # $1: pytest marker expression, $2: label, then pytest's extra arguments
-  timeout "${tests_timeout:-0}" python3 -m pytest -q -p no:cacheprovider -m "$1" tests --durations=8 \
+run_tests() {  # $1: pytest marker expression, $2: label, then pytest's extra arguments; the tests
+  # of $tests_path (default: all of tests/)
+  timeout "${tests_timeout:-0}" python3 -m pytest -q -p no:cacheprovider -m "$1" "${tests_path:-tests}" --durations=8 \
     --continue-on-collection-errors \
     "${@:3}" >"$out/pytest_$2.log" 2>&1
   local rc=$?
@@ -117,7 +119,7 @@ one_launch_tests() {  # $1: seconds; the one-launch LoRA tests (not slow), on th
 lora_rows() {  # the benchmark's LoRA rows (issue 22's protocol), cold
   timeout 150 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-route --caches cold \
     --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
-  record "LoRA rows: see bench.txt"
+  record "LoRA rows: exit ${PIPESTATUS[0]}"
 }
 
 lora_tests() {  # the LoRA GPU tests, slow included (the one launch bit for bit against the two)
@@ -221,8 +223,13 @@ case "$mode" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m slow tests/test_route_gpu.py tests/test_lora_gpu.py \
       tests/test_lora_one_launch_gpu.py >"$out/pytest_slow.log" 2>&1
     record "pytest routing and LoRA stress: exit $?: $(tail -1 "$out/pytest_slow.log")"
+    # the router's PDL chains (the 100k-call stress test is check's)
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -m slow -k pdl_chain tests/test_router_gemm_stress_gpu.py \
+      >"$out/pytest_pdl_chain.log" 2>&1
+    record "pytest router PDL chains: exit $?: $(tail -1 "$out/pytest_pdl_chain.log")"
     timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,8,16,32,64,128,256 --no-chain --out "$out" 2>"$out/bench.err" | tee "$out/bench.txt"
+    record "gpt-oss rows: exit ${PIPESTATUS[0]}"
     timeout 60 python3 benchmarks/probes/host_overhead.py --device cuda --calls 5000 >"$out/host_cuda.txt" 2>&1
     record "host time, cuda: see host_cuda.txt"
     sanitize 60 memcheck synccheck
@@ -237,7 +244,9 @@ case "$mode" in
     sanitize_parts="router_kernels simple_kernel lora_expand routing_kernel" sanitize 60 synccheck
     ;;
   dispatch)  # by priority (a call cut off keeps what ran): whether to keep it, then its rows
-    tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu
+    # the router tests (the route cases the change moves) on their own clock, then the rest
+    tests_path=tests/test_router_gemm_gpu.py tests_timeout=120 run_tests "(gpu or kernel) and not slow" router
+    tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_router_gemm_gpu.py
     timeout 90 python3 benchmarks/router_gemm.py --only '^$' --no-chain --no-lora --caches cold \
       --out "$out/route" 2>"$out/bench_route.err" | tee "$out/route.txt"
     record "routing rows: exit ${PIPESTATUS[0]}"
@@ -250,7 +259,7 @@ case "$mode" in
     timeout 180 python3 benchmarks/router_gemm.py --only '^gpt-oss-1?[02]+b$' --caches cold \
       --m 1,8,16,32,64,128,256 --no-chain --no-lora --out "$out/router" \
       2>"$out/bench_router.err" | tee "$out/bench_router.txt"
-    record "router rows: see bench_router.txt"
+    record "router rows: exit ${PIPESTATUS[0]}"
     tests_timeout=150 run_tests "(gpu or kernel) and not slow" gpu --ignore=tests/test_lora_one_launch_gpu.py \
       --ignore=tests/test_lora_gpu.py
     sanitize 60 memcheck

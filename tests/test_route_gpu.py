@@ -113,13 +113,16 @@ def test_outputs_are_fully_written_and_deterministic():
         x = realistic_activations(M, 2880, generator)
         for _ in range(3):  # poison the blocks the outputs will get
             junk = [torch.full((M, 4), -7, dtype=torch.int64, device="cuda"),
-                    torch.full((M, 4), float("nan"), dtype=torch.bfloat16, device="cuda")]
+                    torch.full((M, 4), float("nan"), dtype=torch.bfloat16, device="cuda"),
+                    torch.full((M, 128), float("nan"), dtype=torch.bfloat16, device="cuda")]
             del junk
         first = ops.route(x, weight, bias, 4, counters=counters)
         for _ in range(20):
             again = ops.route(x, weight, bias, 4, counters=counters)
             assert all(torch.equal(a, b) for a, b in zip(first, again))
-        # every weight and id is the routing of these logits (a poisoned or stale one would not be)
+        # every logit is the router's (an unwritten one would be routed consistently all the same),
+        # and every weight and id the routing of these logits (a poisoned or stale one would not be)
+        assert torch.equal(first[2], ops.router_gemm(x, weight, bias))
         check_routing(*first, 4)
 
 
