@@ -72,6 +72,11 @@ _UNSUPPORTED_OPTIONS = {
 }
 
 
+# init_lora_weights values whose initialisation PEFT runs again when it loads the adapter, rewriting
+# the base weight (W - scaling * B0 A0, or a quantised W): such a file is not base + scaling * B @ A.
+_BASE_REWRITING_INITS = ("pissa", "corda", "astra", "olora", "loftq", "lora_ga")
+
+
 class AdapterError(ValueError):
     """An adapter that cannot be served; ``problems`` lists every reason, one line each."""
 
@@ -284,6 +289,11 @@ def _config_problems(config: LoraConfig, modules: list[str]) -> list[str]:
             problems.append(f"{what} is not supported")
     if getattr(config, "bias", "none") != "none":
         problems.append(f"bias={config.bias!r} trains base biases; only bias='none' is supported")
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        problems.append(f"init_lora_weights={init!r}: PEFT rewrites the base weight when it loads this "
+                        "adapter; save it as a plain LoRA (PEFT's save_pretrained with "
+                        "path_initial_model_for_weight_conversion) to serve it")
     for module in modules:
         entry = peft_keys.covered_by_modules_to_save(getattr(config, "modules_to_save", None), module)
         if entry is not None:

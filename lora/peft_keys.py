@@ -77,7 +77,7 @@ def _layer_index_allowed(config, module: str) -> bool:
     layers = getattr(config, "layers_to_transform", None)
     if layers is None or (isinstance(layers, list) and not layers):
         return True
-    patterns = _entries(getattr(config, "layers_pattern", None))
+    patterns = [p for p in _entries(getattr(config, "layers_pattern", None)) if p]  # "": PEFT's default
     match = None
     if not patterns:
         match = _DEFAULT_LAYER_INDEX.match(module)

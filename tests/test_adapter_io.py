@@ -144,6 +144,9 @@ def test_layers_to_transform_and_slot_reset(tmp_path):
     both = train_peft_adapter(mixtral, tmp_path / "both", gate_config(), seed=5)
     only_one = train_peft_adapter(mixtral, tmp_path / "one", gate_config(layers_to_transform=[1]), seed=6)
     assert sorted(read_adapter(only_one).modules) == ["model.layers.1.block_sparse_moe.gate"]
+    empty_pattern = gate_config(layers_to_transform=[1], layers_pattern="")  # "": PEFT's default pattern
+    empty_pattern = train_peft_adapter(mixtral, tmp_path / "empty", empty_pattern, seed=6)
+    assert sorted(read_adapter(empty_pattern).modules) == ["model.layers.1.block_sparse_moe.gate"]
     replace_modules(mixtral, 2, 8, target=["gate"])
     layers = lora_layers(mixtral)
     load_adapter(both, mixtral, slot=0)
@@ -188,6 +191,11 @@ def _problems(path):
 def test_unsupported_features_are_refused(base, adapter_dir, tmp_path):
     mixtral = mixtral_style(seed=7)
     assert "DoRA" in _problems(train_peft_adapter(mixtral, tmp_path / "dora", gate_config(use_dora=True)))
+    # PiSSA and OLoRA: PEFT runs the initialisation again at load and serves W - s B0 A0 + s B A
+    for init in ("pissa", "olora"):
+        config = gate_config(init_lora_weights=init)
+        rewrites = _problems(train_peft_adapter(mixtral, tmp_path / init, config))
+        assert f"init_lora_weights={init!r}: PEFT rewrites the base weight" in rewrites
     lora_bias = _problems(train_peft_adapter(mixtral, tmp_path / "bias", gate_config(lora_bias=True)))
     assert "lora_bias=True" in lora_bias and "lora_B.bias" in lora_bias
     trained_bias = _problems(train_peft_adapter(base, tmp_path / "all", router_config(bias="all")))
