@@ -96,7 +96,7 @@ def verify_command(args) -> int:
     import torch
 
     from lora.adapter_io import AdapterError
-    from moegate.verify import NEAR_TIE_ULPS, build_model, verify_adapter
+    from moegate.verify import ERROR_FLOOR_ULPS, NEAR_TIE_ULPS, build_model, verify_adapter
 
     if not os.path.isdir(args.adapter_dir):  # before building a model for nothing
         print(f"moegate verify: {args.adapter_dir} is not a directory", file=sys.stderr)
@@ -112,7 +112,8 @@ def verify_command(args) -> int:
     print(f"model     {type(model).__name__}, {model.config.num_hidden_layers} layers, {device} "
           f"{str(dtype).replace('torch.', '')}")
     try:
-        report = verify_adapter(model, args.adapter_dir, batch=args.batch, seq=args.seq, seed=args.seed)
+        report = verify_adapter(model, args.adapter_dir, batch=args.batch, seq=args.seq, seed=args.seed,
+                                truncated=args.num_layers is not None)
     except (AdapterError, ValueError) as error:
         print(error)
         return 1
@@ -123,13 +124,16 @@ def verify_command(args) -> int:
     print(f"routers   alone: the hidden states each router was served, with the adapter, against float64 "
           f"x @ (W + scaling * B @ A).T + b; PEFT's router in {dtype_name} on the same inputs beside ours")
     rows = [[m.module, m.decisions, m.near_ties, m.disagree, m.peft_disagree, f"{m.max_error:.3g}",
-             f"{m.peft_max_error:.3g}", f"{m.error_bound:.3g}", "ok" if m.routes_exactly else "FAIL"]
+             f"{m.peft_max_error:.3g}", f"{m.error_bound:.3g}", f"{m.peft_fp32_error:.3g}",
+             "ok" if m.routes_exactly else "FAIL"]
             for m in report.modules]
     _print_table(rows, ["module", "tokens", "near-ties", "top-k != float64", f"PEFT {dtype_name} !=",
-                        "max |d logit| ulps", f"PEFT {dtype_name}", "allowed", "alone"])
+                        "max |d logit| ulps", f"PEFT {dtype_name}", "allowed", "PEFT fp32 (fp32 ulps)",
+                        "alone"])
     print(f"          ulps: of {dtype_name} at each token's max |logit|; near-tie: k-th and (k+1)-th float64 "
-          f"logits within {NEAR_TIE_ULPS} ulps; ok: no top-k difference outside near-ties, and max |d logit| "
-          "within 2x PEFT's or the floor")
+          f"logits within {NEAR_TIE_ULPS} ulps; ok: no top-k difference outside near-ties, max |d logit| "
+          f"within 2x PEFT's or the floor, and PEFT in float32 within {ERROR_FLOOR_ULPS[torch.float32]:g} "
+          "float32 ulps of float64 (it reads the adapter file as we do)")
     print("end to end" + (f" (informative in {dtype_name}: it measures the drift of attention and experts "
                           "ahead of the routers, not the routers)" if below_fp32 else "")
           + ": PEFT in float32 on the same tokens")

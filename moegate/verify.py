@@ -15,7 +15,10 @@ Two checks:
       the token's largest |logit|: there rounding may pick either expert, whoever computes), and
       our largest logit error, in those units, at most twice PEFT's on the same inputs or
       ERROR_FLOOR_ULPS (PEFT rounds once; our unmerged path rounds the base logits and then the sum,
-      with the factors held in the slots' dtype; in fp32 only summation order differs).
+      with the factors held in the slots' dtype; in fp32 only summation order differs). PEFT's own
+      router in float32 on the same inputs must be within float32's floor of (a) too: float64 is
+      built from our reading of the file, and only so is PEFT's error evidence of rounding, not of
+      PEFT reading the file another way (which would widen the bound instead of failing).
   end to end (informative below fp32): PEFT in fp32 (a bf16 model is widened for that run, exactly,
       and narrowed back) on the same tokens; per-module top-k agreement and the output logits. In
       bf16 this mostly measures how attention and experts drift the hidden states ahead of the
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,8 @@ from torch.overrides import TorchFunctionMode
 from lora.adapter_io import RouterAdapter, read_adapter
 from lora.registry import get_token_slots, lora_layers, replace_modules
 
+# A module name's layer index (…layers.N…), where a truncated model may lack it.
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 # Near-tie width in units in the last place of the serving dtype (at the token's largest |logit|).
 # Our path rounds each logit twice in bf16 (the base logits, then base + delta), half a unit each; the
 # third unit covers the adapter factors held in the slots' dtype (the demo measured <= 1.2 units).
@@ -63,17 +69,23 @@ class ModuleAgreement:
     max_error: float = 0.0  # alone: our max |logit - float64|, in ulps at each token's max |logit|
     peft_max_error: float = 0.0  # alone: PEFT's (model dtype), in the same units
     error_bound: float = 0.0  # alone: the most ``max_error`` may be (2x PEFT's, or the floor)
+    peft_fp32_error: float = 0.0  # alone: PEFT's in float32, in float32 ulps: how it reads the file
+
+    @property
+    def peft_reads_as_we_do(self) -> bool:
+        """PEFT in float32 computes the float64 reference of our reading, up to summation order."""
+        return self.peft_fp32_error <= ERROR_FLOOR_ULPS[torch.float32]
 
     @property
     def routes_exactly(self) -> bool:
         """The routers-alone verdict of this module."""
-        return self.disagree == 0 and self.max_error <= self.error_bound
+        return self.disagree == 0 and self.max_error <= self.error_bound and self.peft_reads_as_we_do
 
 
 @dataclass
 class VerifyReport:
     modules: list[ModuleAgreement]
-    skipped: list[str]  # adapter modules the (truncated) model lacks
+    skipped: list[str]  # adapter modules in the layers a truncated model lacks
     logits_max_abs_diff: float
     greedy_agreement: float
     num_tokens: int
@@ -176,17 +188,31 @@ def _run(model: nn.Module, names: list[str], tokens: torch.Tensor, top_k: int):
     return logits, {name: _logits_and_ids(output, top_k) for name, output in outputs.items()}
 
 
+def _layer_index(module: str) -> int | None:
+    match = _LAYER_INDEX.search(module)
+    return None if match is None else int(match[1])
+
+
 def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: int = 32,
-                   seed: int = 0) -> VerifyReport:
+                   seed: int = 0, truncated: bool = False) -> VerifyReport:
     """Runs moegate, then PEFT, on the same random tokens [batch, seq] through ``model``.
 
-    Raises AdapterError (every problem listed) when moegate cannot serve the adapter; PEFT only
-    runs on adapters that passed.
+    Raises AdapterError (every problem listed) when moegate cannot serve the adapter, and
+    ValueError when the model lacks one of its modules; PEFT only runs on adapters that passed.
+    ``truncated``: the model keeps only its first ``config.num_hidden_layers`` layers (``build_model``
+    with ``num_layers``), so modules of the layers past them are skipped, not missing.
     """
     adapter = read_adapter(adapter_dir)
     present = {name for name, _ in model.named_modules()}
     kept = {name: w for name, w in adapter.modules.items() if name in present}
-    skipped = sorted(set(adapter.modules) - set(kept))
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    skipped = sorted(name for name in set(adapter.modules) - set(kept)
+                     if truncated and layers is not None and (_layer_index(name) or 0) >= layers)
+    missing = sorted(set(adapter.modules) - set(kept) - set(skipped))
+    if missing:
+        raise ValueError(f"{len(missing)} of the adapter's {len(adapter.modules)} modules do not exist "
+                         f"in the model (first: {missing[0]}): an adapter for another model cannot be "
+                         "served here")
     if not kept:
         raise ValueError(f"none of the adapter's {len(skipped)} modules exists in the model "
                          f"(first: {skipped[0]})")
@@ -225,6 +251,8 @@ def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: i
     peft_alone = _peft_router_logits(model, adapter_dir, names, {n: x for n, (x, _) in served.items()})
     same_dtype = None if dtype == torch.float32 else _run_peft(model, adapter_dir, names, tokens, top_k)[1]
     model.float()  # exact for bf16/fp16 weights
+    peft_fp32 = peft_alone if dtype == torch.float32 else _peft_router_logits(
+        model, adapter_dir, names, {n: x.float() for n, (x, _) in served.items()})
     ref_logits, reference = _run_peft(model, adapter_dir, names, tokens, top_k)
     model.to(dtype)
 
@@ -235,7 +263,8 @@ def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: i
     for name in names:
         x, logits = served[name]
         weight, bias = bases[name]
-        alone = routers_alone(x, logits, peft_alone[name], weight, bias, adapter.modules[name], top_k, dtype)
+        alone = routers_alone(x, logits, peft_alone[name], peft_fp32[name], weight, bias,
+                              adapter.modules[name], top_k, dtype)
         peft_agreement = None if same_dtype is None else agreement(same_dtype[name][1], name)
         modules.append(ModuleAgreement(
             name, (ours[name][0].float() - reference[name][0].float()).abs().max().item(),
@@ -251,15 +280,18 @@ def _gate_of(model: nn.Module, name: str) -> nn.Module:
     return layers[name] if name in layers else layers[name + ".linear"]
 
 
-def routers_alone(x: torch.Tensor, logits: torch.Tensor, peft_logits: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None, lora, top_k: int, dtype: torch.dtype) -> dict:
-    """Our logits [T, E] and PEFT's (model dtype) on the same inputs x [T, K] against float64
-    ``x @ (W + scaling * B @ A).T + b``: the ``ModuleAgreement`` fields of the routers-alone check."""
+def routers_alone(x: torch.Tensor, logits: torch.Tensor, peft_logits: torch.Tensor,
+                  peft_fp32_logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora,
+                  top_k: int, dtype: torch.dtype) -> dict:
+    """Our logits [T, E] and PEFT's (model dtype, and float32) on the same inputs x [T, K] against
+    float64 ``x @ (W + scaling * B @ A).T + b``: the ``ModuleAgreement`` fields of the routers-alone
+    check."""
     delta = lora.scaling * (lora.lora_b.double() @ lora.lora_a.double())
     reference = F.linear(x.double(), weight.double() + delta.to(weight.device),
                          None if bias is None else bias.double())
     top = reference.topk(top_k + 1, dim=-1).values
-    ulp = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(reference.abs().amax(-1))))
+    scale = torch.exp2(torch.floor(torch.log2(reference.abs().amax(-1))))
+    ulp = torch.finfo(dtype).eps * scale
     near_tie = top[:, top_k - 1] - top[:, top_k] <= NEAR_TIE_ULPS * ulp
     reference_ids = reference.topk(top_k, dim=-1).indices.sort(-1).values
 
@@ -267,14 +299,15 @@ def routers_alone(x: torch.Tensor, logits: torch.Tensor, peft_logits: torch.Tens
         ids = candidate.double().topk(top_k, dim=-1).indices.sort(-1).values
         return int(((ids != reference_ids).any(-1) & ~near_tie).sum())
 
-    def error_ulps(candidate):  # per token, in units of its own scale: big logits are not favoured
-        return ((candidate.double() - reference).abs().amax(-1) / ulp).max().item()
+    def error_ulps(candidate, unit=ulp):  # per token, in units of its own scale: big logits are not favoured
+        return ((candidate.double() - reference).abs().amax(-1) / unit).max().item()
 
     error, peft_error = error_ulps(logits), error_ulps(peft_logits)
     floor = ERROR_FLOOR_ULPS.get(dtype, DEFAULT_ERROR_FLOOR_ULPS)
     return {"decisions": reference.shape[0], "near_ties": int(near_tie.sum()), "disagree": disagree(logits),
             "peft_disagree": disagree(peft_logits), "max_error": error, "peft_max_error": peft_error,
-            "error_bound": max(2 * peft_error, floor)}
+            "error_bound": max(2 * peft_error, floor),
+            "peft_fp32_error": error_ulps(peft_fp32_logits, torch.finfo(torch.float32).eps * scale)}
 
 
 class _CaptureLinear(TorchFunctionMode):

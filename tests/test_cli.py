@@ -91,6 +91,38 @@ def test_verify_in_bf16_fails_an_adapter_served_wrongly(workspace, capsys, monke
     assert "failing: model.layers.0.mlp.router, model.layers.1.mlp.router" in out
 
 
+def test_verify_fails_where_peft_reads_the_file_another_way(workspace, capsys, monkeypatch):
+    """Our reading of the file builds the float64 reference: if it differed from PEFT's (here every
+    module's scaling 10% off in our reading, served consistently), PEFT's larger error must not
+    widen the bound. PEFT in float32 against the reference says which reading it took."""
+    import dataclasses
+
+    from moegate import verify
+
+    read = verify.read_adapter
+
+    def misread(path):
+        adapter = read(path)
+        modules = {name: dataclasses.replace(w, scaling=1.1 * w.scaling)
+                   for name, w in adapter.modules.items()}
+        return verify.RouterAdapter(adapter.config, modules, source=adapter.source)
+
+    monkeypatch.setattr(verify, "read_adapter", misread)
+    assert verify_bf16(workspace) == 1
+    out = capsys.readouterr().out
+    assert "verdict   FAIL: routers alone" in out
+    assert "failing: model.layers.0.mlp.router, model.layers.1.mlp.router" in out
+
+
+def test_verify_refuses_modules_the_model_lacks_unless_truncated(workspace, tmp_path, capsys):
+    """An adapter for a deeper model: its modules past the model's layers are skipped only where
+    --num-layers cut them off; otherwise the adapter cannot be served here (exit 1)."""
+    deeper = train_peft_adapter(gpt_oss(seed=4, num_layers=3), tmp_path / "deeper", router_config(), seed=4)
+    assert cli.main(["verify", str(deeper), "--config", str(workspace / "model"), "--seq", "4"]) == 1
+    assert "1 of the adapter's 3 modules do not exist in the model (first: model.layers.2.mlp.router)" in (
+        capsys.readouterr().out)
+
+
 def test_verify_a_generic_transformers_router_in_bf16(tmp_path, capsys):
     """A Qwen3-MoE (replace_routers' generic router), its adapter written here, PEFT as the bar."""
     from lora.adapter_io import RouterAdapter, save_adapter
