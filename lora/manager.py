@@ -13,7 +13,10 @@ code and captured CUDA graphs stay valid.
 
 CPU cache. Every registered adapter is kept on the CPU already cast to the slots' dtype (at most
 ``max_cpu_adapters`` of them, least recently used dropped first; a dropped one is re-read from its
-directory, or re-cast from its in-memory adapter, when next needed).
+directory, or re-cast from its in-memory adapter, when next needed). A re-read must find the
+adapter that was registered: files changed since ``add`` / ``swap`` (a trainer saving its next
+checkpoint into the same directory) make that ``activate`` raise AdapterError, changing nothing;
+``swap`` registers the new files.
 
 Threads. ``add`` / ``swap`` / ``remove`` may be called from any thread at any time: they check the
 new adapter completely, then change only the registry (a short lock). Slots are written only by
@@ -30,6 +33,7 @@ On the GPU, slot writes and the forward are ordered by the current CUDA stream.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import operator
 import os
 import threading
@@ -47,10 +51,23 @@ from lora.slots import NO_ADAPTER, SlotWrites, _as_int
 
 @dataclass
 class _Entry:
-    """A registered adapter: where it comes from, and its version (new for every add and swap)."""
+    """A registered adapter: where it comes from, its version (new for every add and swap), and the
+    fingerprint of what was checked then (a re-read must find the same adapter)."""
 
     source: str | RouterAdapter
     version: int
+    fingerprint: str
+
+
+def _fingerprint(adapter: RouterAdapter) -> str:
+    """A digest of what an adapter computes: every module's name, factors' bits and scaling."""
+    digest = hashlib.sha256()
+    for name, weights in sorted(adapter.modules.items()):
+        digest.update(f"{name}\0{weights.scaling!r}\0{weights.lora_a.dtype}\0{weights.targeted}\0".encode())
+        for factor in (weights.lora_a, weights.lora_b):
+            digest.update(repr(tuple(factor.shape)).encode())
+            digest.update(memoryview(factor.detach().cpu().contiguous().view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 class AdapterManager:
@@ -148,7 +165,7 @@ class AdapterManager:
         if not isinstance(name, str) or not name:
             raise TypeError(f"an adapter name must be a non-empty str, got {name!r}")
         source = adapter if isinstance(adapter, RouterAdapter) else os.fspath(adapter)
-        bound = self._bind(source)  # the slow part (disk, checks), outside every lock
+        bound, fingerprint = self._bind(source)  # the slow part (disk, checks), outside every lock
         with self._registry_lock:
             previous = self._registry.get(name)
             if replace and previous is None:
@@ -158,20 +175,20 @@ class AdapterManager:
             # Versions are unique across names and time: a slot loaded with a removed adapter can
             # never pass for a later one registered under the same name.
             self._versions += 1
-            entry = _Entry(source, self._versions)
+            entry = _Entry(source, self._versions, fingerprint)
             # Cached before it is visible, so the next activate() finds it without re-reading.
             self._cache_put((name, entry.version), bound)
             self._registry[name] = entry
             if previous is not None:
                 self._cache_drop((name, previous.version))
 
-    def _bind(self, source: str | RouterAdapter) -> BoundAdapter:
+    def _bind(self, source: str | RouterAdapter) -> tuple[BoundAdapter, str]:
         adapter = source if isinstance(source, RouterAdapter) else read_adapter(source)
         too_big = [f"{module}: rank {rank} exceeds the manager's max_rank {self.max_rank}"
                    for module, rank in sorted(adapter.ranks.items()) if rank > self.max_rank]
         if too_big:
             raise AdapterError(adapter.source, too_big)
-        return adapter.bind(self.model)
+        return adapter.bind(self.model), _fingerprint(adapter)
 
     # -- CPU cache -------------------------------------------------------------------------------
 
@@ -195,7 +212,11 @@ class AdapterManager:
                 return bound
         if not isinstance(entry.source, RouterAdapter):
             self.stats["disk_reads"] += 1
-        bound = self._bind(entry.source)
+        bound, fingerprint = self._bind(entry.source)
+        if fingerprint != entry.fingerprint:
+            source = entry.source if isinstance(entry.source, str) else entry.source.source
+            raise AdapterError(source, [f"adapter {name!r} changed since it was registered (add or swap): "
+                                        f"register the new version with swap({name!r}, ...)"])
         self._cache_put(key, bound)
         return bound
 

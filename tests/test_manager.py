@@ -102,6 +102,28 @@ def test_a_refused_activate_leaves_the_books_as_they_were(model, tmp_path):
     assert manager.stats == stats
 
 
+def test_a_directory_rewritten_after_add_is_not_served_under_the_old_registration(model, tmp_path):
+    """A trainer saves its next checkpoint into a registered directory: once the adapter falls out
+    of the CPU cache, the re-read finds other factors. activate refuses (nothing changes) until
+    swap registers the new version; then the new factors are served."""
+    save_adapter(random_adapter(0), tmp_path / "a")
+    save_adapter(random_adapter(1), tmp_path / "b")
+    manager = AdapterManager(model, max_loras=2, max_rank=4, max_cpu_adapters=1)
+    manager.add("a", tmp_path / "a")
+    manager.add("b", tmp_path / "b")  # a drops out of the one-entry CPU cache
+    save_adapter(random_adapter(2), tmp_path / "a")
+    tokens = ids()
+    mapping = manager.activate(["b"] * tokens.shape[0], tokens.shape[1]).clone()
+    with pytest.raises(AdapterError, match="adapter 'a' changed since it was registered"):
+        manager.activate(["a"] * tokens.shape[0], tokens.shape[1])
+    assert manager.resident == {0: "b"}
+    assert torch.equal(manager.token_slots.for_tokens(tokens.numel()), mapping)
+    manager.swap("a", tmp_path / "a")
+    manager.add("same as the new a", random_adapter(2))
+    assert torch.equal(run(model, manager, ["a"] * tokens.shape[0], tokens),
+                       run(model, manager, ["same as the new a"] * tokens.shape[0], tokens))
+
+
 def test_manager_sizes_must_be_ints(model):
     for kwargs, match in (({"max_loras": 2.0}, "max_loras must be an int"),
                           ({"max_rank": "8"}, "max_rank must be an int"),
