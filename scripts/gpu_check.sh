@@ -167,6 +167,22 @@ compile_probe() {  # $1: a probe of benchmarks/probes (x_multicast links the ten
     "benchmarks/probes/$1.cu" $extra >"$out/probe_$1.txt" 2>&1
 }
 
+probe_and_sanitize() {  # $1: a probe that takes --check-only, $2: seconds for its timed run; then
+  # memcheck and synccheck on its --check-only run
+  compile_probe "$1"
+  record "compile $1: exit $?"
+  timeout "$2" "$out/$1" >"$out/probe_$1.txt" 2>&1
+  record "probe $1: exit $?"
+  local tool
+  for tool in memcheck synccheck; do
+    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$out/$1" --check-only \
+      >"$out/${tool}_$1.txt" 2>&1
+    record "$tool $1 --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/${tool}_$1.txt" | tail -1))"
+  done
+  rm -f "$out/$1"
+  cat "$out/probe_$1.txt"
+}
+
 case "$mode" in
   quick)
     run_tests "(gpu or kernel) and not slow" gpu
@@ -300,30 +316,10 @@ case "$mode" in
     done
     ;;
   lora-group)
-    compile_probe lora_token_group
-    record "compile lora_token_group: exit $?"
-    timeout 120 "$out/lora_token_group" >"$out/probe_lora_token_group.txt" 2>&1
-    record "probe lora_token_group: exit $?"
-    for tool in memcheck synccheck; do
-      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$out/lora_token_group" --check-only \
-        >"$out/${tool}_lora_token_group.txt" 2>&1
-      record "$tool lora_token_group --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/${tool}_lora_token_group.txt" | tail -1))"
-    done
-    rm -f "$out/lora_token_group"
-    cat "$out/probe_lora_token_group.txt"
+    probe_and_sanitize lora_token_group 120
     ;;
   lora-split-k)
-    compile_probe lora_split_k
-    record "compile lora_split_k: exit $?"
-    timeout 180 "$out/lora_split_k" >"$out/probe_lora_split_k.txt" 2>&1
-    record "probe lora_split_k: exit $?"
-    for tool in memcheck synccheck; do
-      timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$out/lora_split_k" --check-only \
-        >"$out/${tool}_lora_split_k.txt" 2>&1
-      record "$tool lora_split_k --check-only: exit $? ($(grep 'ERROR SUMMARY' "$out/${tool}_lora_split_k.txt" | tail -1))"
-    done
-    rm -f "$out/lora_split_k"
-    cat "$out/probe_lora_split_k.txt"
+    probe_and_sanitize lora_split_k 180
     ;;
   lora-probe)  # the one launch against the probe's design in one process, no package build, by
     # priority (a call cut off keeps what ran): the lora_cluster probe's rows (its last ones the

@@ -57,10 +57,10 @@
 #include <vector>
 
 #include "graph_timing.cuh"
+#include "library_expand.cuh"
 #include "probe_data.cuh"
 #include "kernels/cluster_exchange.cuh"
 #include "kernels/grid_dependency.cuh"
-#include "kernels/lora_expand.h"
 #include "kernels/memory_access.cuh"
 #include "kernels/router_gemm.h"
 #include "kernels/router_gemm_sm90.cuh"
@@ -458,20 +458,8 @@ void launch_library(const Buffers& p, long long c, int M, int rank, Library kern
   CHECK(kernel == Library::kDecode
             ? moegate::launch_router_gemm_small_m_with_shrink(args, a, kSlots * rank, p.xa)
             : moegate::launch_router_gemm_sm90_with_shrink(args, a, kSlots * rank, p.xa));
-  moegate::LoraExpandArgs expand;
-  expand.logits = p.logits;
-  expand.xa = p.xa;
-  expand.lora_b = p.b + c * kBElems;
-  expand.scaling = p.scaling;
-  expand.slot_ids = p.slot_ids;
-  expand.out = p.out;
-  expand.M = M;
-  expand.E = E;
-  expand.S = kSlots;
-  expand.R = rank;
-  expand.pdl = true;  // as the library launches it (gate.ops.EXPAND_PDL)
-  expand.stream = stream;
-  CHECK(moegate::launch_lora_expand(expand));
+  launch_library_expand(p.logits, p.xa, p.b + c * kBElems, p.scaling, p.slot_ids, p.out, M, E, kSlots,
+                        rank, stream);
 }
 
 // The distance between neighbouring bf16 values at v (8 significant bits).

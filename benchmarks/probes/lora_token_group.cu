@@ -50,11 +50,11 @@
 #include <vector>
 
 #include "graph_timing.cuh"
+#include "library_expand.cuh"
 #include "probe_data.cuh"
 #include "kernels/cluster_exchange.cuh"
 #include "kernels/float_convert.cuh"
 #include "kernels/grid_dependency.cuh"
-#include "kernels/lora_expand.h"
 #include "kernels/memory_access.cuh"
 #include "kernels/router_gemm.h"
 #include "kernels/router_gemm_small_m.cuh"
@@ -398,20 +398,8 @@ void launch_library(const Buffers& p, long long c, bool lora, cudaStream_t strea
     return;
   }
   CHECK(moegate::launch_router_gemm_small_m_with_shrink(args, p.a + c * kRows * K, kRows, p.xa));
-  moegate::LoraExpandArgs expand;
-  expand.logits = p.logits;
-  expand.xa = p.xa;
-  expand.lora_b = p.b + c * kSlots * E * kRank;
-  expand.scaling = p.scaling;
-  expand.slot_ids = p.slot_ids;
-  expand.out = p.out;
-  expand.M = M;
-  expand.E = E;
-  expand.S = kSlots;
-  expand.R = kRank;
-  expand.pdl = true;  // as the library launches it (gate.ops.EXPAND_PDL)
-  expand.stream = stream;
-  CHECK(moegate::launch_lora_expand(expand));
+  launch_library_expand(p.logits, p.xa, p.b + c * kSlots * E * kRank, p.scaling, p.slot_ids, p.out, M,
+                        E, kSlots, kRank, stream);
 }
 
 // Copy 0's problem on the host, and the worst error of p.out against it in bf16 spacings (<= 1
