@@ -382,7 +382,15 @@ class GateLinearWithLoRA(nn.Module):
         finally:
             self._buffers["scaling"] = scaling
         device = self.base_layer.weight.device
-        self._buffers["scaling"] = scaling.to(device)
+        if scaling.is_meta and device.type != "meta":
+            # Materialised from the meta device (to_empty): nothing was ever loaded there, and the
+            # slots hold whatever memory they got. Empty slots, as a new layer has them.
+            self._buffers["lora_a_stacked"].zero_()
+            self._buffers["lora_b_stacked"].zero_()
+            self._buffers["scaling"] = torch.zeros(scaling.shape, dtype=scaling.dtype, device=device)
+            self._slot_ranks = [0] * self.max_loras
+        else:
+            self._buffers["scaling"] = scaling.to(device)
         self._make_slot_views()
         if self.token_slots is not None:
             self.token_slots.to(device)

@@ -117,11 +117,11 @@ def replace_modules(
     plan: list[tuple[str, nn.Module, type[nn.Module], list[tuple[nn.Module, str]]]] = []
     problems: list[str] = []
     matched_targets: set[int] = set()
-    for name, module, places in _walk(model, lora_classes):
+    for name, module, places, other_names in _walk(model, lora_classes):
         if targets is None:
             chosen = any(_by_default(cls, module) for cls in lora_classes)
         else:
-            hits = [i for i, t in enumerate(targets) if _matches(t, name)]
+            hits = [i for i, t in enumerate(targets) if any(_matches(t, n) for n in (name, *other_names))]
             matched_targets.update(hits)
             chosen = bool(hits)
         if not chosen:
@@ -164,11 +164,14 @@ def replace_modules(
     return [name for name, _, _, _ in plan]
 
 
-def _walk(model: nn.Module, lora_classes) -> Iterator[tuple[str, nn.Module, list[tuple[nn.Module, str]]]]:
-    """(name, module, places) for each distinct module, places being every (parent, attribute) that
-    holds it (a module shared by two parents is swapped in both). LoRA layers are yielded but not
-    descended into, so a wrapped base layer is never wrapped again."""
+def _walk(model: nn.Module, lora_classes) -> Iterator[tuple[str, nn.Module, list[tuple[nn.Module, str]],
+                                                           list[str]]]:
+    """(name, module, places, other names) for each distinct module, places being every (parent,
+    attribute) that holds it (a module shared by two parents is swapped in both, and a target may
+    name it by either path). LoRA layers are yielded but not descended into, so a wrapped base layer
+    is never wrapped again."""
     places: dict[int, list[tuple[nn.Module, str]]] = {id(model): []}
+    other_names: dict[int, list[str]] = {}
     order: list[tuple[str, nn.Module]] = []
     stack = [("", model)]
     while stack:
@@ -182,12 +185,13 @@ def _walk(model: nn.Module, lora_classes) -> Iterator[tuple[str, nn.Module, list
                 continue
             if id(child) in places:
                 places[id(child)].append((module, child_name))
+                other_names.setdefault(id(child), []).append(f"{name}.{child_name}" if name else child_name)
                 continue
             places[id(child)] = [(module, child_name)]
             children.append((f"{name}.{child_name}" if name else child_name, child))
         stack.extend(reversed(children))
     for name, module in order:
-        yield name, module, places[id(module)]
+        yield name, module, places[id(module)], other_names.get(id(module), [])
 
 
 def _normalise_target(target) -> list[str | re.Pattern] | None:

@@ -155,9 +155,24 @@ class TokenSlots:
         """
         device = torch.device(device)
         if device != self.slot_ids.device:
-            self.slot_ids = self.slot_ids.to(device)
+            if self.slot_ids.is_meta:  # materialised (a model built on meta): no mapping yet
+                self.slot_ids = torch.full_like(self.slot_ids, NO_ADAPTER, device=device)
+                self.num_tokens, self.uniform_slot = 0, None
+            else:
+                self.slot_ids = self.slot_ids.to(device)
             self._attach_buffer()
         return self
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickle, torch.save) get the views made anew from their own buffer: a
+        # copied NumPy view is an array of its own, and set() would write there, not into slot_ids.
+        state = self.__dict__.copy()
+        del state["_host_ids"], state["_current"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._attach_buffer()
 
     def _attach_buffer(self) -> None:
         # The host's view of a CPU buffer (None where there is none: a GPU buffer, or no NumPy), and
@@ -208,9 +223,13 @@ def _as_id_tensor(token_slots) -> torch.Tensor:
                         f"got {type(token_slots).__name__}")
     if token_slots.dim() != 1:
         raise ValueError(f"token slots must be 1-D [num_tokens], got shape {tuple(token_slots.shape)}")
-    if token_slots.dtype == torch.bool or token_slots.is_floating_point() or token_slots.is_complex():
-        raise TypeError(f"token slots must be an integer tensor, got {token_slots.dtype}")
+    if token_slots.dtype not in _ID_DTYPES:  # uint16-64: PyTorch has no min/max for them
+        raise TypeError(f"token slots must be an integer tensor of {', '.join(map(str, _ID_DTYPES))}, "
+                        f"got {token_slots.dtype}")
     return token_slots
+
+
+_ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class SlotWrites:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from gate import GateLinear, ops
-from lora import GateLinearWithLoRA, TokenSlots
+from lora import GateLinearWithLoRA, TokenSlots, get_token_slots, replace_modules
 from lora.layer import add_lora_delta
 
 _SAME_SIZE_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16,
@@ -470,3 +470,24 @@ def test_a_conversion_that_would_overflow_the_loaded_adapters_is_refused():
     layer.set_lora(0, lora_a, lora_b, scaling)
     layer.half()
     assert layer.lora_a_stacked.dtype == torch.float16 and torch.isfinite(layer.lora_a_stacked).all()
+
+
+def test_a_model_wrapped_on_the_meta_device_materialises_with_empty_slots():
+    """Built on meta (no memory), wrapped, then to_empty(): the slots hold whatever memory they got,
+    so they start empty as a new layer's do; adapters then load and serve as usual."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    replace_modules(model, 2, 4, target=["0"])
+    model.to_empty(device="cpu")
+    layer = model[0]
+    assert layer.scaling.tolist() == [0.0, 0.0] and layer.slot_ranks == (0, 0)
+    assert not layer.lora_a_stacked.any() and not layer.lora_b_stacked.any()
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(torch.randn(8, 16, generator=generator))
+        layer.base_layer.bias.copy_(torch.randn(8, generator=generator))
+    adapter = random_adapter(4, 16, 8, torch.float32, generator)
+    layer.set_lora(1, *adapter)
+    get_token_slots(model).set([1, -1, 0])
+    x = torch.randn(3, 16, generator=generator)
+    assert_matches_reference(layer(x), x, layer, {1: adapter}, torch.tensor([1, -1, 0]))

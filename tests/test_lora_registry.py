@@ -140,6 +140,11 @@ def test_explicit_token_slots_subclasses_and_shared_modules():
     assert wrapper.token_slots is slots and slots.num_slots == 3
     with pytest.raises(TypeError, match="TokenSlots"):
         replace_modules(Model(), 2, 2, token_slots=[0])
+    model = Model()  # a target may name a shared module by its second path
+    model.layers[1].mlp.router = model.layers[0].mlp.router
+    assert replace_modules(model, 2, 2, target=["layers.1.mlp.router"]) == ["layers.0.mlp.router"]
+    assert model.layers[1].mlp.router is model.layers[0].mlp.router
+    assert isinstance(model.layers[1].mlp.router, GateLinearWithLoRA)
 
 
 def test_modules_on_several_devices_need_their_own_token_slots():

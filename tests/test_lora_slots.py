@@ -1,5 +1,9 @@
 """TokenSlots: the shared token -> slot mapping, written in place into one fixed buffer."""
 
+import copy
+import io
+import pickle
+
 import pytest
 import torch
 
@@ -52,6 +56,7 @@ def test_fill_maps_every_token_to_one_slot():
     ([True, False], TypeError, "bool"),
     (torch.tensor([0.0, 1.0]), TypeError, "integer tensor"),
     (torch.tensor([True]), TypeError, "integer tensor"),
+    (torch.tensor([0, 1], dtype=torch.uint16), TypeError, "integer tensor of"),
     (torch.zeros(2, 2, dtype=torch.int64), ValueError, "1-D"),
     ("0 1", TypeError, "list/tuple"),
 ])
@@ -96,3 +101,35 @@ def test_constructor_and_move_checks():
     buffer = slots.slot_ids
     assert slots.to("cpu") is slots and slots.slot_ids is buffer
     assert "max_tokens=4" in repr(slots)
+
+
+@pytest.mark.parametrize("copy_of", [
+    copy.deepcopy,
+    lambda slots: pickle.loads(pickle.dumps(slots)),
+    lambda slots: torch.load(_saved(slots), weights_only=False),
+])
+def test_a_copy_writes_its_own_buffer(copy_of):
+    """set(list) writes through a NumPy view of the CPU buffer: a copy gets its own view, not a
+    copied array that the buffer never sees."""
+    slots = TokenSlots(8, num_slots=4)
+    slots.set([1, 2])
+    copied = copy_of(slots)
+    copied.set([0, -1, 3])
+    assert copied.slot_ids[:4].tolist() == [0, -1, 3, -1] and copied.for_tokens(3).tolist() == [0, -1, 3]
+    assert slots.slot_ids[:3].tolist() == [1, 2, -1] and slots.for_tokens(2).tolist() == [1, 2]
+
+
+def _saved(slots):
+    buffer = io.BytesIO()
+    torch.save(slots, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_materialised_from_meta():
+    """A model built on the meta device and then materialised (to_empty): no mapping yet, -1 all
+    through, and set() works."""
+    slots = TokenSlots(8, device="meta", num_slots=4).to("cpu")
+    assert slots.slot_ids.tolist() == [-1] * 8 and slots.num_tokens == 0
+    slots.set([3, 0])
+    assert slots.for_tokens(2).tolist() == [3, 0]
