@@ -80,6 +80,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:  # NaN included
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1] (0.99 for 99%), got {value}")
+    return number
+
+
 def _device(value: str) -> str:
     import torch
 
@@ -87,6 +94,8 @@ def _device(value: str) -> str:
         device = torch.device(value)
     except (RuntimeError, ValueError) as error:
         raise argparse.ArgumentTypeError(f"not a torch device: {error}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda[:N], got {value}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda was asked for, but this torch sees no CUDA device")
     return value
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--batch", type=_positive_int, default=4)
     verify.add_argument("--seq", type=_positive_int, default=32)
     verify.add_argument("--seed", type=int, default=0)
-    verify.add_argument("--min-agreement", type=float, default=0.99,
+    verify.add_argument("--min-agreement", type=_fraction, default=0.99,
                         help="in float32: the lowest end-to-end top-k agreement of any layer that passes "
                              "(default 0.99); below float32 the routers-alone check decides")
     commands.add_parser("bench", help="run benchmarks/router_gemm.py; other arguments pass through",

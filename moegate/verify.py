@@ -193,6 +193,18 @@ def _layer_index(module: str) -> int | None:
     return None if match is None else int(match[1])
 
 
+def experts_per_token(config) -> int:
+    """The top-k of a transformers MoE config: ``num_experts_per_tok`` (most families), or DBRX's
+    ``ffn_config.moe_top_k``; ValueError when the config names neither."""
+    ffn = getattr(config, "ffn_config", None)
+    for value in (getattr(config, "num_experts_per_tok", None), getattr(config, "moe_top_k", None),
+                  ffn.get("moe_top_k") if isinstance(ffn, dict) else getattr(ffn, "moe_top_k", None)):
+        if isinstance(value, int) and value >= 1:
+            return value
+    raise ValueError(f"cannot tell how many experts a token takes from {type(config).__name__} (no "
+                     "num_experts_per_tok or moe_top_k)")
+
+
 def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: int = 32,
                    seed: int = 0, truncated: bool = False) -> VerifyReport:
     """Runs moegate, then PEFT, on the same random tokens [batch, seq] through ``model``.
@@ -219,7 +231,7 @@ def verify_adapter(model: nn.Module, adapter_dir: str, *, batch: int = 4, seq: i
     adapter = RouterAdapter(adapter.config, kept, source=adapter.source)
     names = sorted(kept)
     config = getattr(model, "config", None)
-    top_k = getattr(config, "num_experts_per_tok", 2)
+    top_k = experts_per_token(config)
     vocab = getattr(config, "vocab_size", 32000)
     device = next(model.parameters()).device
     tokens = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -289,10 +301,13 @@ def routers_alone(x: torch.Tensor, logits: torch.Tensor, peft_logits: torch.Tens
     delta = lora.scaling * (lora.lora_b.double() @ lora.lora_a.double())
     reference = F.linear(x.double(), weight.double() + delta.to(weight.device),
                          None if bias is None else bias.double())
-    top = reference.topk(top_k + 1, dim=-1).values
     scale = torch.exp2(torch.floor(torch.log2(reference.abs().amax(-1))))
     ulp = torch.finfo(dtype).eps * scale
-    near_tie = top[:, top_k - 1] - top[:, top_k] <= NEAR_TIE_ULPS * ulp
+    if top_k < reference.shape[-1]:
+        top = reference.topk(top_k + 1, dim=-1).values
+        near_tie = top[:, top_k - 1] - top[:, top_k] <= NEAR_TIE_ULPS * ulp
+    else:  # every expert is taken: no choice to tie
+        near_tie = torch.zeros(reference.shape[0], dtype=torch.bool, device=reference.device)
     reference_ids = reference.topk(top_k, dim=-1).indices.sort(-1).values
 
     def disagree(candidate):

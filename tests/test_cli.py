@@ -123,6 +123,26 @@ def test_verify_refuses_modules_the_model_lacks_unless_truncated(workspace, tmp_
         capsys.readouterr().out)
 
 
+def test_experts_per_token_comes_from_the_config_and_every_expert_taken_has_no_tie():
+    from types import SimpleNamespace
+
+    from transformers import DbrxConfig
+
+    from moegate.verify import experts_per_token, routers_alone
+
+    assert experts_per_token(SimpleNamespace(num_experts_per_tok=4)) == 4
+    assert experts_per_token(DbrxConfig(ffn_config={"moe_num_experts": 2, "moe_top_k": 1})) == 1
+    assert experts_per_token(SimpleNamespace(ffn_config={"moe_top_k": 3})) == 3
+    with pytest.raises(ValueError, match="cannot tell how many experts a token takes"):
+        experts_per_token(SimpleNamespace(hidden_size=8))
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(5, 8, generator=generator), torch.randn(2, 8, generator=generator)
+    lora = SimpleNamespace(scaling=1.0, lora_a=torch.zeros(1, 8), lora_b=torch.zeros(2, 1))
+    logits = x @ weight.T
+    alone = routers_alone(x, logits, logits, logits, weight, None, lora, 2, torch.float32)  # k = E
+    assert alone["near_ties"] == 0 and alone["disagree"] == 0
+
+
 def test_verify_a_generic_transformers_router_in_bf16(tmp_path, capsys):
     """A Qwen3-MoE (replace_routers' generic router), its adapter written here, PEFT as the bar."""
     from lora.adapter_io import RouterAdapter, save_adapter
@@ -147,10 +167,23 @@ def test_verify_a_truncated_model_from_a_config_file(workspace, capsys):
     assert "1 skipped (layers beyond --num-layers)" in capsys.readouterr().out
 
 
-def test_verify_fails_below_the_agreement_threshold_and_on_bad_adapters(workspace, tmp_path, capsys):
+def test_verify_fails_below_the_agreement_threshold_and_on_bad_adapters(workspace, tmp_path, capsys,
+                                                                       monkeypatch):
+    from moegate import verify
+
     args = ["verify", str(workspace / "adapter"), "--config", str(workspace / "model"), "--seq", "4"]
-    assert cli.main([*args, "--min-agreement", "1.01"]) == 1
+    real = verify.verify_adapter
+
+    def agreeing_less(*arguments, **options):  # end to end, one token in ten routed otherwise
+        report = real(*arguments, **options)
+        report.modules[1].topk_agreement = 0.9
+        return report
+
+    monkeypatch.setattr(verify, "verify_adapter", agreeing_less)
+    assert cli.main(args) == 1
     assert "verdict   FAIL" in capsys.readouterr().out
+    assert cli.main([*args, "--min-agreement", "0.9"]) == 0
+    monkeypatch.undo()
     wide = train_peft_adapter(gpt_oss(seed=2, hidden=32), tmp_path / "wide", router_config())
     assert cli.main(["verify", str(wide), "--config", str(workspace / "model"), "--seq", "4"]) == 1
     assert "K=64" in capsys.readouterr().out
@@ -159,7 +192,9 @@ def test_verify_fails_below_the_agreement_threshold_and_on_bad_adapters(workspac
 
 def test_verify_usage_errors_exit_2_with_a_message_before_any_model_is_built(workspace, tmp_path, capsys):
     args = ["verify", str(workspace / "adapter"), "--config", str(workspace / "model")]
-    for extra in (["--batch", "0"], ["--seq", "-1"], ["--num-layers", "0"], ["--device", "foo"]):
+    for extra in (["--batch", "0"], ["--seq", "-1"], ["--num-layers", "0"], ["--device", "foo"],
+                  ["--device", "meta"], ["--min-agreement", "99"], ["--min-agreement", "nan"],
+                  ["--min-agreement", "-1"]):
         with pytest.raises(SystemExit) as caught:
             cli.main([*args, *extra])
         assert caught.value.code == 2, extra
