@@ -297,6 +297,11 @@ def _check_expand_inputs(logits, xa, lora_b, scaling, slot_ids) -> None:
     if scaling.shape != (num_slots,) or slot_ids.shape != (num_tokens,):
         raise ValueError(f"scaling must be [{num_slots}] and slot_ids [{num_tokens}], got "
                          f"{tuple(scaling.shape)} and {tuple(slot_ids.shape)}")
+    for name, tensor in (("logits", logits), ("lora_b", lora_b), ("scaling", scaling)):
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if slot_ids.is_floating_point() or slot_ids.is_complex() or slot_ids.dtype == torch.bool:
+        raise ValueError(f"slot_ids must be an integer tensor, got {slot_ids.dtype}")
 
 
 # The expand launched right behind our own base-gate-and-shrink kernel is always its programmatic
@@ -377,7 +382,7 @@ def _check_route_options(num_experts: int, top_k: int, scoring: str, renormalize
     check_float_dtype("weights_dtype", weights_dtype)
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, {num_experts}] (the number of experts), "
                          f"got {top_k!r}")
     if renormalize and scoring != "softmax":
@@ -469,6 +474,8 @@ def route_logits(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [M, E], got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating-point tensor, got {logits.dtype}")
     _check_route_options(logits.shape[1], top_k, scoring, renormalize, ids_dtype, weights_dtype)
     if backend is None:
         backend = backend_for(logits.device, logits.dtype)

@@ -30,6 +30,11 @@ def cast_problem(name: str, factor: torch.Tensor, cast: torch.Tensor) -> str | N
     return None
 
 
+# Factor dtypes an adapter may come in (PEFT's float32, and what a checkpoint may hold): the float8
+# and float4 types have no isfinite / abs on every device, and e8m0's NaN passes isfinite.
+FACTOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def cast_factor(name: str, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``factor`` in ``dtype``; ValueError naming the problem and the fix when the cast loses it."""
     if not factor.is_floating_point():
@@ -47,7 +52,8 @@ def scaling_problem(name: str, scaling: float, context: str = "") -> str | None:
     if not math.isfinite(scaling):
         return f"{name} {scaling}{context} is not finite"
     kept = torch.tensor(scaling, dtype=torch.float32).item()
-    if not math.isfinite(kept):
+    # torch.tensor rounds values just past float32's largest down to it; a slot's fill_ refuses them
+    if not math.isfinite(kept) or abs(scaling) > torch.finfo(torch.float32).max:
         return (f"{name} {scaling:.3g}{context} overflows float32, the dtype slots keep scalings in "
                 f"(largest {torch.finfo(torch.float32).max:.3g}); rescale the factors (scaling * B @ A "
                 "is what counts)")

@@ -9,7 +9,7 @@ from torch import nn
 
 from gate import ops
 from gate.layer import GateLinear
-from lora.casts import cast_factor, cast_problem, scaling_problem
+from lora.casts import FACTOR_DTYPES, cast_factor, cast_problem, scaling_problem
 from lora.slots import TokenSlots, _as_int
 
 
@@ -185,9 +185,10 @@ class GateLinearWithLoRA(nn.Module):
     def set_lora(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
         """Loads one adapter into ``slot``, in place: lora_a [r, K], lora_b [E, r], 1 <= r <= max_rank.
 
-        lora_a/lora_b may have any floating dtype (PEFT's are float32) and are cast to the slots'
-        (``lora_a_stacked.dtype``), refused when the cast overflows or loses a whole factor
-        (``lora.casts``); they must be on the slots' device. Everything is checked before anything
+        lora_a/lora_b may be float32 (PEFT's), bfloat16, float16 or float64 and are cast to the
+        slots' (``lora_a_stacked.dtype``), refused when the cast overflows or loses a whole factor
+        (``lora.casts``), or when scaling * lora_b overflows float32 (the PyTorch path computes
+        with B scaled); they must be on the slots' device. Everything is checked before anything
         is written, so on error the slot keeps its previous adapter.
         """
         slot = self._check_slot(slot)
@@ -197,6 +198,11 @@ class GateLinearWithLoRA(nn.Module):
         scale = _check_scaling(scaling)
         lora_a = cast_factor("lora_a", lora_a, self.lora_a_stacked.dtype)
         lora_b = cast_factor("lora_b", lora_b, self.lora_b_stacked.dtype)
+        scaled = lora_b.to(torch.promote_types(lora_b.dtype, torch.float32)) * scale
+        if not bool(torch.isfinite(scaled).all()):
+            raise ValueError(f"scaling * lora_b overflows {scaled.dtype} (scaling {scale:.3g}, largest "
+                             f"|lora_b| {lora_b.abs().max().item():.3g}); rescale the factors (scaling * "
+                             "B @ A is what counts)")
         with torch.no_grad():
             slot_a = self.lora_a_stacked[slot]
             slot_a[:rank].copy_(lora_a)
@@ -247,7 +253,8 @@ class GateLinearWithLoRA(nn.Module):
         with torch.no_grad():
             lora_a = self.lora_a_stacked[slot, :rank].to(compute)
             lora_b = self.lora_b_stacked[slot, :, :rank].to(compute)
-            merged = (weight.to(compute) + self.scaling[slot].to(compute) * (lora_b @ lora_a))
+            # B scaled first, as the PyTorch forward scales it (set_lora made sure that fits)
+            merged = weight.to(compute) + (self.scaling[slot].to(compute) * lora_b) @ lora_a
             merged = merged.to(weight.dtype)
             if not bool(torch.isfinite(merged).all()):
                 raise ValueError(f"merging slot {slot} would give non-finite {weight.dtype} weights; refused")
@@ -373,9 +380,13 @@ class GateLinearWithLoRA(nn.Module):
             slots = self._buffers[name]
             if fn(slots.new_empty(0)).dtype == slots.dtype:  # a move: nothing to check, nothing copied
                 continue
-            problem = cast_problem(f"{name} (the loaded adapters)", slots, fn(slots))
-            if problem is not None:
-                raise ValueError(f"converting this layer would change its adapters: {problem}")
+            converted = fn(slots)
+            for slot, rank in enumerate(self._slot_ranks):  # each adapter on its own: one that
+                # would round to zeros is lost even where another slot keeps values
+                problem = rank and cast_problem(f"{name}[{slot}] (a loaded adapter)", slots[slot],
+                                                converted[slot])
+                if problem:
+                    raise ValueError(f"converting this layer would change its adapters: {problem}")
         scaling = self._buffers.pop("scaling")
         try:
             result = super()._apply(fn, recurse)
@@ -415,8 +426,9 @@ class GateLinearWithLoRA(nn.Module):
                 raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
             if tensor.dim() != 2:
                 raise ValueError(f"{name} must be 2-D, got shape {tuple(tensor.shape)}")
-            if not tensor.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+            if tensor.dtype not in FACTOR_DTYPES:
+                raise TypeError(f"{name} must be a {', '.join(map(str, FACTOR_DTYPES))} tensor, got "
+                                f"{tensor.dtype}")
             if tensor.device != self.lora_a_stacked.device:
                 slots = self.lora_a_stacked.device
                 raise ValueError(f"{name} is on {tensor.device} but the slots are on {slots}; move it "
@@ -443,7 +455,11 @@ def _check_scaling(scaling) -> float:
         scaling = scaling.item()
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    scaling = float(scaling)
+    try:
+        scaling = float(scaling)
+    except OverflowError:  # an int past float's range
+        raise ValueError("scaling overflows float32, the dtype slots keep scalings in; rescale the "
+                         "factors (scaling * B @ A is what counts)") from None
     problem = scaling_problem("scaling", scaling)
     if problem is not None:
         raise ValueError(problem)

@@ -241,8 +241,12 @@ def _is_rank(value) -> bool:
 
 
 def is_finite_real(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(float(value)))
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _regex_problems(option: str, pattern) -> list[str]:

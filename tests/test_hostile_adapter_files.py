@@ -112,6 +112,7 @@ def test_configs_that_are_not_lora_configs(good, served, tmp_path, text, expecte
     ({"lora_alpha": "8"}, "lora_alpha must be a finite number, got '8'"),
     ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
     ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number, got inf"),
+    ({"lora_alpha": 10**400}, "lora_alpha must be a finite number, got 1000"),  # past float's range
     ({"use_rslora": "false"}, "use_rslora must be true or false, got 'false'"),  # truthy to PEFT
     ({"rank_pattern": {"layers.0.mlp.router.weight": 0}}, "must be an integer >= 1, got 0"),
     ({"rank_pattern": {"[": 4}}, "rank_pattern key '[' is not a valid regular expression"),

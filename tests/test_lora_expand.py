@@ -62,6 +62,13 @@ def test_bad_shapes_are_value_errors():
         ops.lora_expand(logits, xa, lora_b, scaling, slot_ids[:3])
     with pytest.raises(ValueError, match=r"lora_b must be 3-D \[S, E, R\]"):
         ops.lora_expand(logits, xa, lora_b[0], scaling, slot_ids)
+    # dtypes: integer logits had the delta truncated into them (1 + 1.4 -> 2), silently
+    for args, match in (((logits.long(), xa, lora_b, scaling, slot_ids), "logits must be a floating"),
+                        ((logits, xa, lora_b.long(), scaling, slot_ids), "lora_b must be a floating"),
+                        ((logits, xa, lora_b, scaling.long(), slot_ids), "scaling must be a floating"),
+                        ((logits, xa, lora_b, scaling, slot_ids.float()), "slot_ids must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            ops.lora_expand(*args)
 
 
 def test_float64_scaling_is_read_as_the_kernel_reads_it():

@@ -217,7 +217,11 @@ def _bad_set_lora_cases():
         ("rank mismatch", (1, ok_a, torch.ones(E, 3, dtype=bf16), 1.0), ValueError, "r=2"),
         ("1-D A", (1, torch.ones(K, dtype=bf16), ok_b, 1.0), ValueError, "2-D"),
         ("3-D B", (1, ok_a, ok_b[None], 1.0), ValueError, "2-D"),
-        ("integer A", (1, ok_a.int(), ok_b, 1.0), TypeError, "floating-point"),
+        ("integer A", (1, ok_a.int(), ok_b, 1.0), TypeError, "got torch.int32"),
+        ("float8 A", (1, ok_a.to(torch.float8_e4m3fn), ok_b, 1.0), TypeError, "got torch.float8_e4m3fn"),
+        ("scaled B overflows", (1, ok_a, torch.full((E, 2), 1e30), 1e10), ValueError,
+         "scaling \\* lora_b overflows"),
+        ("int scaling past float", (1, ok_a, ok_b, 10**400), ValueError, "overflows float32"),
         ("B overflows bf16", (1, ok_a, torch.full((E, 2), 3.4e38), 1.0), ValueError, "lora_b overflows"),
         ("wrong device", (1, ok_a, ok_b.to("meta"), 1.0), ValueError, "meta"),
         ("not a tensor", (1, ok_a.tolist(), ok_b, 1.0), TypeError, "tensor"),
@@ -329,7 +333,7 @@ def test_merge_refusals_change_nothing():
     with pytest.raises(ValueError, match="empty"):
         layer.merge(0)
     layer.set_lora(1, torch.full((2, 64), 100.0, dtype=torch.bfloat16),
-                   torch.full((8, 2), 100.0, dtype=torch.bfloat16), 3e38)
+                   torch.full((8, 2), 100.0, dtype=torch.bfloat16), 1e35)  # W' ~ 2e39
     with pytest.raises(ValueError, match="non-finite"):
         layer.merge(1)
     assert layer.merged_slot is None and torch.equal(bits(layer.weight), bits(original))
@@ -442,7 +446,8 @@ def test_a_scaling_float32_cannot_hold_is_refused_before_anything_is_written():
     layer, x, before, generator = served_layer(21, max_loras=2, slot=0)
     slots = (layer.lora_a_stacked.clone(), layer.lora_b_stacked.clone(), layer.scaling.clone())
     lora_a, lora_b, _ = random_adapter(3, 32, 4, torch.float32, generator)
-    for scaling, match in ((1e39, "overflows float32"), (1e-50, "underflows float32 to zero")):
+    for scaling, match in ((1e39, "overflows float32"), (3.4028235e38, "overflows float32"),
+                           (-3.4028235e38, "overflows float32"), (1e-50, "underflows float32 to zero")):
         with pytest.raises(ValueError, match=match):
             layer.set_lora(0, lora_a, lora_b, scaling)
     assert torch.equal(layer(x), before) and layer.slot_ranks == (2, 0)
@@ -464,12 +469,30 @@ def test_a_conversion_that_would_overflow_the_loaded_adapters_is_refused():
     layer = GateLinearWithLoRA(random_gate(16, 4, torch.float32, generator), 2, 4, TokenSlots(2))
     lora_a, lora_b, scaling = random_adapter(2, 16, 4, torch.float32, generator)
     layer.set_lora(0, lora_a * 1e6, lora_b, scaling)
-    with pytest.raises(ValueError, match="would change its adapters: lora_a_stacked .* overflows"):
+    with pytest.raises(ValueError, match=r"would change its adapters: lora_a_stacked\[0\] .* overflows"):
         layer.half()
     assert layer.weight.dtype == layer.lora_a_stacked.dtype == torch.float32  # nothing converted
     layer.set_lora(0, lora_a, lora_b, scaling)
+    layer.set_lora(1, lora_a * 1e-9, lora_b, scaling)  # all of it rounds to zero in fp16
+    with pytest.raises(ValueError, match=r"lora_a_stacked\[1\] \(a loaded adapter\) underflows"):
+        layer.half()  # though slot 0 keeps values: each adapter on its own
+    layer.reset_lora(1)
     layer.half()
     assert layer.lora_a_stacked.dtype == torch.float16 and torch.isfinite(layer.lora_a_stacked).all()
+
+
+def test_merge_scales_b_first_as_the_forward_does():
+    """B @ A alone would overflow float32 where scaling * B @ A (and W') does not: the merge
+    computes (scaling * B) @ A, so it merges what the unmerged forward serves."""
+    generator = torch.Generator().manual_seed(24)
+    layer = GateLinearWithLoRA(random_gate(8, 4, torch.float32, generator), 1, 1, TokenSlots(2))
+    layer.set_lora(0, torch.full((1, 8), 1e20), torch.full((4, 1), 1e20), 1e-10)
+    layer.token_slots.set([0, 0])
+    x = torch.randn(2, 8, generator=generator)
+    unmerged = layer(x)
+    layer.merge(0)
+    assert torch.isfinite(layer.weight).all()
+    torch.testing.assert_close(layer(x), unmerged, rtol=1e-6, atol=0)
 
 
 def test_a_model_wrapped_on_the_meta_device_materialises_with_empty_slots():

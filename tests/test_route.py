@@ -93,7 +93,7 @@ def test_weights_and_ids_dtypes():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"top_k": 0}, "top_k"), ({"top_k": 17}, "top_k"), ({"top_k": 2.0}, "top_k"),
+    ({"top_k": 0}, "top_k"), ({"top_k": 17}, "top_k"), ({"top_k": 2.0}, "top_k"), ({"top_k": True}, "top_k"),
     ({"top_k": 2, "scoring": "sigmoid"}, "scoring"),
     ({"top_k": 2, "renormalize": True}, "renormalize"),
     ({"top_k": 2, "ids_dtype": torch.float32}, "ids_dtype"),
@@ -105,6 +105,11 @@ def test_bad_options_raise(kwargs, message):
     gate = GateLinear(8, 16)
     with pytest.raises(ValueError, match=message):
         gate.route(torch.randn(3, 8), **kwargs)
+
+
+def test_integer_logits_are_refused():
+    with pytest.raises(ValueError, match="logits must be a floating-point tensor, got torch.int64"):
+        ops.route_logits(torch.arange(16).view(2, 8), 2)
 
 
 def test_gate_route_is_forward_then_route_logits():
