@@ -18,12 +18,15 @@ The kernels' tuning entry points (one kernel alone, with its tiles) are in ``gat
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
 
 try:
-    from gate import _C  # noqa: F401  (importing registers torch.ops.moegate.*)
+    # importing registers torch.ops.moegate.*; by its full name, since `from gate import _C` while
+    # gate is still importing reports a circular import instead of what went wrong
+    _C = importlib.import_module("gate._C")
 
     _EXTENSION_ERROR: str | None = None
 except ImportError as error:  # the pure-Python install: every op still works through PyTorch
@@ -269,18 +272,17 @@ def lora_expand_torch(
 
 def lora_expand_one_slot_torch(logits: torch.Tensor, xa: torch.Tensor, slot: int,
                                scaled_b_t: torch.Tensor) -> torch.Tensor:
-    """``lora_expand_torch`` when every token uses slot ``slot``, with its B scaled ahead of time.
+    """``lora_expand_torch`` when every token uses slot ``slot``, with B scaled ahead of time.
 
     xa: [M, S*R], the shrink of every slot, contiguous (as ``router_gemm_torch`` returns it);
-    scaled_b_t: [1, R, E], ``(lora_b[slot].to(xa.dtype) * scaling[slot]).t().unsqueeze(0)``. The same
-    ops on operands of the same layouts as ``lora_expand_torch`` (a bmm, one addition, one rounding),
-    so the same bits, with none of its per-token gather.
+    scaled_b_t: [S, R, E], ``(lora_b.to(xa.dtype) * scaling[:, None, None]).transpose(1, 2)`` of a
+    contiguous [S, E, R]. The same bmm on operands of the same layouts as ``lora_expand_torch`` (a
+    BLAS may sum a batch of one in another order than a batch of S: all S are multiplied), then
+    one addition and one rounding, so the same bits, with none of its per-token gather.
     """
-    num_tokens, width = xa.shape
-    rank = scaled_b_t.shape[1]
-    # xa[None, :, slot*R:(slot+1)*R] as one view (the same strides; indexing costs two ops).
-    xa_slot = xa.as_strided((1, num_tokens, rank), (num_tokens * width, width, 1), slot * rank)
-    out = logits + torch.bmm(xa_slot, scaled_b_t)[0]
+    num_slots, rank, _ = scaled_b_t.shape
+    per_slot = torch.bmm(xa.view(xa.shape[0], num_slots, rank).transpose(0, 1), scaled_b_t)
+    out = logits + per_slot[slot]
     return out if out.dtype == logits.dtype else out.to(logits.dtype)
 
 

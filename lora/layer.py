@@ -154,14 +154,14 @@ class GateLinearWithLoRA(nn.Module):
 
     def _make_slot_views(self) -> None:
         # Every slot's A as one [S*R, K] matrix (the shrink's operand, a view made once, not per
-        # forward), and for the PyTorch backend's one-slot forward, per slot B scaled (B^T [1, R, E]
-        # in the compute dtype, as ops.lora_expand_torch scales it), rewritten when a slot is
-        # written.
+        # forward), and for the PyTorch backend's one-slot forward, every slot's B scaled (B^T
+        # [S, R, E] in the compute dtype, as ops.lora_expand_torch scales it), a slot's rewritten
+        # when it is written.
         compute = torch.promote_types(self.lora_b_stacked.dtype, torch.float32)
         self._scaled_b = torch.empty(self.lora_b_stacked.shape, dtype=compute,
                                      device=self.lora_b_stacked.device)
         self._lora_a_flat = self.lora_a_stacked.view(-1, self.in_features)
-        self._scaled_b_t = [self._scaled_b[slot].t().unsqueeze(0) for slot in range(self.max_loras)]
+        self._scaled_b_t = self._scaled_b.transpose(1, 2)
         for slot in range(self.max_loras):
             self._scale_b(slot)
 
@@ -292,16 +292,18 @@ class GateLinearWithLoRA(nn.Module):
         x_flat = x if flat else x.reshape(-1, base.in_features)
         slot_ids = token_slots.for_tokens(x_flat.shape[0])
         backend = base._backend
-        slot = token_slots.uniform_slot
-        if backend == "torch" and slot is not None and not torch.compiler.is_compiling():
+        # Eager only: compiled code must not depend on the mapping (reading it would guard on it,
+        # and recompile for every slot a uniform batch uses).
+        slot = None if torch.compiler.is_compiling() else token_slots.uniform_slot
+        if backend == "torch" and slot is not None:
             # Every token uses one slot (the host saw the mapping): the shrink of every slot, then
             # that slot's expand alone, with lora_expand_torch's ops and operand layouts, so its
-            # bits with a third of its ops. Eager only: compiled code must not depend on the mapping.
+            # bits with a third of its ops.
             out = ops.router_gemm_torch(x_flat, weight, bias, base.out_dtype)
             if 0 <= slot < self.max_loras:  # else -1 (or an unchecked id): the base bits
-                scaled_b = self._scaled_b_t[slot]
-                xa = ops.router_gemm_torch(x_flat, self._lora_a_flat, None, scaled_b.dtype)
-                out = ops.lora_expand_one_slot_torch(out, xa, slot, scaled_b)
+                scaled_b_t = self._scaled_b_t
+                xa = ops.router_gemm_torch(x_flat, self._lora_a_flat, None, scaled_b_t.dtype)
+                out = ops.lora_expand_one_slot_torch(out, xa, slot, scaled_b_t)
         else:
             # One op: on our kernels it picks one launch or the two (shrink with the base gate, then
             # the expand) per call, whichever was measured faster for the shape; the same bits.

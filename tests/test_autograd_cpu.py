@@ -187,6 +187,27 @@ for needs in itertools.product((False, True), repeat=6):
                                                       b.contiguous().view(torch.uint8)), case
         lora_cases += 1
 print("lora checked", lora_cases)
+
+# router_gemm's gradients against the PyTorch path's (gate.ops.router_gemm_torch, F.linear between
+# .to() casts), whatever out_dtype is: wider, narrower, or the other 16-bit type.
+sys.path.insert(0, sys.argv[4])
+from gate.ops import router_gemm_torch  # noqa: E402
+
+path_cases = 0
+for x_dtype, out_dtype in ((torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                           (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16),
+                           (torch.float16, torch.bfloat16), (torch.float32, torch.float16)):
+    inputs = [t.to(x_dtype) for t in (x, weight, bias)]
+    grad = logits_grads[torch.float32].to(out_dtype or x_dtype)
+    results = []
+    for forward in (ops.router_gemm, router_gemm_torch):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        results.append(torch.autograd.grad(forward(*leaves, out_dtype), leaves, grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), (
+            x_dtype, out_dtype)
+    path_cases += 1
+print("path checked", path_cases)
 """
 
 
@@ -207,8 +228,9 @@ def test_fused_ops_have_the_gradients_of_the_calls_they_stand_for(tmp_path):
     (tmp_path / "checks.py").write_text(textwrap.dedent(CHECKS))
     result = subprocess.run(
         [sys.executable, str(tmp_path / "checks.py"), str(tmp_path),
-         str(ROOT / "csrc" / "bindings" / "autograd.cpp"), str(ROOT / "csrc")],
+         str(ROOT / "csrc" / "bindings" / "autograd.cpp"), str(ROOT / "csrc"), str(ROOT)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "checked 540" in result.stdout
     assert "lora checked 756" in result.stdout
+    assert "path checked 6" in result.stdout

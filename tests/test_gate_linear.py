@@ -258,8 +258,8 @@ def test_from_parameters_validates_shapes():
 
 def test_extension_status_is_reported():
     assert isinstance(ops.extension_available(), bool)
-    if not ops.extension_available():
-        assert ops.extension_error()
+    if not ops.extension_available():  # the import's own reason, not a circular import of gate
+        assert ops.extension_error() and "circular import" not in ops.extension_error()
     assert gate.__version__
 
 

@@ -91,3 +91,33 @@ def test_dynamic_batch_sizes_do_not_recompile():
             slots.set(mapping)
             x = torch.randn(num_tokens, K, generator=generator).to(torch.bfloat16)
             check(compiled(x), x, model, adapters, mapping)
+
+
+def test_one_slot_batches_do_not_recompile_and_keep_the_eager_bits():
+    """A mapping with every token on one slot lets eager calls take a shortcut; compiled code must
+    not read it (a guard on the slot recompiled for every slot, until fullgraph hit the recompile
+    limit), and the shortcut keeps the general path's bits (float32, where a BLAS may sum a batch
+    of one in another order than a batch of all slots)."""
+    generator = torch.Generator().manual_seed(23)
+    model = TwoRouters(generator).float()
+    replace_modules(model, 12, 4, target=["router", "gate"])
+    slots = get_token_slots(model)
+    for slot in range(12):
+        for name in ("router", "gate"):
+            getattr(model, name).set_lora(slot, *random_adapter(4, K, E, torch.float32, generator))
+    x = torch.randn(M, K, generator=generator)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    slots.fill(M, 0)
+    with torch.no_grad():
+        compiled(x)
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+        for slot in [*range(12), -1]:
+            slots.fill(M, slot)  # uniform: eager takes the one-slot shortcut
+            eager = model(x)
+            slots.set(torch.full((M,), slot), validate=False)  # not known uniform: the general path
+            general = model(x)
+            got = compiled(x)
+            for ours, shortcut, theirs in zip(got, eager, general):
+                assert torch.equal(bits(shortcut), bits(theirs))
+                assert torch.equal(bits(ours), bits(theirs))

@@ -14,21 +14,26 @@ namespace moegate::bindings {
 namespace {
 
 // Autograd for the four router ops: logits = x W^T + b, so dx = g W, dW = g^T x and
-// db = sum_m g, each product taken in g's dtype and cast to its input's dtype. These are the
-// products F.linear's backward takes, in the same layouts, so the gradients are the PyTorch
-// path's (gate.ops.router_gemm_torch: F.linear, after .to() where out_dtype is wider) and a
-// GateLinear trains the same on every backend. (Without this, PyTorch's fallback warned and left
-// x, weight and bias without gradients on the GPU.) C++, not torch.library.register_autograd: a
-// Python autograd kernel runs on every call outside inference_mode, no_grad included, and a
-// decode-size router's cost is host time.
+// db = sum_m g, each product taken in the wider of x's and g's dtypes and cast to its input's
+// dtype. These are the products F.linear's backward takes, in the same layouts and dtype, so the
+// gradients are the PyTorch path's (gate.ops.router_gemm_torch: F.linear in that dtype, between
+// .to() casts where out_dtype differs) and a GateLinear trains the same on every backend. (Without
+// this, PyTorch's fallback warned and left x, weight and bias without gradients on the GPU.) C++,
+// not torch.library.register_autograd: a Python autograd kernel runs on every call outside
+// inference_mode, no_grad included, and a decode-size router's cost is host time.
+at::ScalarType compute_type(const at::Tensor& grad, const at::Tensor& x) {
+  return at::promote_types(grad.scalar_type(), x.scalar_type());
+}
 at::Tensor grad_of_x(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
-  return at::mm(grad, weight.to(grad.scalar_type())).to(x.scalar_type());
+  const at::ScalarType compute = compute_type(grad, x);
+  return at::mm(grad.to(compute), weight.to(compute)).to(x.scalar_type());
 }
 at::Tensor grad_of_weight(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
-  return at::mm(grad.t(), x.to(grad.scalar_type())).to(weight.scalar_type());
+  const at::ScalarType compute = compute_type(grad, x);
+  return at::mm(grad.t().to(compute), x.to(compute)).to(weight.scalar_type());
 }
-at::Tensor grad_of_bias(const at::Tensor& grad, const at::Tensor& weight) {
-  return grad.sum(0).to(weight.scalar_type());
+at::Tensor grad_of_bias(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight) {
+  return grad.to(compute_type(grad, x)).sum(0).to(weight.scalar_type());
 }
 
 torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContext* ctx,
@@ -42,7 +47,7 @@ torch::autograd::variable_list router_gemm_grads(torch::autograd::AutogradContex
   if (ctx->needs_input_grad(0)) grads[0] = grad_of_x(grad, x, weight);
   if (ctx->needs_input_grad(1)) grads[1] = grad_of_weight(grad, x, weight);
   if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2))
-    grads[2] = grad_of_bias(grad, weight);
+    grads[2] = grad_of_bias(grad, x, weight);
   return grads;
 }
 
@@ -254,7 +259,7 @@ class RouterGemmWithShrinkFunction
       if (ctx->needs_input_grad(2)) result[2] = grad_of_x(logits_grad, x, weight);
       if (ctx->needs_input_grad(3)) result[3] = grad_of_weight(logits_grad, x, weight);
       if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(4))
-        result[4] = grad_of_bias(logits_grad, weight);
+        result[4] = grad_of_bias(logits_grad, x, weight);
     }
     return result;
   }
@@ -335,7 +340,7 @@ class RouterGemmLoraFunction : public torch::autograd::Function<RouterGemmLoraFu
     result[4] = expand.lora_b;
     result[5] = expand.scaling;
     if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(7))
-      result[7] = grad_of_bias(grad, weight);
+      result[7] = grad_of_bias(grad, x, weight);
     return result;
   }
 
