@@ -42,7 +42,7 @@ from lora.adapter_files import (
     read_snapshot,
     write_directory,
 )
-from lora.casts import cast_problem, scaling_problem
+from lora.casts import cast_problem, scaled_b_problem, scaling_problem
 from lora.peft_keys import MODULE, PARAMETER
 from lora.registry import lora_layers
 from lora.slots import SlotWrites
@@ -277,6 +277,10 @@ def _fit_to_layer(module: str, weights: LoraWeights, layer: nn.Module):
     lora_b = weights.lora_b.to(dtype)
     for factor, original, cast in (("lora_A", weights.lora_a, lora_a), ("lora_B", weights.lora_b, lora_b)):
         problem = cast_problem(f"{module}: {factor}", original, cast)
+        if problem is not None:
+            problems.append(problem)
+    if not problems:  # set_lora's last check, on the factors as the slot will hold them
+        problem = scaled_b_problem(module, lora_b, weights.scaling)
         if problem is not None:
             problems.append(problem)
     return (lora_a, lora_b, weights.scaling), problems

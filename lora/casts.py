@@ -61,3 +61,13 @@ def scaling_problem(name: str, scaling: float, context: str = "") -> str | None:
         return (f"{name} {scaling:.3g}{context} underflows float32 to zero, the adapter would compute "
                 "nothing; rescale the factors (scaling * B @ A is what counts)")
     return None
+
+
+def scaled_b_problem(name: str, lora_b: torch.Tensor, scaling: float) -> str | None:
+    """Why ``scaling * lora_b`` (as a slot holds B: ``lora_b`` in the slots' dtype) overflows the
+    float32 the PyTorch path scales B in, or None."""
+    scaled = lora_b.to(torch.promote_types(lora_b.dtype, torch.float32)) * scaling
+    if bool(torch.isfinite(scaled).all()):
+        return None
+    return (f"{name}: scaling * lora_B overflows {scaled.dtype} (scaling {scaling:.3g}, largest |lora_B| "
+            f"{lora_b.abs().max().item():.3g}); rescale the factors (scaling * B @ A is what counts)")

@@ -9,7 +9,7 @@ from torch import nn
 
 from gate import ops
 from gate.layer import GateLinear
-from lora.casts import FACTOR_DTYPES, cast_factor, cast_problem, scaling_problem
+from lora.casts import FACTOR_DTYPES, cast_factor, cast_problem, scaled_b_problem, scaling_problem
 from lora.slots import TokenSlots, _as_int
 
 
@@ -198,11 +198,9 @@ class GateLinearWithLoRA(nn.Module):
         scale = _check_scaling(scaling)
         lora_a = cast_factor("lora_a", lora_a, self.lora_a_stacked.dtype)
         lora_b = cast_factor("lora_b", lora_b, self.lora_b_stacked.dtype)
-        scaled = lora_b.to(torch.promote_types(lora_b.dtype, torch.float32)) * scale
-        if not bool(torch.isfinite(scaled).all()):
-            raise ValueError(f"scaling * lora_b overflows {scaled.dtype} (scaling {scale:.3g}, largest "
-                             f"|lora_b| {lora_b.abs().max().item():.3g}); rescale the factors (scaling * "
-                             "B @ A is what counts)")
+        problem = scaled_b_problem("set_lora", lora_b, scale)
+        if problem is not None:
+            raise ValueError(problem)
         with torch.no_grad():
             slot_a = self.lora_a_stacked[slot]
             slot_a[:rank].copy_(lora_a)

@@ -48,6 +48,13 @@ from lora.adapter_io import AdapterError, BoundAdapter, RouterAdapter, read_adap
 from lora.registry import get_token_slots, lora_layers, replace_modules
 from lora.slots import NO_ADAPTER, SlotWrites, _as_int
 
+# Registry snapshots activate tries when swaps or removes keep landing while it reads adapters.
+_SNAPSHOTS = 3
+
+
+class _Superseded(Exception):
+    """The adapter activate was reading was swapped or removed meanwhile (internal: it retries)."""
+
 
 @dataclass
 class _Entry:
@@ -203,21 +210,40 @@ class AdapterManager:
         with self._cpu_lock:
             self._cpu_cache.pop(key, None)
 
+    def _superseded(self, name: str, entry: _Entry) -> bool:
+        """Whether a swap or remove replaced ``entry`` since activate took its snapshot."""
+        with self._registry_lock:
+            return self._registry.get(name) is not entry
+
     def _cached(self, name: str, entry: _Entry) -> BoundAdapter:
+        """``entry``'s adapter cast for the slots: from the CPU cache, or read again. Raises
+        _Superseded when a concurrent swap or remove replaced it (the old files may be gone or
+        rewritten: activate takes a new snapshot instead)."""
         key = (name, entry.version)
         with self._cpu_lock:
             bound = self._cpu_cache.get(key)
             if bound is not None:
                 self._cpu_cache.move_to_end(key)
                 return bound
+        if self._superseded(name, entry):
+            raise _Superseded
         if not isinstance(entry.source, RouterAdapter):
             self.stats["disk_reads"] += 1
-        bound, fingerprint = self._bind(entry.source)
+        try:
+            bound, fingerprint = self._bind(entry.source)
+        except AdapterError:
+            if self._superseded(name, entry):
+                raise _Superseded from None
+            raise
         if fingerprint != entry.fingerprint:
+            if self._superseded(name, entry):
+                raise _Superseded
             source = entry.source if isinstance(entry.source, str) else entry.source.source
-            raise AdapterError(source, [f"adapter {name!r} changed since it was registered (add or swap): "
-                                        f"register the new version with swap({name!r}, ...)"])
+            raise AdapterError(source, [f"adapter {name!r} changed since it was registered (add or "
+                                        f"swap): register the new version with swap({name!r}, ...)"])
         self._cache_put(key, bound)
+        if self._superseded(name, entry):  # replaced while it was read: not cached for nobody
+            self._cache_drop(key)
         return bound
 
     # -- steps: the serving thread -----------------------------------------------------------------
@@ -247,28 +273,38 @@ class AdapterManager:
                 others = f" (and {len(merged) - 1} more layers)" if len(merged) > 1 else ""
                 raise RuntimeError(f"{merged[0]}{others} has an adapter merged into its weight, which would "
                                    "serve it to every token: unmerge() before serving through the manager")
-            with self._registry_lock:
-                registry = dict(self._registry)
-            unknown = sorted({n for n in names if n is not None and n not in registry})
-            if unknown:
-                raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} "
-                               f"(registered: {sorted(registry)})")
-            wanted = {name: registry[name].version
-                      for name in dict.fromkeys(n for n in names if n is not None)}
-            if len(wanted) > self.max_loras:
-                raise ValueError(f"the batch uses {len(wanted)} adapters but only {self.max_loras} "
-                                 "slots exist; split it or raise max_loras")
-            saved = (list(self._slot_contents), list(self._slot_last_step), self._step, dict(self.stats))
-            try:
-                # Read (or re-read) everything that must be written before writing anything.
-                loads = {name: self._cached(name, registry[name]) for name, version in wanted.items()
-                         if (name, version) not in self._slot_contents}
-                with SlotWrites() as writes:
-                    mapping = self._load_and_map(names, counts, registry, wanted, loads, writes)
-            except BaseException:
-                self._slot_contents, self._slot_last_step, self._step, self.stats = saved
-                raise
-            return self.token_slots.for_tokens(mapping.shape[0])
+            for _ in range(_SNAPSHOTS):
+                try:
+                    return self._activate_snapshot(names, counts)
+                except _Superseded:  # a swap or remove landed mid-step: the next snapshot has it
+                    continue
+            raise RuntimeError(f"the adapters this batch uses were swapped or removed during each of "
+                               f"{_SNAPSHOTS} attempts to activate them; nothing changed, try again")
+
+    def _activate_snapshot(self, names, counts) -> torch.Tensor:
+        """activate for one snapshot of the registry, under the step lock; all or nothing."""
+        with self._registry_lock:
+            registry = dict(self._registry)
+        unknown = sorted({n for n in names if n is not None and n not in registry})
+        if unknown:
+            raise KeyError(f"no adapter named {', '.join(map(repr, unknown))} "
+                           f"(registered: {sorted(registry)})")
+        wanted = {name: registry[name].version
+                  for name in dict.fromkeys(n for n in names if n is not None)}
+        if len(wanted) > self.max_loras:
+            raise ValueError(f"the batch uses {len(wanted)} adapters but only {self.max_loras} "
+                             "slots exist; split it or raise max_loras")
+        saved = (list(self._slot_contents), list(self._slot_last_step), self._step, dict(self.stats))
+        try:
+            # Read (or re-read) everything that must be written before writing anything.
+            loads = {name: self._cached(name, registry[name]) for name, version in wanted.items()
+                     if (name, version) not in self._slot_contents}
+            with SlotWrites() as writes:
+                mapping = self._load_and_map(names, counts, registry, wanted, loads, writes)
+        except BaseException:
+            self._slot_contents, self._slot_last_step, self._step, self.stats = saved
+            raise
+        return self.token_slots.for_tokens(mapping.shape[0])
 
     def _load_and_map(self, names, counts, registry, wanted, loads, writes: SlotWrites) -> torch.Tensor:
         """activate's mutations, every slot write through ``writes``: returns the mapping set."""

@@ -105,7 +105,7 @@ def verify_command(args) -> int:
     import torch
 
     from lora.adapter_io import AdapterError
-    from moegate.verify import ERROR_FLOOR_ULPS, NEAR_TIE_ULPS, build_model, verify_adapter
+    from moegate.verify import NEAR_TIE_ULPS, READING_UNITS, build_model, experts_per_token, verify_adapter
 
     if not os.path.isdir(args.adapter_dir):  # before building a model for nothing
         print(f"moegate verify: {args.adapter_dir} is not a directory", file=sys.stderr)
@@ -115,6 +115,7 @@ def verify_command(args) -> int:
     try:
         model = build_model(args.config, random_weights=args.random_weights, num_layers=args.num_layers,
                             device=device, dtype=dtype, seed=args.seed)
+        experts_per_token(model.config)  # a config that does not say it is a usage error too
     except Exception as error:  # noqa: BLE001 - any config transformers refuses (its own error types)
         print(f"moegate verify: cannot build the model: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
@@ -137,12 +138,12 @@ def verify_command(args) -> int:
              "ok" if m.routes_exactly else "FAIL"]
             for m in report.modules]
     _print_table(rows, ["module", "tokens", "near-ties", "top-k != float64", f"PEFT {dtype_name} !=",
-                        "max |d logit| ulps", f"PEFT {dtype_name}", "allowed", "PEFT fp32 (fp32 ulps)",
+                        "max |d logit| ulps", f"PEFT {dtype_name}", "allowed", "PEFT fp32 (sum units)",
                         "alone"])
     print(f"          ulps: of {dtype_name} at each token's max |logit|; near-tie: k-th and (k+1)-th float64 "
           f"logits within {NEAR_TIE_ULPS} ulps; ok: no top-k difference outside near-ties, max |d logit| "
-          f"within 2x PEFT's or the floor, and PEFT in float32 within {ERROR_FLOOR_ULPS[torch.float32]:g} "
-          "float32 ulps of float64 (it reads the adapter file as we do)")
+          f"within 2x PEFT's or the floor, and PEFT in float32 within {READING_UNITS:g} sum units of float64 "
+          "(float32's eps x the sum of a logit's terms' sizes: it reads the adapter file as we do)")
     print("end to end" + (f" (informative in {dtype_name}: it measures the drift of attention and experts "
                           "ahead of the routers, not the routers)" if below_fp32 else "")
           + ": PEFT in float32 on the same tokens")

@@ -133,6 +133,11 @@ def test_experts_per_token_comes_from_the_config_and_every_expert_taken_has_no_t
     assert experts_per_token(SimpleNamespace(num_experts_per_tok=4)) == 4
     assert experts_per_token(DbrxConfig(ffn_config={"moe_num_experts": 2, "moe_top_k": 1})) == 1
     assert experts_per_token(SimpleNamespace(ffn_config={"moe_top_k": 3})) == 3
+    assert experts_per_token(SimpleNamespace(moe_topk=2)) == 2  # Aria
+    from moegate.verify import _layer_index
+
+    assert [_layer_index(n) for n in ("model.layers.3.mlp.router", "transformer.blocks.1.ffn.router.layer",
+                                      "lm_head")] == [3, 1, None]  # DBRX names its layers blocks
     with pytest.raises(ValueError, match="cannot tell how many experts a token takes"):
         experts_per_token(SimpleNamespace(hidden_size=8))
     generator = torch.Generator().manual_seed(1)

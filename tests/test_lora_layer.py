@@ -220,7 +220,7 @@ def _bad_set_lora_cases():
         ("integer A", (1, ok_a.int(), ok_b, 1.0), TypeError, "got torch.int32"),
         ("float8 A", (1, ok_a.to(torch.float8_e4m3fn), ok_b, 1.0), TypeError, "got torch.float8_e4m3fn"),
         ("scaled B overflows", (1, ok_a, torch.full((E, 2), 1e30), 1e10), ValueError,
-         "scaling \\* lora_b overflows"),
+         "scaling \\* lora_B overflows"),
         ("int scaling past float", (1, ok_a, ok_b, 10**400), ValueError, "overflows float32"),
         ("B overflows bf16", (1, ok_a, torch.full((E, 2), 3.4e38), 1.0), ValueError, "lora_b overflows"),
         ("wrong device", (1, ok_a, ok_b.to("meta"), 1.0), ValueError, "meta"),

@@ -124,6 +124,58 @@ def test_a_directory_rewritten_after_add_is_not_served_under_the_old_registratio
                        run(model, manager, ["same as the new a"] * tokens.shape[0], tokens))
 
 
+@pytest.mark.parametrize("how", ["same directory rewritten", "new directory, old one deleted", "removed"])
+def test_a_swap_or_remove_landing_while_activate_reads_is_taken_not_refused(model, tmp_path, how):
+    """activate reads an adapter fallen out of the CPU cache while another thread swaps or removes
+    it (and the old files change or go): it takes a new snapshot of the registry and serves what is
+    registered then, instead of failing on the old files; no superseded version stays cached."""
+    import shutil
+
+    save_adapter(random_adapter(0), tmp_path / "a")
+    save_adapter(random_adapter(1), tmp_path / "b")
+    manager = AdapterManager(model, max_loras=2, max_rank=4, max_cpu_adapters=1)
+    manager.add("a", tmp_path / "a")
+    manager.add("b", tmp_path / "b")  # a drops out of the one-entry CPU cache
+    read = manager._bind
+    landed = []
+
+    def read_while_another_thread_changes_the_registry(source):
+        if not landed and source == str(tmp_path / "a"):
+            landed.append(how)
+            if how == "same directory rewritten":
+                save_adapter(random_adapter(2), tmp_path / "a")
+                manager.swap("a", tmp_path / "a")
+            elif how == "new directory, old one deleted":
+                save_adapter(random_adapter(2), tmp_path / "a2")
+                manager.swap("a", tmp_path / "a2")
+                shutil.rmtree(tmp_path / "a")
+            else:
+                manager.remove("a")
+                shutil.rmtree(tmp_path / "a")
+        return read(source)
+
+    manager._bind = read_while_another_thread_changes_the_registry
+    tokens = ids()
+    if how == "removed":
+        with pytest.raises(KeyError, match="no adapter named 'a'"):
+            manager.activate(["a"] * tokens.shape[0], tokens.shape[1])
+        return
+    served = run(model, manager, ["a"] * tokens.shape[0], tokens)
+    assert landed == [how] and [name for name, _ in manager._cpu_cache] == ["a"]
+    manager.add("the new a", random_adapter(2))
+    assert torch.equal(served, run(model, manager, ["the new a"] * tokens.shape[0], tokens))
+
+
+def test_add_refuses_what_set_lora_would_refuse(model):
+    """scaling * B past float32 (the PyTorch path scales B): refused when added, not at activate."""
+    generator = torch.Generator().manual_seed(5)
+    weights = {name: (torch.randn(4, 64, generator=generator), torch.full((8, 4), 1e30)) for name in ROUTERS}
+    manager = AdapterManager(model, max_loras=2, max_rank=4)
+    with pytest.raises(AdapterError, match="scaling \\* lora_B overflows"):
+        manager.add("huge", RouterAdapter.from_weights(weights, lora_alpha=4e10))
+    assert manager.names == []
+
+
 def test_manager_sizes_must_be_ints(model):
     for kwargs, match in (({"max_loras": 2.0}, "max_loras must be an int"),
                           ({"max_rank": "8"}, "max_rank must be an int"),
