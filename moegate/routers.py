@@ -64,12 +64,24 @@ class _GateRouterMixin:
 
     def _apply(self, fn, recurse=True):
         # A router that computes in float32 from its weight keeps its gate in float32 through
-        # .to(dtype) / .half(): values rounded as the router's own weight would be, computed in
-        # float32 as its forward does (exact), and the dtype its weight would have, for restore_router.
-        result = super()._apply(fn, recurse)
-        if self._weight_dtype is not None:
-            self._weight_dtype = fn(torch.empty(0, dtype=self._weight_dtype)).dtype
-            self.linear.float()
+        # .to(dtype) / .half(): the base values rounded as the router's own weight would be, computed
+        # in float32 as its forward does (exact), and the dtype its weight would have, for
+        # restore_router. A LoRA layer's slots only move: they hold float32 adapters, which a
+        # round trip through the new dtype would round (or refuse).
+        if self._weight_dtype is None:
+            return super()._apply(fn, recurse)
+        linear = self._modules.pop("linear")
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            self._modules["linear"] = linear
+        converted = fn(torch.empty(0, dtype=self._weight_dtype))
+        linear.to(converted.device)
+        with torch.no_grad():
+            for parameter in (self.weight, self.bias):
+                if parameter is not None:
+                    parameter.data = fn(parameter.data).to(torch.float32)
+        self._weight_dtype = converted.dtype
         return result
 
     def __reduce_ex__(self, protocol):

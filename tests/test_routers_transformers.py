@@ -344,3 +344,21 @@ def test_float32_routers_follow_a_dtype_conversion_after_replacement_and_restore
     restore_routers(patched)
     assert {n: t.dtype for n, t in patched.state_dict().items()} == \
         {n: t.dtype for n, t in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("model_type", FLOAT32_ROUTERS)
+def test_float32_routers_keep_their_loaded_adapters_through_a_dtype_conversion(model_type):
+    """The gate of a router computing in float32 keeps float32 slots: a conversion moves them and
+    rounds nothing in them (it rounded them through bf16, or refused them past fp16's range)."""
+    supported(model_type)
+    model = tiny_moe(model_type, seed=1)
+    names = replace_routers(model, max_loras=2, max_rank=4)
+    layer = model.get_submodule(names[0]).linear
+    generator = torch.Generator().manual_seed(2)
+    lora_a = torch.randn(4, layer.in_features, generator=generator) / 3
+    lora_b = torch.randn(layer.num_experts, 4, generator=generator) * 1e5  # past fp16's range
+    layer.set_lora(0, lora_a, lora_b, 2.0)
+    model.half()
+    assert layer.weight.dtype == layer.lora_a_stacked.dtype == torch.float32
+    assert torch.equal(layer.lora_a_stacked[0, :4], lora_a)
+    assert torch.equal(layer.lora_b_stacked[0, :, :4], lora_b)
