@@ -37,12 +37,22 @@ def wrap_gates_with_lora(model: nn.Module, router_classes: tuple[type, ...], max
                         token_slots=token_slots)
 
 
+def install(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Puts ``new`` wherever ``model`` holds ``old``: a router shared by two parents (tied layers)
+    is replaced at both, so neither path computes without the gate."""
+    places = [(parent, name) for parent in model.modules()
+              for name, child in parent.named_children() if child is old]
+    for parent, name in places:
+        setattr(parent, name, new)
+
+
 def put_back(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
-    """Sets each qualified name of ``originals`` back to its module: a replacement that failed part
-    way (wrapping the new gates for LoRA) leaves the model as it was."""
+    """Puts each module of ``originals`` back where its qualified name now holds a replacement: a
+    replacement that failed part way (wrapping the new gates for LoRA) leaves the model as it was."""
     for name, module in originals:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
+        current = model.get_submodule(name)
+        if current is not module:
+            install(model, current, module)
 
 
 # nn.Module's forward hook tables: shared (the same dicts) between a router and its replacement.

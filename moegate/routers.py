@@ -38,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from gate.layer import GateLinear
-from moegate.router_gate import HoldsGate, put_back, share_module_state, wrap_gates_with_lora
+from moegate.router_gate import HoldsGate, install, put_back, share_module_state, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 # Router classes: defined by transformers, named ...Router (TopKRouter, TopkRouter, Router) and
@@ -251,10 +251,9 @@ def replace_routers(model: nn.Module, *, out_dtype: torch.dtype | None = None, p
     try:
         if gpt_oss:
             replaced += replace_gpt_oss_routers(model, out_dtype=out_dtype, pdl=pdl)
-        gates = [(name, make_gate_router(router, pdl=pdl)) for name, router in found]
-        for name, gate in gates:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, gate)
+        gates = [(name, router, make_gate_router(router, pdl=pdl)) for name, router in found]
+        for name, router, gate in gates:
+            install(model, router, gate)
             replaced.append(name)
         if max_loras > 0:
             wrap_gates_with_lora(model, (_GateRouterMixin, GateGptOssRouter), max_loras, max_rank,
@@ -275,7 +274,6 @@ def restore_routers(model: nn.Module) -> list[str]:
     restored = restore_gpt_oss_routers(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, _GateRouterMixin):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, restore_router(module))
+            install(model, module, restore_router(module))
             restored.append(name)
     return restored

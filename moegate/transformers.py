@@ -39,7 +39,7 @@ except ImportError as error:
         f"{error}") from error
 
 from gate.layer import GateLinear
-from moegate.router_gate import HoldsGate, put_back, share_module_state, wrap_gates_with_lora
+from moegate.router_gate import HoldsGate, install, put_back, share_module_state, wrap_gates_with_lora
 
 _PUBLIC_PARAMETERS = ("weight", "bias")
 
@@ -190,8 +190,7 @@ def replace_gpt_oss_routers(
         linear = GateLinear.from_parameters(router.weight, router.bias, out_dtype=out_dtype, pdl=pdl)
         gate = GateGptOssRouter(linear, router.top_k, returns_logits[type(router)])
         share_module_state(router, gate)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, gate)
+        install(model, router, gate)
         replaced.append(name)
     if max_loras > 0:
         try:
@@ -220,7 +219,6 @@ def restore_gpt_oss_routers(model: nn.Module) -> list[str]:
         router.weight = module.weight
         router.bias = module.bias
         share_module_state(module, router)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, router)
+        install(model, module, router)
         restored.append(name)
     return restored

@@ -362,3 +362,20 @@ def test_float32_routers_keep_their_loaded_adapters_through_a_dtype_conversion(m
     assert layer.weight.dtype == layer.lora_a_stacked.dtype == torch.float32
     assert torch.equal(layer.lora_a_stacked[0, :4], lora_a)
     assert torch.equal(layer.lora_b_stacked[0, :, :4], lora_b)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_a_router_shared_by_two_layers_is_replaced_and_restored_at_both(model_type):
+    """Tied layers: one router object at two paths. Both get the one gate (the second path ran the
+    unpatched router, without the gate or its adapters), and restore puts one router back at both."""
+    model = tiny_moe(model_type, seed=4)
+    attribute = "router" if model_type == "gpt_oss" else "gate"
+    mlps = [layer.mlp for layer in model.model.layers[:2]]
+    setattr(mlps[1], attribute, getattr(mlps[0], attribute))
+    names = replace_routers(model, max_loras=1, max_rank=4)
+    first, second = (getattr(mlp, attribute) for mlp in mlps)
+    assert first is second and names[0].startswith("model.layers.0.")
+    assert isinstance(first.linear, GateLinearWithLoRA)
+    restore_routers(model)
+    first, second = (getattr(mlp, attribute) for mlp in mlps)
+    assert first is second and not hasattr(first, "linear")
