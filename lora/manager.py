@@ -102,6 +102,11 @@ class AdapterManager:
             max_cpu_adapters = _as_int(max_cpu_adapters, "max_cpu_adapters")
         if max_cpu_adapters is not None and max_cpu_adapters < 1:
             raise ValueError(f"max_cpu_adapters must be >= 1 or None, got {max_cpu_adapters}")
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # One token -> slot mapping a forward: the encoder's tokens and the decoder's differ.
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model: AdapterManager maps one "
+                             "token sequence a forward and cannot serve its encoder and decoder; wrap the "
+                             "gates with lora.replace_modules and set each stack's TokenSlots yourself")
         if not lora_layers(model) and not replace_modules(model, max_loras, max_rank, target=target):
             raise ValueError(f"{type(model).__name__} has no gate to serve adapters on: no LoRA layer "
                              "and no GateLinear (patch transformers routers with replace_routers, "

@@ -176,6 +176,14 @@ def test_add_refuses_what_set_lora_would_refuse(model):
     assert manager.names == []
 
 
+def test_encoder_decoder_models_are_refused_before_anything_is_wrapped(model):
+    """One mapping a forward cannot cover an encoder's tokens and a decoder's (Switch, NLLB-MoE)."""
+    model.config.is_encoder_decoder = True
+    with pytest.raises(ValueError, match="is an encoder-decoder model"):
+        AdapterManager(model, max_loras=2, max_rank=4)
+    assert not lora_layers(model)
+
+
 def test_manager_sizes_must_be_ints(model):
     for kwargs, match in (({"max_loras": 2.0}, "max_loras must be an int"),
                           ({"max_rank": "8"}, "max_rank must be an int"),
