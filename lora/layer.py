@@ -290,10 +290,11 @@ class GateLinearWithLoRA(nn.Module):
         x_flat = x if flat else x.reshape(-1, base.in_features)
         slot_ids = token_slots.for_tokens(x_flat.shape[0])
         backend = base._backend
-        # Eager only: compiled code must not depend on the mapping (reading it would guard on it,
-        # and recompile for every slot a uniform batch uses).
-        slot = None if torch.compiler.is_compiling() else token_slots.uniform_slot
-        if backend == "torch" and slot is not None:
+        # The PyTorch backend's shortcut, eager only: compiled code must not depend on the mapping
+        # (reading it would guard on it, and recompile for every slot a uniform batch uses).
+        slot = (token_slots.uniform_slot if backend == "torch" and not torch.compiler.is_compiling()
+                else None)
+        if slot is not None:
             # Every token uses one slot (the host saw the mapping): the shrink of every slot, then
             # that slot's expand alone, with lora_expand_torch's ops and operand layouts, so its
             # bits with a third of its ops.
