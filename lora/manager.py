@@ -246,9 +246,8 @@ class AdapterManager:
             source = entry.source if isinstance(entry.source, str) else entry.source.source
             raise AdapterError(source, [f"adapter {name!r} changed since it was registered (add or "
                                         f"swap): register the new version with swap({name!r}, ...)"])
-        self._cache_put(key, bound)
-        if self._superseded(name, entry):  # replaced while it was read: not cached for nobody
-            self._cache_drop(key)
+        if not self._superseded(name, entry):  # a version replaced while it was read: not cached
+            self._cache_put(key, bound)
         return bound
 
     # -- steps: the serving thread -----------------------------------------------------------------
